@@ -1,0 +1,73 @@
+"""qjam_nb: distributed map-reduce for people who work in Jupyter.
+
+``Cluster(["local:2"]).map(mapfunc, params, dataset)`` runs ``mapfunc`` over
+slices of ``dataset`` that stay cached on the workers; ``%load_ext qjam_nb``
+adds the notebook magics. ``Master``/``RemoteWorker`` keep qjam's 2010 API.
+"""
+
+from .cluster.cluster import Cluster
+from .cluster.events import (
+    CacheChanged,
+    CallFinished,
+    CallStarted,
+    ErrorEvent,
+    SliceAssigned,
+    SliceDone,
+    SliceSent,
+    SliceStarted,
+    StreamOutput,
+    WorkerStateChanged,
+)
+from .cluster.reduce import default_reduce
+from .cluster.seed import Master, RemoteWorker
+from .dataset import DataSet, ListDataSet, NumpyMatrixDataSet
+from .errors import (
+    ClusterClosedError,
+    DataSetError,
+    MapFuncError,
+    ProtocolError,
+    QjamError,
+    ReduceError,
+    RemoteError,
+    ShippingError,
+    WorkerError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cluster",
+    "DataSet",
+    "ListDataSet",
+    "NumpyMatrixDataSet",
+    "Master",
+    "RemoteWorker",
+    "default_reduce",
+    "QjamError",
+    "ProtocolError",
+    "DataSetError",
+    "ShippingError",
+    "MapFuncError",
+    "RemoteError",
+    "ReduceError",
+    "WorkerError",
+    "ClusterClosedError",
+    "WorkerStateChanged",
+    "CallStarted",
+    "SliceAssigned",
+    "SliceSent",
+    "SliceStarted",
+    "SliceDone",
+    "CacheChanged",
+    "StreamOutput",
+    "ErrorEvent",
+    "CallFinished",
+    "load_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext qjam_nb``: register the magics."""
+    from .ui.magics import load_ipython_extension as load
+
+    load(ipython)

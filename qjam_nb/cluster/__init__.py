@@ -1,0 +1,1 @@
+"""The cluster layer: pure logic over links. No sockets of its own, no IPython."""

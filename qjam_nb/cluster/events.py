@@ -1,0 +1,127 @@
+"""The events a cluster emits, and the small observer bus that carries them.
+
+The widget, the tqdm bar, the stream echo and the tests all learn what happens
+from these, and only from these. Events are emitted on the thread that called
+``map`` (or started the cluster), in the order things happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("qjam_nb")
+
+
+@dataclass(frozen=True)
+class WorkerStateChanged:
+    worker: str
+    state: str
+    previous: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    call: int
+    n_slices: int
+    workers: tuple
+
+
+@dataclass(frozen=True)
+class SliceAssigned:
+    call: int
+    index: int
+    worker: str
+    cached: bool
+
+
+@dataclass(frozen=True)
+class SliceSent:
+    """Slice data travelled to a worker: ``nbytes`` of slice on the wire."""
+
+    call: int
+    index: int
+    worker: str
+    key: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SliceStarted:
+    call: int
+    index: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class SliceDone:
+    call: int
+    index: int
+    worker: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CacheChanged:
+    worker: str
+    n_slices: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class StreamOutput:
+    worker: str
+    stream: str
+    text: str
+    call: int
+    index: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    worker: str
+    call: int
+    index: int
+    message: str
+
+
+@dataclass(frozen=True)
+class CallFinished:
+    call: int
+    seconds: float
+    bytes_sent: int
+    slice_bytes_sent: int
+    slice_bytes_cached: int
+    ok: bool
+
+
+Event = (
+    WorkerStateChanged | CallStarted | SliceAssigned | SliceSent | SliceStarted
+    | SliceDone | CacheChanged | StreamOutput | ErrorEvent | CallFinished
+)
+Observer = Callable[[Event], None]
+
+
+class EventBus:
+    """Calls every subscriber with every event; a failing subscriber is logged, not fatal."""
+
+    def __init__(self) -> None:
+        self._observers: list[Observer] = []
+
+    def subscribe(self, observer: Observer) -> Callable[[], None]:
+        """Add ``observer``; returns a function that removes it again."""
+        self._observers.append(observer)
+        return lambda: self.unsubscribe(observer)
+
+    def unsubscribe(self, observer: Observer) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def emit(self, event: Event) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(event)
+            except Exception:  # a broken view must not break the computation
+                log.exception("qjam_nb event observer %r failed on %r", observer, event)

@@ -1,0 +1,93 @@
+"""Which slice runs where: pure bookkeeping, no I/O, tested on its own.
+
+Rules, in order:
+
+1. A slice cached on a live worker runs there (its first live holder), so a
+   second call over the same data ships no slice bytes.
+2. Slices cached nowhere go to whichever worker has the fewest tasks in
+   flight, lowest index first, so first calls spread evenly.
+3. A worker has at most ``window`` tasks in flight: enough to hide the round
+   trip, few enough that late slices still go to whoever is free.
+4. A lost worker's unfinished slices go back to the pool (rule 1 or 2 again).
+
+Cached slices are not stolen by idle workers: shipping a slice again usually
+costs more than waiting for its holder.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+
+
+class Scheduler:
+    def __init__(
+        self,
+        workers: Sequence[str],
+        keys: Sequence[str | None],
+        holders: dict[str, set[str]],
+        window: int = 4,
+        pinned: bool = False,
+    ) -> None:
+        """``holders`` maps a slice key to the workers that cache it.
+
+        ``pinned`` is for calls without a dataset: task ``i`` belongs to
+        worker ``i`` (every worker runs once), until that worker is lost.
+        """
+        self.order = {w: i for i, w in enumerate(workers)}
+        self.alive = set(workers)
+        self.keys = list(keys)
+        self.holders = holders
+        self.window = window
+        self.own: dict[str, deque] = {w: deque() for w in workers}
+        self.pool: list[int] = []
+        self.in_flight: dict[str, set[int]] = {w: set() for w in workers}
+        self.done_count = 0
+        for index in range(len(self.keys)):
+            if pinned:
+                self.own[workers[index]].append(index)
+            else:
+                self._place(index)
+
+    def _place(self, index: int) -> None:
+        key = self.keys[index]
+        live = [w for w in self.holders.get(key, ()) if w in self.alive] if key is not None else []
+        if live:
+            self.own[min(live, key=self.order.__getitem__)].append(index)
+        else:
+            heapq.heappush(self.pool, index)
+
+    def assign(self) -> list[tuple[str, int]]:
+        """Hand out as many (worker, slice) pairs as the windows allow."""
+        out = []
+        while True:
+            ready = [
+                w for w in self.alive
+                if len(self.in_flight[w]) < self.window and (self.own[w] or self.pool)
+            ]
+            if not ready:
+                return out
+            worker = min(ready, key=lambda w: (len(self.in_flight[w]), self.order[w]))
+            queue = self.own[worker]
+            index = queue.popleft() if queue else heapq.heappop(self.pool)
+            self.in_flight[worker].add(index)
+            out.append((worker, index))
+
+    def done(self, worker: str, index: int) -> bool:
+        """Record a finished slice; False if it was not in flight there (a stale result)."""
+        if index not in self.in_flight.get(worker, ()):
+            return False
+        self.in_flight[worker].discard(index)
+        self.done_count += 1
+        return True
+
+    def lost(self, worker: str) -> list[int]:
+        """Forget a dead worker; its unfinished slices go back to be placed again."""
+        if worker not in self.alive:
+            return []
+        self.alive.discard(worker)
+        back = sorted(self.in_flight.pop(worker, set()) | set(self.own.pop(worker, ())))
+        for index in back:
+            self._place(index)
+        return back

@@ -1,0 +1,153 @@
+"""Getting a call's function and params into bytes, or saying exactly why not.
+
+Everything here runs before any worker is asked to do anything, so a closure
+over an open file or a lock fails early, with the variable named.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..errors import MapFuncError, ShippingError
+
+
+def check_signature(func: Any, role: str = "mapfunc") -> None:
+    """Refuse a function that cannot be called as ``func(params, slice)``."""
+    if not callable(func):
+        raise MapFuncError(f"{role} must be a function of (params, slice), not a {type(func).__name__}")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return  # some builtins have no signature: let them try
+    try:
+        signature.bind(None, [])
+    except TypeError as exc:
+        name = getattr(func, "__name__", role)
+        raise MapFuncError(
+            f"{role} must take two arguments, (params, slice); {name}{signature} cannot ({exc})"
+        ) from None
+
+
+def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) -> bytes:
+    """cloudpickle ``func`` (by value for ``__main__`` and the given modules)."""
+    for module in by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(func, protocol=5)
+    except Exception as exc:
+        raise ShippingError(explain_unpicklable(func, role, exc)) from exc
+    finally:
+        for module in by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def dumps_params(params: Any) -> tuple:
+    """Pickle params once per call: (pickle, out-of-band buffers), reused for every worker."""
+    buffers: list = []
+    try:
+        data = cloudpickle.dumps(params, protocol=5, buffer_callback=buffers.append)
+    except Exception as exc:
+        where = _find_bad_item(params)
+        at = f" (at params{where})" if where else ""
+        raise ShippingError(
+            f"params cannot be pickled to travel to the workers{at}: {type(exc).__name__}: {exc}. "
+            "Pass plain data (numbers, arrays, lists, dicts) as params."
+        ) from exc
+    return pickle.PickleBuffer(data), buffers
+
+
+def sources_of(func: Callable) -> dict[str, str]:
+    """Source text of ``func``'s code that lives only in this process (notebook cells).
+
+    The worker puts it in its linecache, so remote tracebacks show cell lines.
+    """
+    sources: dict[str, str] = {}
+    code = getattr(func, "__code__", None)
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        filename = code.co_filename
+        if filename not in sources and not os.path.exists(filename):
+            lines = linecache.getlines(filename)
+            if lines:
+                sources[filename] = "".join(lines)
+        stack.extend(c for c in code.co_consts if inspect.iscode(c))
+    return sources
+
+
+def explain_unpicklable(func: Any, role: str, exc: Exception) -> str:
+    found = find_unpicklable(func)
+    if found is None:
+        return (
+            f"{role} cannot be pickled to travel to the workers: {type(exc).__name__}: {exc}"
+        )
+    path, value, error = found
+    return (
+        f"{role} cannot be shipped to the workers: it uses {path} "
+        f"(a {type(value).__module__}.{type(value).__qualname__}), which cannot be pickled "
+        f"({type(error).__name__}: {error}). Create it inside {role}, or pass the data it "
+        "holds as params or dataset."
+    )
+
+
+def find_unpicklable(func: Any, _seen: set | None = None) -> tuple[str, Any, Exception] | None:
+    """The first variable ``func`` captures that cloudpickle cannot pickle, with its path."""
+    seen = _seen if _seen is not None else set()
+    if id(func) in seen:
+        return None
+    seen.add(id(func))
+    for label, value in _captured(func):
+        try:
+            cloudpickle.dumps(value, protocol=5)
+            continue
+        except Exception as error:
+            if inspect.isfunction(value) or (callable(value) and hasattr(value, "__dict__")):
+                inner = find_unpicklable(value, seen)
+                if inner is not None:
+                    path, bad, err = inner
+                    return f"{path}, used by {label}", bad, err
+            return label, value, error
+    return None
+
+
+def _captured(func: Any) -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    target = getattr(func, "func", func)  # functools.partial
+    for arg in getattr(func, "args", ()) if target is not func else ():
+        items.append(("a partial() argument", arg))
+    if inspect.isfunction(target):
+        try:
+            closure = inspect.getclosurevars(target)
+        except (TypeError, ValueError):
+            closure = None
+        if closure is not None:
+            items += [(f"the variable {name!r}", v) for name, v in closure.nonlocals.items()]
+            items += [(f"the global {name!r}", v) for name, v in closure.globals.items()]
+        items += [("the default of an argument", v) for v in target.__defaults__ or ()]
+    elif hasattr(target, "__dict__"):
+        items += [(f"the attribute {name!r}", v) for name, v in vars(target).items()]
+    return items
+
+
+def _find_bad_item(value: Any, depth: int = 0) -> str:
+    if depth > 3:
+        return ""
+    if isinstance(value, dict):
+        children = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        children = [(f"[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return ""
+    for label, child in children:
+        try:
+            cloudpickle.dumps(child, protocol=5)
+        except Exception:
+            return label + _find_bad_item(child, depth + 1)
+    return ""

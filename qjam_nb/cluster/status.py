@@ -1,0 +1,98 @@
+"""What the cluster looks like right now, folded from its events.
+
+``StatusModel`` is an observer: feed it every event and read ``rows`` (one per
+worker) and ``call`` (the current or last call). The widget, ``%qjam_status``
+and the text table all render this one model, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import events as ev
+from .states import STARTING
+
+
+@dataclass
+class WorkerRow:
+    name: str
+    state: str = STARTING
+    reason: str = ""
+    done: int = 0
+    assigned: int = 0
+    cached_slices: int = 0
+    cached_bytes: int = 0
+
+
+@dataclass
+class CallRow:
+    call: int = 0
+    n_slices: int = 0
+    done: int = 0
+    running: bool = False
+    started: float = 0.0
+    seconds: float = 0.0
+    slice_bytes_sent: int = 0
+    slice_bytes_cached: int = 0
+    errors: list = field(default_factory=list)
+
+
+class StatusModel:
+    """Folds events into rows; ``version`` grows with every change, for cheap redraw checks."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, WorkerRow] = {}
+        self.call = CallRow()
+        self.version = 0
+
+    def row(self, name: str) -> WorkerRow:
+        if name not in self.rows:
+            self.rows[name] = WorkerRow(name)
+        return self.rows[name]
+
+    def __call__(self, event: ev.Event) -> None:
+        self.version += 1
+        if isinstance(event, ev.WorkerStateChanged):
+            row = self.row(event.worker)
+            row.state, row.reason = event.state, event.reason
+        elif isinstance(event, ev.CallStarted):
+            self.call = CallRow(event.call, event.n_slices, running=True, started=time.monotonic())
+            for row in self.rows.values():
+                row.done = row.assigned = 0
+        elif isinstance(event, ev.SliceAssigned):
+            self.row(event.worker).assigned += 1
+        elif isinstance(event, ev.SliceDone):
+            self.row(event.worker).done += 1
+            self.call.done += 1
+        elif isinstance(event, ev.CacheChanged):
+            row = self.row(event.worker)
+            row.cached_slices, row.cached_bytes = event.n_slices, event.nbytes
+        elif isinstance(event, ev.ErrorEvent):
+            self.call.errors.append(event.message)
+        elif isinstance(event, ev.CallFinished):
+            self.call.running = False
+            self.call.seconds = event.seconds
+            self.call.slice_bytes_sent = event.slice_bytes_sent
+            self.call.slice_bytes_cached = event.slice_bytes_cached
+
+    def text(self) -> str:
+        """A plain table, for terminals and logs."""
+        lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'MiB':>9}"]
+        for row in self.rows.values():
+            lines.append(
+                f"{row.name:<16} {row.state:<9} {f'{row.done}/{row.assigned}':>10} "
+                f"{row.cached_slices:>8} {row.cached_bytes / 2**20:>9.2f}"
+            )
+        c = self.call
+        if c.call:
+            verb = "running" if c.running else f"done in {c.seconds:.3f} s"
+            lines.append(
+                f"call {c.call}: {c.done}/{c.n_slices} slices, {verb}; "
+                f"{mib(c.slice_bytes_sent)} of slices shipped, {mib(c.slice_bytes_cached)} served from cache"
+            )
+        return "\n".join(lines)
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"

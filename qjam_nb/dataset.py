@@ -1,0 +1,153 @@
+"""DataSets: data cut into slices, each named by a hash of its content.
+
+Slicing depends on the data only (its length and row size), never on how many
+workers there are, so a call gives the same slices, and so the same reduced
+result, on any cluster. A slice's key is a SHA-256 of its content (and of its
+dtype and shape for arrays): equal data share cache entries on the workers,
+and changed data can never hit a stale entry.
+
+The default slice size, for ``n`` items of ``b`` bytes each (``b`` known for
+arrays only): ``ceil(n / 64)`` items, so at most 64 slices, but no more than
+16 MiB of rows per slice; at least one item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from .errors import DataSetError
+
+MAX_DEFAULT_SLICES = 64
+MAX_DEFAULT_SLICE_BYTES = 16 << 20
+
+
+def default_slice_size(n_items: int, item_nbytes: int | None = None) -> int:
+    """The documented default: at most 64 slices, at most 16 MiB of rows each."""
+    size = math.ceil(n_items / MAX_DEFAULT_SLICES)
+    if item_nbytes:
+        size = min(size, MAX_DEFAULT_SLICE_BYTES // item_nbytes)
+    return max(1, size)
+
+
+class DataSet:
+    """A list, tuple, numpy array or ``.npy`` file, cut into slices of ``slice_size`` items.
+
+    Array slices are row ranges, views of the array (no copies on the
+    master); a ``.npy`` path is memory-mapped, so only the slices a call
+    ships are ever read.
+    """
+
+    def __init__(self, data: Any, slice_size: int | None = None) -> None:
+        if isinstance(data, DataSet):
+            data = data.data
+        self.source = data
+        self.kind, self.data = _wrap(data)
+        n = len(self.data)
+        if n == 0:
+            raise DataSetError(
+                f"the dataset is empty (a {type(self.source).__name__} of length 0): "
+                "give it at least one item, or call map without a dataset"
+            )
+        if slice_size is None:
+            slice_size = default_slice_size(n, self._row_nbytes())
+        elif isinstance(slice_size, bool) or not isinstance(slice_size, (int, np.integer)):
+            raise DataSetError(f"slice_size must be a positive whole number, not {slice_size!r}")
+        elif slice_size <= 0:
+            raise DataSetError(f"slice_size must be at least 1, not {slice_size}")
+        self.slice_size = int(slice_size)
+        self.n_items = n
+
+    def __len__(self) -> int:
+        """The number of slices."""
+        return math.ceil(self.n_items / self.slice_size)
+
+    def __repr__(self) -> str:
+        return f"DataSet({self.kind}, {self.n_items} items, {len(self)} slices of {self.slice_size})"
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """The item range ``[start, stop)`` of slice ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"slice {index} out of range: this dataset has {len(self)} slices")
+        start = index * self.slice_size
+        return start, min(start + self.slice_size, self.n_items)
+
+    def slice(self, index: int) -> Any:
+        """Slice ``index`` as mapfunc will see it (a view for arrays)."""
+        start, stop = self.bounds(index)
+        part = self.data[start:stop]
+        if isinstance(part, np.memmap):
+            part = part.view(np.ndarray)  # ships as raw bytes, not as a file mapping
+        return part
+
+    def key(self, index: int) -> str:
+        """The content hash naming slice ``index`` in every cache."""
+        return self.key_and_size(index)[0]
+
+    def key_and_size(self, index: int) -> tuple[str, int]:
+        """The slice's key and its size in bytes (raw array bytes, or pickle size)."""
+        part = self.slice(index)
+        digest = hashlib.sha256()
+        if isinstance(part, np.ndarray) and not part.dtype.hasobject:
+            flat = np.ascontiguousarray(part)
+            digest.update(f"array|{type(part).__name__}|{flat.dtype.str}|{flat.shape}|".encode())
+            digest.update(flat.data.cast("B") if flat.size else b"")
+            nbytes = flat.nbytes
+        else:
+            blob = cloudpickle.dumps(part, protocol=5)
+            digest.update(f"{self.kind}|".encode())
+            digest.update(blob)
+            nbytes = len(blob)
+        return digest.hexdigest()[:32], nbytes
+
+    def _row_nbytes(self) -> int | None:
+        if isinstance(self.data, np.ndarray) and self.data.ndim and len(self.data):
+            return max(1, self.data.nbytes // len(self.data))
+        return None
+
+
+def _wrap(data: Any) -> tuple[str, Any]:
+    if isinstance(data, list):
+        return "list", data
+    if isinstance(data, tuple):
+        return "tuple", data
+    if isinstance(data, np.ndarray):
+        if data.ndim == 0:
+            raise DataSetError("a 0-dimensional array cannot be sliced: give an array with rows")
+        return "array", data
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if not path.endswith(".npy"):
+            raise DataSetError(
+                f"a dataset given as a path must be a .npy file, not {path!r}: "
+                "load other files yourself and pass the array or list"
+            )
+        if not os.path.exists(path):
+            raise DataSetError(f"the dataset file {path!r} does not exist")
+        array = np.load(path, mmap_mode="r")
+        if array.ndim == 0:
+            raise DataSetError(f"{path!r} holds a 0-dimensional array, which cannot be sliced")
+        return "npy", array
+    what = type(data).__name__
+    hint = {
+        "dict": "pass list(d.items()) to slice its items",
+        "generator": "pass list(...) of it: a generator can be read only once",
+        "set": "pass sorted(s) or list(s)",
+        "range": "pass list(r) or np.arange(...)",
+    }.get(what, "give a list, tuple, numpy array or .npy path")
+    raise DataSetError(f"cannot slice a dataset of type {what}: {hint}")
+
+
+def ListDataSet(data: list | tuple, slice_size: int = 30) -> DataSet:
+    """qjam's name for a list dataset (and its default slice size)."""
+    return DataSet(data, slice_size)
+
+
+def NumpyMatrixDataSet(matrix: Any, slice_size: int = 5, row_major: bool = True) -> DataSet:
+    """qjam's name for an array dataset; ``row_major=False`` slices columns."""
+    return DataSet(matrix if row_major else matrix.T, slice_size)

@@ -1,0 +1,90 @@
+"""Every error qjam_nb raises, as one tree; each message names what is at fault and the fix.
+
+::
+
+    QjamError
+     ├── ProtocolError        a frame from a worker was truncated, oversized or malformed
+     ├── DataSetError         the dataset cannot be sliced (wrong type, empty, bad slice_size)
+     ├── ShippingError        mapfunc, its closure or params cannot be pickled to travel
+     ├── MapFuncError         mapfunc is missing or cannot take (params, slice)
+     ├── RemoteError          mapfunc raised on a worker (carries worker, slice, traceback)
+     ├── ReduceError          two results could not be combined (names both slices)
+     ├── WorkerError          a worker could not start, or died, or every worker is gone
+     └── ClusterClosedError   the cluster was shut down
+"""
+
+from __future__ import annotations
+
+from .worker.protocol import ProtocolError, QjamError
+
+__all__ = [
+    "QjamError",
+    "ProtocolError",
+    "DataSetError",
+    "ShippingError",
+    "MapFuncError",
+    "RemoteError",
+    "ReduceError",
+    "WorkerError",
+    "ClusterClosedError",
+]
+
+
+class DataSetError(QjamError, ValueError):
+    """Raised before any worker runs when the dataset cannot be sliced."""
+
+
+class ShippingError(QjamError):
+    """Raised before any worker runs when something the call needs cannot be pickled."""
+
+
+class MapFuncError(QjamError, TypeError):
+    """Raised before any worker runs when mapfunc is missing or has the wrong signature."""
+
+
+class ReduceError(QjamError):
+    """Raised when the reduce cannot combine two results; names both slices and types."""
+
+
+class WorkerError(QjamError):
+    """Raised when a worker cannot start or dies, or no worker is left."""
+
+
+class ClusterClosedError(QjamError):
+    """Raised when a cluster is used after ``shutdown()``."""
+
+
+class RemoteError(QjamError):
+    """mapfunc raised an exception on a worker.
+
+    ``worker``, ``index`` (the slice; -1 when no slice was involved),
+    ``remote_type`` and ``remote_traceback`` tell what happened where. In
+    IPython the remote traceback is what the notebook shows.
+    """
+
+    def __init__(
+        self,
+        worker: str,
+        index: int,
+        remote_type: str,
+        message: str,
+        remote_traceback: str,
+        where: str = "running mapfunc",
+    ) -> None:
+        self.worker = worker
+        self.index = index
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        self.where = where
+        on = f"slice {index}" if index >= 0 else "no slice"
+        super().__init__(f"{remote_type}: {message} (on worker {worker}, {on}, while {where})")
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of the local traceback, which says nothing useful."""
+        on = f"slice {self.index}" if self.index >= 0 else "no slice"
+        head = f"RemoteError: {self.remote_type} on worker {self.worker}, {on}, while {self.where}"
+        return [head, "", *self.remote_traceback.rstrip().splitlines()]

@@ -1,0 +1,65 @@
+"""What a transport is: something that starts workers and gives back byte streams.
+
+A transport knows how to reach one host (a child process here, later an ssh
+channel) and nothing about frames, slices or calls. Each started worker is a
+``WorkerProcess``: a blocking byte stream (stdin/stdout of the worker), its
+stderr, and process control. ``qjam_nb.transport.link`` adds framing on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+#: The travelling worker package, as files on this machine.
+WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
+
+
+def bootstrap_code(package_dir: str, name: str) -> str:
+    """The ``python -c`` program that starts a worker from ``package_dir``.
+
+    It loads the worker package by file location under the name
+    ``qjam_worker``, so it needs no install, changes no ``sys.path`` and never
+    imports qjam_nb itself (which would drag the master's dependencies in).
+    """
+    return (
+        "import importlib.util as u,sys;"
+        f"p={package_dir!r};"
+        "s=u.spec_from_file_location('qjam_worker',p+'/__init__.py',submodule_search_locations=[p]);"
+        "m=u.module_from_spec(s);sys.modules['qjam_worker']=m;s.loader.exec_module(m);"
+        f"import qjam_worker.main as w;w.main({name!r})"
+    )
+
+
+class WorkerProcess(Protocol):
+    """One started worker, as a transport hands it over."""
+
+    name: str
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Read worker stdout into ``buffer``; 0 means the stream ended."""
+
+    def write(self, data: memoryview) -> None:
+        """Write all of ``data`` to the worker's stdin (blocking)."""
+
+    def read_stderr(self) -> bytes:
+        """Next bytes of the worker's real stderr; b"" when it closed."""
+
+    def close(self) -> None:
+        """Close the worker's stdin: the worker exits when it sees that."""
+
+    def kill(self) -> None:
+        """End the worker now."""
+
+    def exit_status(self) -> int | None:
+        """The exit status once the process has ended, else None."""
+
+
+class Transport(Protocol):
+    """Reaches one host and starts workers there."""
+
+    host: str
+
+    def start(self, names: Sequence[str]) -> list[WorkerProcess]:
+        """Start one worker per name, all at once, and return them started."""

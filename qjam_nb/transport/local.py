@@ -1,0 +1,81 @@
+"""Workers as child processes of this Python: ``local:N``, no ssh, no set-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from .base import WORKER_PACKAGE, bootstrap_code
+
+
+class LocalProcess:
+    """A worker running as a child process, talking over its stdin/stdout pipes."""
+
+    def __init__(self, name: str, popen: subprocess.Popen) -> None:
+        self.name = name
+        self.popen = popen
+        self.pid = popen.pid
+
+    def readinto(self, buffer: memoryview) -> int:
+        return os.readv(self.popen.stdout.fileno(), [buffer])
+
+    def write(self, data: memoryview) -> None:
+        fd = self.popen.stdin.fileno()
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def read_stderr(self) -> bytes:
+        return os.read(self.popen.stderr.fileno(), 65536)
+
+    def close(self) -> None:
+        try:
+            self.popen.stdin.close()
+        except OSError:
+            pass
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+
+    def exit_status(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class LocalTransport:
+    """Starts workers with this interpreter, in this directory, seeing this ``sys.path``.
+
+    The notebook's ``sys.path`` travels in ``QJAM_EXTRA_PATH`` (appended by the
+    worker), so a module the notebook imports from a path it added imports on
+    the worker too.
+    """
+
+    host = "local"
+
+    def __init__(self, python: str | None = None) -> None:
+        self.python = python or sys.executable
+
+    def start(self, names: Sequence[str]) -> list[LocalProcess]:
+        env = dict(os.environ)
+        env["QJAM_EXTRA_PATH"] = os.pathsep.join(p for p in sys.path if p)
+        procs = []
+        for name in names:
+            popen = subprocess.Popen(
+                [self.python, "-c", bootstrap_code(str(WORKER_PACKAGE), name)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                env=env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches the master only
+            )
+            procs.append(LocalProcess(name, popen))
+        return procs

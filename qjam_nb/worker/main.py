@@ -1,0 +1,273 @@
+"""The worker: reads frames on stdin, runs mapfunc on slices, writes frames on stdout.
+
+Ground rules of this file: it travels to machines that have nothing but a
+Python, so it imports the standard library, cloudpickle and its sibling
+``protocol`` only, never anything of the master. The master loads this
+package under the name ``qjam_worker`` (see ``qjam_nb.transport.base``).
+
+Threads: a reader decodes frames as they arrive, stores slices (DATA) in the
+cache straight away and notes CANCELs; the main thread runs CALL and TASK
+messages in order; a pump forwards whatever lands on fds 1 and 2.
+
+fd 1 is moved aside before anything else runs: the protocol keeps a private
+copy of the real stdout, and fds 1 and 2 become pipes whose contents travel to
+the master as STREAM messages. A ``print`` in mapfunc or a C library writing
+to fd 1 can therefore never corrupt the stream. The real stderr is kept for
+what must survive a crash (faulthandler's report, a fatal protocol error).
+"""
+
+from __future__ import annotations
+
+import codecs
+import faulthandler
+import linecache
+import os
+import pickle
+import platform
+import queue
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import cloudpickle
+
+from . import protocol
+from .protocol import Kind
+
+
+class Channel:
+    """The protocol's end of the real stdout, safe to write from any thread."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.lock = threading.Lock()
+
+    def send(self, kind: Kind, body=None, call: int = 0, index: int = -1) -> None:
+        chunks = protocol.encode(kind, body, call=call, index=index, dumps=cloudpickle.dumps)
+        self.write(kind, chunks, call, index)
+
+    def write(self, kind: Kind, chunks: list, call: int, index: int) -> None:
+        with self.lock:
+            protocol.trace("send", self.name, f"{kind.name} call={call} index={index}")
+            for chunk in chunks:
+                view = memoryview(chunk).cast("B")
+                while view:
+                    view = view[os.write(self.fd, view) :]
+
+
+class OutputPump:
+    """Forwards bytes written to fds 1 and 2 as STREAM messages.
+
+    ``drain()`` is called before every RESULT/ERROR so that a slice's output
+    reaches the master before its result does.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.where = (0, -1)  # (call, index) the output belongs to
+        self.pipes = {}
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            r, w = os.pipe()
+            os.dup2(w, fd)
+            os.close(w)
+            os.set_blocking(r, False)
+            self.pipes[r] = (stream, codecs.getincrementaldecoder("utf-8")("replace"))
+        for f in (sys.stdout, sys.stderr):
+            if f is not None:
+                f.reconfigure(line_buffering=True)
+        threading.Thread(target=self._run, name="qjam-output", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select(list(self.pipes), [], [])
+            with self.lock:
+                for fd in ready:
+                    self._forward(fd)
+
+    def _forward(self, fd: int) -> None:
+        stream, decoder = self.pipes[fd]
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            text = decoder.decode(data)
+            if text:
+                call, index = self.where
+                self.channel.send(Kind.STREAM, {"stream": stream, "text": text}, call, index)
+
+    def drain(self) -> None:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        with self.lock:
+            for fd in self.pipes:
+                self._forward(fd)
+
+
+class Worker:
+    """The worker's state: its cache, the current call, and what was cancelled."""
+
+    def __init__(self, name: str, fd_in: int, channel: Channel) -> None:
+        self.name = name
+        self.fd_in = fd_in
+        self.channel = channel
+        self.cache: dict = {}
+        self.cancelled: set = set()
+        self.inbox: queue.Queue = queue.Queue()
+        self.call = 0
+        self.func = None
+        self.params = None
+        self.call_failed = False
+        self.pump: OutputPump | None = None
+
+    # -- reader thread ---------------------------------------------------
+    def read_forever(self) -> None:
+        decoder = protocol.FrameDecoder()
+        try:
+            while True:
+                buf = decoder.get_buffer()
+                n = os.readv(self.fd_in, [buf])
+                if n == 0:
+                    decoder.eof()
+                    os._exit(0)  # the master is gone: so are we
+                decoder.buffer_updated(n)
+                while (frame := decoder.next_frame()) is not None:
+                    self.dispatch(frame)
+        except BaseException as exc:  # a broken stream leaves nothing to do
+            fatal(f"worker {self.name}: {type(exc).__name__}: {exc}")
+
+    def dispatch(self, frame: protocol.Frame) -> None:
+        protocol.trace("recv", self.name, frame)
+        kind = frame.kind
+        if kind is Kind.DATA:
+            body = frame.body()
+            self.cache[body["key"]] = body["data"]
+        elif kind is Kind.CANCEL:
+            self.cancelled.add(frame.call)
+        elif kind is Kind.BYE:
+            os._exit(0)
+        else:
+            self.inbox.put(frame)
+
+    # -- main thread -----------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            frame = self.inbox.get()
+            if frame.kind is Kind.CALL:
+                self.start_call(frame)
+            elif frame.kind is Kind.TASK:
+                self.run_task(frame)
+            elif frame.kind is Kind.DROP:
+                for key in frame.body()["keys"]:
+                    self.cache.pop(key, None)
+
+    def start_call(self, frame: protocol.Frame) -> None:
+        self.call, self.func, self.params, self.call_failed = frame.call, None, None, False
+        try:
+            body = frame.body()
+            for filename, text in body.get("sources", {}).items():
+                linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+            self.func = cloudpickle.loads(body["func"])
+            data, buffers = body["params"]
+            self.params = pickle.loads(data, buffers=buffers)
+        except BaseException as exc:
+            self.call_failed = True
+            self.report(exc, frame.call, -1, "loading mapfunc and params")
+
+    def run_task(self, frame: protocol.Frame) -> None:
+        call, index = frame.call, frame.index
+        if call != self.call or call in self.cancelled or self.call_failed:
+            return
+        key = frame.body()["key"]
+        if key is None:
+            data = []
+        elif key in self.cache:
+            data = self.cache[key]
+        else:
+            self.channel.send(Kind.NEED, {"key": key}, call, index)
+            return
+        self.pump.where = (call, index)
+        self.channel.send(Kind.STARTED, None, call, index)
+        start = time.perf_counter()
+        try:
+            value = self.func(self.params, data)
+        except BaseException as exc:
+            self.pump.drain()
+            self.report(exc, call, index, "running mapfunc", skip_frames=1)
+            return
+        seconds = time.perf_counter() - start
+        self.pump.drain()
+        try:
+            chunks = protocol.encode(
+                Kind.RESULT, {"value": value, "seconds": seconds},
+                call=call, index=index, dumps=cloudpickle.dumps,
+            )
+        except BaseException as exc:
+            self.report(exc, call, index, "pickling the result")
+            return
+        self.channel.write(Kind.RESULT, chunks, call, index)
+
+    def report(self, exc: BaseException, call: int, index: int, where: str, skip_frames: int = 0) -> None:
+        tb = exc.__traceback__
+        for _ in range(skip_frames):  # hide the worker's own frame
+            tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        body = {"type": type(exc).__name__, "message": str(exc), "traceback": text, "where": where}
+        self.channel.send(Kind.ERROR, body, call, index)
+
+
+def versions() -> dict:
+    try:
+        from importlib.metadata import version
+
+        numpy_version = version("numpy")
+    except Exception:
+        numpy_version = None
+    return {
+        "python": platform.python_version(),
+        "cloudpickle": cloudpickle.__version__,
+        "numpy": numpy_version,
+        "protocol": protocol.PROTOCOL_VERSION,
+    }
+
+
+def fatal(message: str) -> None:
+    try:
+        os.write(STDERR_FD, (message + "\n").encode(errors="replace"))
+    finally:
+        os._exit(3)
+
+
+STDERR_FD = 2
+
+
+def main(name: str | None = None) -> None:
+    """Take over this process's stdio and serve the master until stdin closes."""
+    global STDERR_FD
+    name = name or os.environ.get("QJAM_WORKER_NAME") or f"{socket.gethostname()}/{os.getpid()}"
+    for entry in os.environ.get("QJAM_EXTRA_PATH", "").split(os.pathsep):
+        if entry and entry not in sys.path:
+            sys.path.append(entry)
+    fd_in, fd_out = os.dup(0), os.dup(1)
+    STDERR_FD = os.dup(2)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    faulthandler.enable(file=STDERR_FD)
+    channel = Channel(fd_out, name)
+    worker = Worker(name, fd_in, channel)
+    worker.pump = OutputPump(channel)
+    hello = {"worker": name, "pid": os.getpid(), "host": socket.gethostname(), **versions()}
+    channel.send(Kind.HELLO, hello)
+    threading.Thread(target=worker.read_forever, name="qjam-reader", daemon=True).start()
+    worker.serve()

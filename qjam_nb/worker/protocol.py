@@ -1,0 +1,309 @@
+"""The wire protocol, sans-IO: bytes in, frames out; messages in, bytes out.
+
+Ground rules of this file:
+
+* It travels. The master and every worker import it, so it uses the standard
+  library only and imports nothing of qjam_nb.
+* It does no I/O. ``FrameDecoder`` is fed bytes (or hands out the buffer the
+  next bytes should land in) and returns whole frames; "need more bytes" is
+  ``None`` from ``next_frame()``, never a blocking read.
+* Large buffers are never copied twice. A message body is pickled with
+  protocol 5 and its out-of-band buffers (numpy arrays, bytes wrapped in
+  ``PickleBuffer``) become separate frame parts, written as they are and read
+  straight into their own buffers.
+
+A frame is a fixed header, a table of part lengths, then the parts::
+
+    magic "QJ" | version u8 | kind u8 | call u32 | index i32 | nparts u32 | size u64
+    nparts x u64 part lengths (they add up to size)
+    part 0: the pickled body; parts 1..: its out-of-band buffers, in order
+
+``call`` is the map call a frame belongs to (0 for none) and ``index`` the
+slice (-1 for none), so a frame reads as ``RESULT call=3 index=12`` in traces
+(set ``QJAM_DEBUG=1``) without unpickling anything.
+
+Message kinds, who sends them, and their bodies:
+
+======== ===== ==========================================================
+HELLO    w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
+CALL     m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "sources"}
+DATA     m->w  {"key": slice key, "data": the slice}
+TASK     m->w  {"key": slice key or None}; run mapfunc on that slice
+NEED     w->m  {"key"}; the TASK's slice is not cached here, send DATA first
+STARTED  w->m  {}; the worker began the slice
+RESULT   w->m  {"value", "seconds"}
+ERROR    w->m  {"type", "message", "traceback", "where"}
+STREAM   w->m  {"stream": "stdout"|"stderr", "text"}
+CANCEL   m->w  {}; drop every queued TASK of this call
+DROP     m->w  {"keys"}; forget these cached slices
+BYE      m->w  {}; exit now
+======== ===== ==========================================================
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickle
+import struct
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAGIC = b"QJ"
+HEADER = struct.Struct(">2sBBIiIQ")
+LENGTH = struct.Struct(">Q")
+#: Largest frame either side accepts, in bytes (parts added up); a slice
+#: bigger than this should be cut smaller. ``QJAM_MAX_FRAME`` overrides it.
+MAX_FRAME = int(os.environ.get("QJAM_MAX_FRAME", 16 << 30))
+MAX_PARTS = 1 << 16
+#: Reads smaller than this go through the decoder's scratch buffer; a part at
+#: least this large is read straight into its own buffer.
+DIRECT_READ = 64 << 10
+SCRATCH = 256 << 10
+
+
+class QjamError(Exception):
+    """Base of every error qjam_nb raises (the tree is in ``qjam_nb.errors``)."""
+
+
+class ProtocolError(QjamError):
+    """A frame was truncated, oversized or malformed: the stream is unusable."""
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1
+    CALL = 2
+    DATA = 3
+    TASK = 4
+    NEED = 5
+    STARTED = 6
+    RESULT = 7
+    ERROR = 8
+    STREAM = 9
+    CANCEL = 10
+    DROP = 11
+    BYE = 12
+
+
+class Frame:
+    """One decoded frame: its kind, call, slice index and raw parts."""
+
+    __slots__ = ("kind", "call", "index", "parts")
+
+    def __init__(self, kind: Kind, call: int, index: int, parts: list) -> None:
+        self.kind = kind
+        self.call = call
+        self.index = index
+        self.parts = parts
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def body(self, loads: Callable[..., Any] = pickle.loads) -> Any:
+        """Unpickle the body, handing the out-of-band parts back as buffers."""
+        try:
+            # Read-only views: a mapfunc that writes into its cached slice
+            # would make the cache lie about the slice's content.
+            return loads(self.parts[0], buffers=[p.toreadonly() for p in self.parts[1:]])
+        except Exception as exc:
+            raise ProtocolError(
+                f"could not unpickle the body of a {self.kind.name} frame: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def __repr__(self) -> str:
+        return (
+            f"<Frame {self.kind.name} call={self.call} index={self.index} "
+            f"parts={len(self.parts)} bytes={self.size}>"
+        )
+
+
+def encode(
+    kind: Kind,
+    body: Any = None,
+    *,
+    call: int = 0,
+    index: int = -1,
+    dumps: Callable[..., bytes] = pickle.dumps,
+) -> list:
+    """Turn a message into the chunks of one frame, to be written in order.
+
+    Out-of-band buffers are returned as memoryviews of the caller's objects,
+    not copies: keep those objects unchanged until the chunks are written.
+    """
+    buffers: list = []
+    payload = dumps(body, protocol=5, buffer_callback=buffers.append)
+    parts = [payload]
+    for buf in buffers:
+        try:
+            parts.append(buf.raw())
+        except BufferError:  # not contiguous: pickle could not avoid a copy
+            parts.append(bytes(buf))
+    return [header(kind, call, index, [len(p) for p in parts]), *parts]
+
+
+def header(kind: int, call: int, index: int, lengths: list) -> bytes:
+    """The fixed header plus the part-length table for these part lengths."""
+    if len(lengths) > MAX_PARTS:
+        raise ProtocolError(f"a frame may have at most {MAX_PARTS} parts, not {len(lengths)}")
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), call, index, len(lengths), sum(lengths))
+    return head + b"".join(LENGTH.pack(n) for n in lengths)
+
+
+def frame_bytes(chunks: Iterable) -> bytes:
+    """Join encoded chunks into one bytes object (tests and small frames)."""
+    return b"".join(bytes(c) for c in chunks)
+
+
+class FrameDecoder:
+    """Reassembles frames from a byte stream, without doing any I/O.
+
+    Two ways in, mixable: ``feed(data)`` copies bytes in; or take
+    ``get_buffer()``, read into it, and report ``buffer_updated(n)`` (large
+    parts are then read straight into their final buffers). Whole frames come
+    out of ``next_frame()``, which returns ``None`` when it needs more bytes.
+    Call ``eof()`` when the stream ends: a half-read frame is an error then.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME, max_parts: int = MAX_PARTS) -> None:
+        self.max_frame = max_frame
+        self.max_parts = max_parts
+        self._frames: deque = deque()
+        self._scratch = bytearray(SCRATCH)
+        self._target = memoryview(bytearray(HEADER.size))  # what we are filling
+        self._filled = 0
+        self._stage = "header"
+        self._head: tuple = ()
+        self._lengths: list = []
+        self._parts: list = []
+        self._direct = False
+        self.failed: ProtocolError | None = None
+
+    # -- input ---------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes should be read into."""
+        self._check_usable()
+        remaining = len(self._target) - self._filled
+        if self._stage == "parts" and remaining >= DIRECT_READ:
+            self._direct = True
+            return self._target[self._filled :]
+        self._direct = False
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were written into the last ``get_buffer()``."""
+        if self._direct:
+            self._direct = False
+            self._filled += n
+            if self._filled == len(self._target):
+                self._advance()
+        else:
+            self.feed(memoryview(self._scratch)[:n])
+
+    def feed(self, data) -> None:
+        """Copy ``data`` into the frame being assembled."""
+        self._check_usable()
+        view = memoryview(data).cast("B")
+        pos = 0
+        try:
+            while pos < len(view):
+                take = min(len(self._target) - self._filled, len(view) - pos)
+                self._target[self._filled : self._filled + take] = view[pos : pos + take]
+                self._filled += take
+                pos += take
+                if self._filled == len(self._target):
+                    self._advance()
+        except ProtocolError as exc:
+            self.failed = exc
+            raise
+
+    def eof(self) -> None:
+        """The stream ended; complain if it ended inside a frame."""
+        if self._stage != "header" or self._filled:
+            what = Kind(self._head[2]).name if self._head else "frame"
+            raise ProtocolError(
+                f"stream ended inside a {what} frame (truncated while reading its {self._stage})"
+            )
+
+    # -- output --------------------------------------------------------
+    def next_frame(self) -> Frame | None:
+        return self._frames.popleft() if self._frames else None
+
+    # -- the state machine ---------------------------------------------
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise ProtocolError(f"the stream is unusable after an earlier error: {self.failed}")
+
+    def _expect(self, size: int) -> None:
+        self._target = memoryview(bytearray(size))
+        self._filled = 0
+
+    def _advance(self) -> None:
+        if self._stage == "header":
+            self._head = self._parse_header(bytes(self._target))
+            nparts = self._head[5]
+            self._stage = "lengths"
+            self._expect(LENGTH.size * nparts)
+        elif self._stage == "lengths":
+            size = self._head[6]
+            lengths = [n for (n,) in LENGTH.iter_unpack(self._target)]
+            if sum(lengths) != size:
+                raise ProtocolError(
+                    f"malformed frame: part lengths add up to {sum(lengths)}, header says {size}"
+                )
+            self._lengths, self._parts = lengths, []
+            self._stage = "parts"
+            self._next_part()
+        else:
+            self._parts.append(self._target)
+            self._next_part()
+
+    def _next_part(self) -> None:
+        while len(self._parts) < len(self._lengths) and self._lengths[len(self._parts)] == 0:
+            self._parts.append(memoryview(b""))
+        if len(self._parts) < len(self._lengths):
+            self._expect(self._lengths[len(self._parts)])
+            return
+        _, _, kind, call, index, _, _ = self._head
+        self._frames.append(Frame(Kind(kind), call, index, self._parts))
+        self._stage, self._head, self._lengths, self._parts = "header", (), [], []
+        self._expect(HEADER.size)
+
+    def _parse_header(self, raw: bytes) -> tuple:
+        head = HEADER.unpack(raw)
+        magic, version, kind, _, _, nparts, size = head
+        if magic != MAGIC:
+            raise ProtocolError(
+                f"malformed frame: bad magic {raw[:8]!r}; something other than qjam_nb "
+                "wrote to the stream (a shell greeting, or a print before the worker started?)"
+            )
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                f"the peer speaks protocol version {version}, this side {PROTOCOL_VERSION}: "
+                "master and worker come from different qjam_nb releases"
+            )
+        if kind not in Kind._value2member_map_:
+            raise ProtocolError(f"malformed frame: unknown message kind {kind}")
+        if nparts < 1 or nparts > self.max_parts:
+            raise ProtocolError(
+                f"malformed {Kind(kind).name} frame: {nparts} parts (allowed 1 to {self.max_parts})"
+            )
+        if size > self.max_frame:
+            raise ProtocolError(
+                f"oversized {Kind(kind).name} frame: {size} bytes, the limit is {self.max_frame}; "
+                "use smaller slices (slice_size=) or raise QJAM_MAX_FRAME on both sides"
+            )
+        return head
+
+
+def trace(direction: str, who: str, frame_or_kind: Any) -> None:
+    """With ``QJAM_DEBUG`` set, print one line per frame to stderr."""
+    if TRACING:
+        print(f"qjam {direction} {who}: {frame_or_kind!r}", file=sys.__stderr__, flush=True)
+
+
+TRACING = bool(os.environ.get("QJAM_DEBUG"))
