@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import pickle
 import queue
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,10 +27,12 @@ from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
 from .echo import StreamEcho
+from .progress import TqdmProgress
 from .reduce import OrderedFold
 from .scheduler import Scheduler
-from .shipping import check_signature, dumps_function, dumps_params, sources_of
+from .shipping import check_signature, dumps_function, dumps_params
 from .status import StatusModel
+from .tracebacks import code_spans, restore
 
 DEFAULT_HOSTS = ("local:2",)
 START_TIMEOUT = 60.0
@@ -93,13 +96,18 @@ class Cluster:
         *,
         workers_per_host: int = 1,
         echo: bool = True,
+        progress: bool | None = None,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
+        """``echo`` prints worker output here, tagged; ``progress`` shows a text bar
+        for calls that take over half a second (default: when stderr is a terminal)."""
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
         if echo:
             self.events.subscribe(StreamEcho())
+        if progress or (progress is None and sys.stderr is not None and sys.stderr.isatty()):
+            self.events.subscribe(TqdmProgress())
         self.workers: list[WorkerHandle] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._by_link: dict[int, WorkerHandle] = {}
@@ -218,9 +226,10 @@ class Cluster:
             raise WorkerError("no worker is alive: " + self._obituaries() + ". Start the cluster again.")
         self._call += 1
         call = _Call(self._call, data, keyed, reduce, len(alive))
-        return self._run(call, alive, func_blob, params_part, sources_of(mapfunc))
+        call.spans = code_spans(mapfunc)
+        return self._run(call, alive, func_blob, params_part)
 
-    def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple, sources: dict) -> Any:
+    def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
         holders: dict[str, set[str]] = {}
         for w in alive:
             for key in w.cache:
@@ -228,7 +237,7 @@ class Cluster:
         keys = [k for k, _ in call.keyed] if call.data else [None] * len(alive)
         sched = Scheduler([w.name for w in alive], keys, holders, WINDOW, pinned=call.data is None)
         self.events.emit(ev.CallStarted(call.id, len(keys), tuple(w.name for w in alive)))
-        body = {"func": pickle.PickleBuffer(func_blob), "params": params_part, "sources": sources}
+        body = {"func": pickle.PickleBuffer(func_blob), "params": params_part}
         chunks = protocol.encode(Kind.CALL, body, call=call.id)
         for w in alive:
             call.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, call.id)
@@ -295,7 +304,7 @@ class Cluster:
             if kind is Kind.ERROR:
                 body = self._body(worker, msg, "an error report")
                 err = RemoteError(worker.name, index if call.data else -1, body["type"], body["message"],
-                                  body["traceback"], body["where"])
+                                  restore(body["traceback"], call.spans), body["where"])
                 self.events.emit(ev.ErrorEvent(worker.name, call.id, index, str(err.args[0])))
                 raise err
             if kind is Kind.NEED:
@@ -391,6 +400,7 @@ class _Call:
         self.bytes_sent = 0
         self.slice_bytes_sent = 0
         self.slice_bytes_cached = 0
+        self.spans: list = []
 
 
 def _as_dataset(dataset: Any, slice_size: int | None) -> DataSet | None:

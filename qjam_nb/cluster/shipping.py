@@ -7,8 +7,6 @@ over an open file or a lock fails early, with the variable named.
 from __future__ import annotations
 
 import inspect
-import linecache
-import os
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -61,25 +59,6 @@ def dumps_params(params: Any) -> tuple:
             "Pass plain data (numbers, arrays, lists, dicts) as params."
         ) from exc
     return pickle.PickleBuffer(data), buffers
-
-
-def sources_of(func: Callable) -> dict[str, str]:
-    """Source text of ``func``'s code that lives only in this process (notebook cells).
-
-    The worker puts it in its linecache, so remote tracebacks show cell lines.
-    """
-    sources: dict[str, str] = {}
-    code = getattr(func, "__code__", None)
-    stack = [code] if code is not None else []
-    while stack:
-        code = stack.pop()
-        filename = code.co_filename
-        if filename not in sources and not os.path.exists(filename):
-            lines = linecache.getlines(filename)
-            if lines:
-                sources[filename] = "".join(lines)
-        stack.extend(c for c in code.co_consts if inspect.iscode(c))
-    return sources
 
 
 def explain_unpicklable(func: Any, role: str, exc: Exception) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import faulthandler
-import linecache
 import os
 import pickle
 import platform
@@ -175,8 +174,6 @@ class Worker:
         self.call, self.func, self.params, self.call_failed = frame.call, None, None, False
         try:
             body = frame.body()
-            for filename, text in body.get("sources", {}).items():
-                linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
             self.func = cloudpickle.loads(body["func"])
             data, buffers = body["params"]
             self.params = pickle.loads(data, buffers=buffers)
@@ -221,8 +218,12 @@ class Worker:
         tb = exc.__traceback__
         for _ in range(skip_frames):  # hide the worker's own frame
             tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-        body = {"type": type(exc).__name__, "message": str(exc), "traceback": text, "where": where}
+        body = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+            "where": where,
+        }
         self.channel.send(Kind.ERROR, body, call, index)
 
 

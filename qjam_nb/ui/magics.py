@@ -1,0 +1,180 @@
+"""The notebook magics: parse a line, call the plain API, display the result.
+
+``%qjam_hosts``, ``%%qjam_map``, ``%qjam_status`` and ``%qjam_shutdown``.
+Everything they do can be done from Python with ``Cluster``; mistakes in
+what the user typed raise IPython's ``UsageError`` (a message, no traceback).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from ..cluster.cluster import DEFAULT_HOSTS, Cluster
+from ..cluster.progress import TqdmProgress
+
+
+@magics_class
+class QjamMagics(Magics):
+    """Holds the notebook's cluster between cells."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.cluster: Cluster | None = None
+
+    # -- helpers ---------------------------------------------------------------
+    @property
+    def in_kernel(self) -> bool:
+        """True in Jupyter (widgets can render), False in terminal IPython."""
+        return getattr(self.shell, "kernel", None) is not None
+
+    def _show_cluster(self) -> None:
+        if self.in_kernel:
+            from .widget import ClusterWidget
+
+            display(ClusterWidget(self.cluster))
+        else:
+            print(self.cluster.status.text())
+
+    def _start(self, hosts: list[str], **options: Any) -> Cluster:
+        self.shutdown()
+        self.cluster = Cluster(hosts, progress=False, **options)
+        if not self.in_kernel:
+            self.cluster.events.subscribe(TqdmProgress())
+        return self.cluster
+
+    def shutdown(self) -> None:
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+    def _eval(self, expr: str | None, flag: str) -> Any:
+        if expr is None:
+            return None
+        try:
+            return eval(expr, self.shell.user_ns)
+        except Exception as exc:
+            raise UsageError(f"{flag} {expr!r} raised {type(exc).__name__}: {exc}") from None
+
+    # -- magics ----------------------------------------------------------------
+    @line_magic
+    @magic_arguments()
+    @argument("hosts", nargs="*", help="hosts to start workers on: 'local' or 'local:N' (N workers here)")
+    @argument("-n", "--workers-per-host", type=int, default=1, help="workers on each host given without ':N'")
+    def qjam_hosts(self, line: str = "") -> None:
+        """Start workers, or show the cluster widget again.
+
+        Examples::
+
+            %qjam_hosts local:2      # two worker processes on this machine
+            %qjam_hosts local -n 4   # the same, four of them
+            %qjam_hosts              # show the running cluster again
+
+        Starting a new cluster stops the previous one (and drops its cache).
+        """
+        args = parse_argstring(self.qjam_hosts, line)
+        if args.hosts:
+            if args.workers_per_host < 1:
+                raise UsageError(f"-n must be at least 1, not {args.workers_per_host}")
+            self._start(args.hosts, workers_per_host=args.workers_per_host)
+        elif self.cluster is None:
+            raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
+        self._show_cluster()
+
+    @line_magic
+    def qjam_status(self, line: str = "") -> None:
+        """Show every worker's state, progress and cached slices."""
+        if self.cluster is None:
+            raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
+        self._show_cluster()
+
+    @line_magic
+    def qjam_shutdown(self, line: str = "") -> None:
+        """Stop every worker of the notebook's cluster."""
+        if self.cluster is None:
+            print("no cluster is running")
+            return
+        n = len(self.cluster.workers)
+        self.shutdown()
+        print(f"stopped {n} workers")
+
+    @cell_magic
+    @magic_arguments()
+    @argument("-p", "--params", default=None, help="expression for the params every slice gets (default None)")
+    @argument("-d", "--dataset", default=None, help="the dataset (default: none; every worker runs once)")
+    @argument("-o", "--out", default=None, help="also store the reduced result in this variable")
+    @argument("--slice-size", type=int, default=None, help="items per slice (default: see DataSet)")
+    @argument("--reduce", default=None, help="name of a reduce(a, b) function (default: the cell's reduce, else a + b)")
+    def qjam_map(self, line: str, cell: str) -> Any:
+        """Run the cell's ``mapfunc(params, slice)`` on every slice and reduce the results.
+
+        The cell defines ``mapfunc`` (and optionally ``reduce(a, b)``) and may use
+        any notebook variable or function. The reduced result is the cell's
+        value. Example::
+
+            %%qjam_map -p theta -d X -o grad
+            def mapfunc(theta, xs):
+                return xs.T @ (xs @ theta - 1)
+        """
+        args = parse_argstring(self.qjam_map, line)
+        if args.out is not None and not args.out.isidentifier():
+            raise UsageError(f"-o needs a variable name, and {args.out!r} is not one")
+        params = self._eval(args.params, "-p")
+        dataset = self._eval(args.dataset, "-d")
+        namespace = self._run_cell(cell)
+        mapfunc = namespace.get("mapfunc")
+        if mapfunc is None:
+            raise UsageError("this cell defines no mapfunc: define def mapfunc(params, slice): ... in it")
+        reduce = namespace.get("reduce")
+        if args.reduce is not None:
+            reduce = namespace.get(args.reduce)
+            if reduce is None:
+                raise UsageError(f"--reduce {args.reduce!r}: no function of that name in the cell or notebook")
+        if self.cluster is None or self.cluster.closed:
+            print(f"starting {' '.join(DEFAULT_HOSTS)} (choose hosts with %qjam_hosts)")
+            self._start(list(DEFAULT_HOSTS))
+        progress = None
+        if self.in_kernel:
+            from .widget import CallProgress
+
+            progress = CallProgress(self.cluster)
+            display(progress)
+        try:
+            result = self.cluster.map(mapfunc, params, dataset, reduce=reduce, slice_size=args.slice_size)
+        finally:
+            if progress is not None:
+                progress.redraw()
+                progress.close()
+        if args.out is not None:
+            self.shell.user_ns[args.out] = result
+        return result
+
+    def _run_cell(self, cell: str) -> dict:
+        """Run the cell's code in a copy of the notebook namespace, and return that copy.
+
+        A copy, so the cell sees every notebook variable, but a ``mapfunc`` or
+        ``reduce`` defined elsewhere in the notebook is never picked up by
+        mistake (``from functools import reduce`` is common).
+        """
+        namespace = dict(self.shell.user_ns)
+        namespace.pop("mapfunc", None)
+        namespace.pop("reduce", None)
+        code = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(code, self.shell.execution_count, raw_code=cell)
+        exec(compile(code, filename, "exec"), namespace)
+        return namespace
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    magics = QjamMagics(ipython)
+    ipython.register_magics(magics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("QjamMagics")
+    if magics is not None:
+        magics.shutdown()
