@@ -52,9 +52,11 @@ class QjamMagics(Magics):
             self.cluster.shutdown()
             self.cluster = None
 
-    def _eval(self, expr: str | None, flag: str) -> Any:
-        if expr is None:
+    def _eval(self, words: list[str] | None, flag: str) -> Any:
+        """Evaluate an option's expression (argparse split it at spaces) in the notebook."""
+        if words is None:
             return None
+        expr = " ".join(words)
         try:
             return eval(expr, self.shell.user_ns)
         except Exception as exc:
@@ -104,8 +106,8 @@ class QjamMagics(Magics):
 
     @cell_magic
     @magic_arguments()
-    @argument("-p", "--params", default=None, help="expression for the params every slice gets (default None)")
-    @argument("-d", "--dataset", default=None, help="the dataset (default: none; every worker runs once)")
+    @argument("-p", "--params", nargs="+", default=None, help="the params every slice gets (default None)")
+    @argument("-d", "--dataset", nargs="+", default=None, help="the dataset (default: none; every worker runs once)")
     @argument("-o", "--out", default=None, help="also store the reduced result in this variable")
     @argument("--slice-size", type=int, default=None, help="items per slice (default: see DataSet)")
     @argument("--reduce", default=None, help="name of a reduce(a, b) function (default: the cell's reduce, else a + b)")
