@@ -44,14 +44,20 @@ class DataSet:
     """
 
     def __init__(self, data: Any, slice_size: int | None = None) -> None:
-        if isinstance(data, DataSet):
-            data = data.data
+        if isinstance(data, DataSet):  # re-wrapping keeps the slicing unless told otherwise
+            if slice_size is None:
+                slice_size = data.slice_size
+            data = data.source
         self.source = data
         self.kind, self.data = _wrap(data)
         n = len(self.data)
         if n == 0:
+            if self.kind == "npy":
+                what = f"the file {os.fspath(data)!r} holds an array"
+            else:
+                what = "an array" if self.kind == "array" else f"a {self.kind}"
             raise DataSetError(
-                f"the dataset is empty (a {type(self.source).__name__} of length 0): "
+                f"the dataset is empty ({what} of length 0): "
                 "give it at least one item, or call map without a dataset"
             )
         if slice_size is None:
@@ -95,8 +101,11 @@ class DataSet:
         digest = hashlib.sha256()
         if isinstance(part, np.ndarray) and not part.dtype.hasobject:
             flat = np.ascontiguousarray(part)
-            digest.update(f"array|{type(part).__name__}|{flat.dtype.str}|{flat.shape}|".encode())
-            digest.update(flat.data.cast("B") if flat.size else b"")
+            # dtype.str alone is "|V8" for every 8-byte record type: the field layout must count too.
+            dtype = flat.dtype.str if flat.dtype.fields is None else repr(flat.dtype.descr)
+            digest.update(f"array|{type(part).__name__}|{dtype}|{flat.shape}|".encode())
+            # Bytes through a uint8 view: some dtypes (datetime64, timedelta64) export no buffer.
+            digest.update(flat.reshape(-1).view(np.uint8).data if flat.size else b"")
             nbytes = flat.nbytes
         else:
             blob = cloudpickle.dumps(part, protocol=5)
@@ -128,10 +137,15 @@ def _wrap(data: Any) -> tuple[str, Any]:
                 "load other files yourself and pass the array or list"
             )
         if not os.path.exists(path):
-            raise DataSetError(f"the dataset file {path!r} does not exist")
+            raise DataSetError(
+                f"the dataset file {path!r} does not exist (looked in {os.getcwd()!r} for a relative path): "
+                "check the name, or save the array first with np.save"
+            )
         array = np.load(path, mmap_mode="r")
         if array.ndim == 0:
-            raise DataSetError(f"{path!r} holds a 0-dimensional array, which cannot be sliced")
+            raise DataSetError(
+                f"{path!r} holds a 0-dimensional array, which cannot be sliced: save an array with rows"
+            )
         return "npy", array
     what = type(data).__name__
     hint = {
