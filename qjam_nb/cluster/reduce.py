@@ -21,7 +21,8 @@ def default_reduce(a: Any, b: Any) -> Any:
             raise ValueError(
                 f"cannot add a {type(a).__name__} of length {len(a)} to one of length {len(b)} element-wise"
             )
-        return type(a)(default_reduce(x, y) for x, y in zip(a, b, strict=True))
+        items = [default_reduce(x, y) for x, y in zip(a, b, strict=True)]
+        return a._make(items) if hasattr(a, "_make") else type(a)(items)  # namedtuples take fields, not one iterable
     if isinstance(a, dict) and isinstance(b, dict):
         out = dict(a)
         for k, v in b.items():
