@@ -67,14 +67,15 @@ class QjamMagics(Magics):
     @magic_arguments()
     @argument("hosts", nargs="*", help="hosts to start workers on: 'local' or 'local:N' (N workers here)")
     @argument("-n", "--workers-per-host", type=int, default=1, help="workers on each host given without ':N'")
-    def qjam_hosts(self, line: str = "") -> None:
-        """Start workers, or show the cluster widget again.
+    def qjam_hosts(self, line: str = "") -> Cluster:
+        """Start workers, or show the cluster widget again; returns the Cluster.
 
         Examples::
 
-            %qjam_hosts local:2      # two worker processes on this machine
-            %qjam_hosts local -n 4   # the same, four of them
-            %qjam_hosts              # show the running cluster again
+            %qjam_hosts local:2            # two worker processes on this machine
+            %qjam_hosts local -n 4         # the same, four of them
+            %qjam_hosts                    # show the running cluster again
+            cluster = %qjam_hosts local:2  # keep the Cluster, for cluster.map(...) in loops
 
         Starting a new cluster stops the previous one (and drops its cache).
         """
@@ -86,6 +87,7 @@ class QjamMagics(Magics):
         elif self.cluster is None:
             raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
         self._show_cluster()
+        return self.cluster
 
     @line_magic
     def qjam_status(self, line: str = "") -> None:
