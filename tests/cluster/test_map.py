@@ -240,9 +240,13 @@ def test_seed_api_runs_a_module_that_only_the_master_can_import(master, tmp_path
     name = "qjam_test_seed_newton"
     module = load_module(tmp_path, name, SEED_MODULE, monkeypatch)
     X = np.arange(80.0).reshape(40, 2)
+    # Known worker bug (see the report of this test suite): a fresh worker that unpickles a
+    # numpy-using mapfunc and numpy slices at once imports numpy on two threads, which can
+    # kill it. Import numpy there first so this test checks the seed API, not that race.
+    assert master.cluster.map(lambda p, xs: [__import__("numpy").__name__]) == ["numpynumpy"]
     got = master.run(module, 2.0, DataSet(X, slice_size=6))
     np.testing.assert_array_equal(got, 6.0 * (X**2).sum(axis=0))
-    assert len(master.cluster.workers) == 2
+    assert [w.state for w in master.cluster.workers] == ["idle", "idle"]
     # The workers really cannot import it: the module travelled by value.
     missing = master.cluster.map(lambda name, xs: [importlib.util.find_spec(name) is None], name)
     assert missing == [2]
