@@ -15,11 +15,15 @@ import cloudpickle
 
 from ..errors import MapFuncError, ShippingError
 
+#: How each role is called, for messages.
+ARGUMENTS = {"mapfunc": "(params, slice)", "reduce": "(a, b)"}
+
 
 def check_signature(func: Any, role: str = "mapfunc") -> None:
-    """Refuse a function that cannot be called as ``func(params, slice)``."""
+    """Refuse a function that cannot be called with two arguments: ``mapfunc(params, slice)``, ``reduce(a, b)``."""
+    args = ARGUMENTS.get(role, "(params, slice)")
     if not callable(func):
-        raise MapFuncError(f"{role} must be a function of (params, slice), not a {type(func).__name__}")
+        raise MapFuncError(f"{role} must be a function of {args}, not a {type(func).__name__}")
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
@@ -28,9 +32,7 @@ def check_signature(func: Any, role: str = "mapfunc") -> None:
         signature.bind(None, [])
     except TypeError as exc:
         name = getattr(func, "__name__", role)
-        raise MapFuncError(
-            f"{role} must take two arguments, (params, slice); {name}{signature} cannot ({exc})"
-        ) from None
+        raise MapFuncError(f"{role} must take two arguments, {args}; {name}{signature} cannot ({exc})") from None
 
 
 def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) -> bytes:
@@ -87,7 +89,7 @@ def find_unpicklable(func: Any, _seen: set | None = None) -> tuple[str, Any, Exc
             cloudpickle.dumps(value, protocol=5)
             continue
         except Exception as error:
-            if inspect.isfunction(value) or (callable(value) and hasattr(value, "__dict__")):
+            if inspect.isfunction(value) or inspect.ismethod(value) or hasattr(value, "__dict__"):
                 inner = find_unpicklable(value, seen)
                 if inner is not None:
                     path, bad, err = inner
@@ -98,6 +100,9 @@ def find_unpicklable(func: Any, _seen: set | None = None) -> tuple[str, Any, Exc
 
 def _captured(func: Any) -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
+    if inspect.ismethod(func):  # a bound method carries its object along
+        items.append(("self", func.__self__))
+        func = func.__func__
     target = getattr(func, "func", func)  # functools.partial
     for arg in getattr(func, "args", ()) if target is not func else ():
         items.append(("a partial() argument", arg))
