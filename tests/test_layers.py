@@ -1,0 +1,192 @@
+"""Imports point downward only (docs: DESIGN.md, "Layers").
+
+  ui (IPython, ipywidgets)  ->  cluster  ->  transport  ->  worker (protocol)
+
+Read from the source with ``ast``, so a forbidden import is caught even inside
+a function or behind a branch that the test suite never runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qjam_nb"
+
+#: Notebook-only packages: only qjam_nb.ui may import them. tqdm.auto and
+#: tqdm.notebook are listed because they pull in ipywidgets inside a kernel.
+UI_ONLY = ("IPython", "ipywidgets", "ipykernel", "qjam_nb.ui", "tqdm.notebook", "tqdm.auto", "tqdm.autonotebook")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_names(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(line, dotted name) for everything a module imports, relative imports made absolute.
+
+    ``from pkg import name`` yields both ``pkg`` and ``pkg.name`` (``name`` may
+    be a submodule). ``importlib.import_module("x")`` and ``__import__("x")``
+    with a literal name count too.
+    """
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base_parts = package.split(".")
+            if not node.level:
+                target = node.module or ""
+            elif node.level - 1 < len(base_parts):
+                base = ".".join(base_parts[: len(base_parts) - (node.level - 1)])
+                target = f"{base}.{node.module}" if node.module else base
+            else:  # climbs above the top package: kept relative, so it is visible
+                target = "." * node.level + (node.module or "")
+            found.append((node.lineno, target))
+            sep = "" if target.endswith(".") else "."
+            found += [(node.lineno, f"{target}{sep}{alias.name}") for alias in node.names if alias.name != "*"]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def violations(files, forbidden, root: Path = PACKAGE) -> list[str]:
+    """``forbidden(name) -> bool``; one line per offending import, with file and line."""
+    bad = []
+    for path in files:
+        for line, name in imported_names(path, root):
+            if forbidden(name):
+                bad.append(f"{path.relative_to(root.parent)}:{line}: imports {name}")
+    return sorted(set(bad))
+
+
+def py_files(*relative: str, root: Path = PACKAGE) -> list[Path]:
+    files: list[Path] = []
+    for rel in relative:
+        target = root / rel
+        assert target.exists(), f"{target} is gone: update tests/test_layers.py"
+        files += sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    return files
+
+
+ENGINE = ("cluster", "transport", "worker", "dataset.py", "errors.py")
+
+
+def test_the_layers_exist():
+    for rel in ENGINE:
+        assert py_files(rel), f"no Python files in qjam_nb/{rel}"
+    # the checker reads real imports: cluster uses the transport and the protocol
+    cluster_imports = {n for f in py_files("cluster") for _, n in imported_names(f)}
+    assert "qjam_nb.worker.protocol" in cluster_imports
+    assert any(under(n, "qjam_nb.transport") for n in cluster_imports)
+
+
+def test_engine_never_imports_the_notebook_ui():
+    bad = violations(py_files(*ENGINE), lambda n: any(under(n, p) for p in UI_ONLY))
+    assert bad == [], "only qjam_nb.ui may import notebook packages:\n" + "\n".join(bad)
+
+
+def test_transport_never_imports_the_cluster():
+    bad = violations(py_files("transport"), lambda n: under(n, "qjam_nb.cluster"))
+    assert bad == [], "the transport layer sits below the cluster:\n" + "\n".join(bad)
+
+
+def test_worker_imports_nothing_of_the_master():
+    def foreign(name: str) -> bool:
+        return name.startswith(".") or (under(name, "qjam_nb") and not under(name, "qjam_nb.worker"))
+
+    bad = violations(py_files("worker"), foreign)
+    assert bad == [], "the worker travels alone; it may import only itself:\n" + "\n".join(bad)
+
+
+def test_plain_import_loads_no_notebook_package():
+    # the same rule at run time, where third-party imports count too
+    code = (
+        "import sys, qjam_nb, qjam_nb.cluster.cluster, qjam_nb.transport.local, qjam_nb.dataset;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('IPython', 'ipywidgets', 'ipykernel')"
+        " or m.startswith('qjam_nb.ui')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+# -- the checker itself ------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_package(tmp_path):
+    root = tmp_path / "qjam_nb"
+    files = {
+        "__init__.py": "",
+        "errors.py": "class E(Exception): pass\n",
+        "cluster/__init__.py": "from . import core\n",
+        "cluster/core.py": (
+            "import os\nfrom ..transport import local\nfrom .. import ui\n"
+            "def later():\n    import IPython.display\n"
+            "    import importlib\n    importlib.import_module('ipywidgets')\n"
+        ),
+        "transport/__init__.py": "from ..cluster.core import later\n",
+        "transport/local.py": "from qjam_nb import cluster as c\nfrom ..worker import protocol\n",
+        "worker/__init__.py": "",
+        "worker/protocol.py": "import struct\nfrom . import protocol\n",
+        "worker/main.py": "from . import protocol\nfrom ..errors import E\nfrom ... import nothing\n",
+        "ui/__init__.py": "import ipywidgets\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_checker_resolves_relative_and_dynamic_imports(fake_package):
+    names = [n for _, n in imported_names(fake_package / "cluster" / "core.py", fake_package)]
+    assert sorted(names) == sorted([
+        "os", "qjam_nb.transport", "qjam_nb.transport.local", "qjam_nb", "qjam_nb.ui",
+        "IPython.display", "importlib", "ipywidgets",
+    ])
+    init = [n for _, n in imported_names(fake_package / "cluster" / "__init__.py", fake_package)]
+    assert init == ["qjam_nb.cluster", "qjam_nb.cluster.core"]
+
+
+def test_checker_flags_every_planted_violation(fake_package):
+    files = py_files("cluster", "transport", "worker", "errors.py", root=fake_package)
+    ui = violations(files, lambda n: any(under(n, p) for p in UI_ONLY), fake_package)
+    assert ui == [
+        "qjam_nb/cluster/core.py:3: imports qjam_nb.ui",
+        "qjam_nb/cluster/core.py:5: imports IPython.display",
+        "qjam_nb/cluster/core.py:7: imports ipywidgets",
+    ]
+    down = violations(py_files("transport", root=fake_package), lambda n: under(n, "qjam_nb.cluster"), fake_package)
+    assert down == [
+        "qjam_nb/transport/__init__.py:1: imports qjam_nb.cluster.core",
+        "qjam_nb/transport/__init__.py:1: imports qjam_nb.cluster.core.later",
+        "qjam_nb/transport/local.py:1: imports qjam_nb.cluster",
+    ]
+    worker = violations(
+        py_files("worker", root=fake_package),
+        lambda n: n.startswith(".") or (under(n, "qjam_nb") and not under(n, "qjam_nb.worker")),
+        fake_package,
+    )
+    assert worker == [
+        "qjam_nb/worker/main.py:2: imports qjam_nb.errors",
+        "qjam_nb/worker/main.py:2: imports qjam_nb.errors.E",
+        "qjam_nb/worker/main.py:3: imports ...",
+        "qjam_nb/worker/main.py:3: imports ...nothing",
+    ]
