@@ -23,6 +23,7 @@ from qjam_nb import (
     ListDataSet,
     Master,
     NumpyMatrixDataSet,
+    QjamError,
     RemoteError,
     RemoteWorker,
     SliceDone,
@@ -332,6 +333,22 @@ def test_mapfunc_exception_without_dataset_has_no_slice(cluster2):
     assert info.value.remote_type == "ZeroDivisionError"
     assert "no slice" in str(info.value)
     assert cluster2.map(lambda p, xs: 1) == 2
+
+
+@pytest.mark.xfail(
+    raises=(QjamError, AssertionError),
+    reason="bug in qjam_nb/worker/main.py: the reader thread unpickles DATA (importing numpy) while the main "
+    "thread unpickles the CALL (importing numpy too); Python's import deadlock detection then hands one thread "
+    "a half-initialised numpy, and the worker fails to load mapfunc or dies",
+)
+def test_fresh_workers_take_a_numpy_mapfunc_and_numpy_slices_at_once(make_cluster):
+    X = np.arange(40 * 1024, dtype=np.float64).reshape(40, 1024)
+    for _ in range(3):  # the race is likely, not certain: three fresh clusters
+        cluster = make_cluster(["local:2"])
+        # ``np`` is a global here, so unpickling this lambda imports numpy on the worker's main thread.
+        assert cluster.map(lambda p, xs: np.sum(xs), None, X, slice_size=10) == X.sum()
+        assert [w.state for w in cluster.workers] == ["idle", "idle"]
+        cluster.shutdown()
 
 
 def test_map_after_shutdown_raises_cluster_closed(make_cluster):
