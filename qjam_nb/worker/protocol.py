@@ -223,10 +223,12 @@ class FrameDecoder:
 
     def eof(self) -> None:
         """The stream ended; complain if it ended inside a frame."""
+        self._check_usable()  # after an error, say so rather than "truncated"
         if self._stage != "header" or self._filled:
-            what = Kind(self._head[2]).name if self._head else "frame"
+            what = f"a {Kind(self._head[2]).name} frame" if self._head else "a frame"
             raise ProtocolError(
-                f"stream ended inside a {what} frame (truncated while reading its {self._stage})"
+                f"stream ended inside {what} (truncated while reading its {self._stage}, "
+                f"{self._filled} of {len(self._target)} bytes)"
             )
 
     # -- output --------------------------------------------------------

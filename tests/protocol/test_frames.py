@@ -305,6 +305,27 @@ def test_large_part_is_read_straight_into_its_own_buffer():
     assert_same({"data": arr}, frame.body())
 
 
+@pytest.mark.parametrize("short", [1, 2, 7])
+def test_reads_that_stop_just_short_of_the_buffer_end(short):
+    # every read leaves the last few bytes of the offered buffer for the next read
+    arr = np.arange(150_000, dtype=np.int32)
+    frames_in = [(Kind.DATA, 1, 0, {"data": arr, "tail": arr[:100].copy()}), SMALL_FRAMES[2]]
+    stream = stream_of(frames_in)
+    d = FrameDecoder()
+    frames, pos, sizes = [], 0, set()
+    while pos < len(stream):
+        buf = d.get_buffer()
+        sizes.add(len(buf))
+        n = min(max(1, len(buf) - short), len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        d.buffer_updated(n)
+        pos += n
+        frames += drain(d)
+    d.eof()
+    assert any(s != protocol.SCRATCH for s in sizes if s >= protocol.DIRECT_READ)  # the direct path ran
+    assert_frames_equal(frames, frames_in)
+
+
 def test_mixing_feed_and_get_buffer():
     stream = stream_of(SMALL_FRAMES) + encoded(Kind.DATA, {"x": np.arange(30_000.0)}) + stream_of(SMALL_FRAMES)
     rng = random.Random(4)
@@ -388,8 +409,20 @@ def test_truncated_stream_raises_on_eof(region):
             d.eof()
         message = str(info.value)
         assert "truncated" in message and "ended" in message, message
+        stage = {"header": "header", "lengths": "lengths", "pickle": "parts", "buffer": "parts"}[region]
+        assert f"reading its {stage}" in message, message
+        assert "frame frame" not in message, message
         if region != "header":  # once the header is in, the message names the frame
             assert "RESULT" in message, message
+
+
+def test_eof_after_an_error_repeats_the_error_not_truncation():
+    d = FrameDecoder()
+    with pytest.raises(ProtocolError, match="magic"):
+        d.feed(b"Last login: yesterday from somewhere\n")
+    with pytest.raises(ProtocolError) as info:
+        d.eof()
+    assert "magic" in str(info.value) and "truncated" not in str(info.value)
 
 
 def test_truncated_stream_via_buffer_path_raises_on_eof():
