@@ -53,3 +53,18 @@ def make_cluster():
     yield make
     for cluster in made:
         cluster.shutdown()
+
+
+@pytest.fixture
+def record():
+    """``log = record(cluster)``: an ``EventLog`` of what ``cluster`` emits during this test."""
+    unsubscribes = []
+
+    def subscribe(cluster: Cluster) -> EventLog:
+        log = EventLog()
+        unsubscribes.append(cluster.events.subscribe(log))
+        return log
+
+    yield subscribe
+    for unsubscribe in unsubscribes:
+        unsubscribe()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..dataset import DataSet
-from ..errors import ClusterClosedError, QjamError, RemoteError, ShippingError, WorkerError
+from ..errors import ClusterClosedError, DataSetError, QjamError, RemoteError, ShippingError, WorkerError
 from ..transport.link import Link, LinkClosed, StderrOutput
 from ..transport.local import LocalTransport
 from ..worker import protocol
@@ -62,6 +62,8 @@ def parse_hosts(hosts: Sequence[str], workers_per_host: int = 1) -> list[tuple[s
     """``["local:2", "local"]`` -> ``[("local", 2), ("local", 1)]``, checking every entry."""
     if isinstance(hosts, str):
         hosts = hosts.split()
+    if isinstance(workers_per_host, bool) or not isinstance(workers_per_host, int) or workers_per_host < 1:
+        raise WorkerError(f"workers_per_host must be a whole number of at least 1, not {workers_per_host!r}")
     out = []
     for spec in hosts:
         host, _, count = str(spec).partition(":")
@@ -113,7 +115,7 @@ class Cluster:
         self._by_link: dict[int, WorkerHandle] = {}
         self._call = 0
         self._closed = False
-        self.hosts = parse_hosts(hosts or DEFAULT_HOSTS, workers_per_host)
+        self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         _live_clusters.add(self)
         try:
             self._start(start_timeout)
@@ -220,6 +222,12 @@ class Cluster:
         func_blob = dumps_function(mapfunc)
         params_part = dumps_params(params)
         keyed = [data.key_and_size(i) for i in range(len(data))] if data else []
+        for index, (_, size) in enumerate(keyed):
+            if size > protocol.MAX_FRAME:
+                raise DataSetError(
+                    f"slice {index} is {size} bytes, more than one message may carry ({protocol.MAX_FRAME}): "
+                    "use a smaller slice_size"
+                )
         self._drain_inbox()
         alive = [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
         if not alive:
@@ -305,7 +313,7 @@ class Cluster:
                 body = self._body(worker, msg, "an error report")
                 err = RemoteError(worker.name, index if call.data else -1, body["type"], body["message"],
                                   restore(body["traceback"], call.spans), body["where"])
-                self.events.emit(ev.ErrorEvent(worker.name, call.id, index, str(err.args[0])))
+                self.events.emit(ev.ErrorEvent(worker.name, call.id, err.index, str(err.args[0])))
                 raise err
             if kind is Kind.NEED:
                 worker.cache.pop(self._body(worker, msg, "a NEED")["key"], None)

@@ -7,6 +7,7 @@ next ones.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from types import ModuleType
@@ -49,8 +50,15 @@ class Master:
         if mapfunc is None:
             raise MapFuncError(f"{getattr(module, '__name__', module)!r} has no mapfunc(params, slice) to run")
         reduce = getattr(module, "reduce", None)
-        if isinstance(module, ModuleType) and module.__name__ != "__main__":
+        name = getattr(module, "__name__", "__main__")
+        if (
+            isinstance(module, ModuleType)
+            and sys.modules.get(name) is module
+            and name != "__main__"
+            and name not in cloudpickle.list_registry_pickle_by_value()
+        ):
             # The workers cannot import the user's module: ship its code by value.
+            # (A module missing from sys.modules is shipped by value anyway.)
             cloudpickle.register_pickle_by_value(module)
             try:
                 return self.cluster.map(mapfunc, params, dataset, reduce=reduce)

@@ -5,9 +5,11 @@ Python, so it imports the standard library, cloudpickle and its sibling
 ``protocol`` only, never anything of the master. The master loads this
 package under the name ``qjam_worker`` (see ``qjam_nb.transport.base``).
 
-Threads: a reader decodes frames as they arrive, stores slices (DATA) in the
-cache straight away and notes CANCELs; the main thread runs CALL and TASK
-messages in order; a pump forwards whatever lands on fds 1 and 2.
+Threads: a reader decodes frames as they arrive and notes CANCELs at once;
+the main thread handles DATA, CALL and TASK in order; a pump forwards
+whatever lands on fds 1 and 2. Only the main thread unpickles user objects:
+two threads importing numpy at once (one for a slice, one for mapfunc) can
+hand one of them a half-initialised module.
 
 fd 1 is moved aside before anything else runs: the protocol keeps a private
 copy of the real stdout, and fds 1 and 2 become pipes whose contents travel to
@@ -82,7 +84,7 @@ class OutputPump:
         threading.Thread(target=self._run, name="qjam-output", daemon=True).start()
 
     def _run(self) -> None:
-        while True:
+        while self.pipes:
             ready, _, _ = select.select(list(self.pipes), [], [])
             with self.lock:
                 for fd in ready:
@@ -95,7 +97,9 @@ class OutputPump:
                 data = os.read(fd, 65536)
             except BlockingIOError:
                 return
-            if not data:
+            if not data:  # mapfunc closed fd 1 or 2: nothing more will come from it
+                del self.pipes[fd]
+                os.close(fd)
                 return
             text = decoder.decode(data)
             if text:
@@ -109,7 +113,7 @@ class OutputPump:
             except Exception:
                 pass
         with self.lock:
-            for fd in self.pipes:
+            for fd in list(self.pipes):
                 self._forward(fd)
 
 
@@ -148,10 +152,7 @@ class Worker:
     def dispatch(self, frame: protocol.Frame) -> None:
         protocol.trace("recv", self.name, frame)
         kind = frame.kind
-        if kind is Kind.DATA:
-            body = frame.body()
-            self.cache[body["key"]] = body["data"]
-        elif kind is Kind.CANCEL:
+        if kind is Kind.CANCEL:
             self.cancelled.add(frame.call)
         elif kind is Kind.BYE:
             os._exit(0)
@@ -162,13 +163,25 @@ class Worker:
     def serve(self) -> None:
         while True:
             frame = self.inbox.get()
-            if frame.kind is Kind.CALL:
-                self.start_call(frame)
-            elif frame.kind is Kind.TASK:
-                self.run_task(frame)
-            elif frame.kind is Kind.DROP:
-                for key in frame.body()["keys"]:
-                    self.cache.pop(key, None)
+            try:
+                self.handle(frame)
+            except Exception as exc:  # e.g. a slice of objects whose class cannot be imported here
+                if isinstance(exc, protocol.ProtocolError) and exc.__cause__ is not None:
+                    exc = exc.__cause__
+                self.pump.drain()
+                self.report(exc, frame.call, frame.index, f"handling a {frame.kind.name} message")
+
+    def handle(self, frame: protocol.Frame) -> None:
+        if frame.kind is Kind.DATA:
+            body = frame.body()
+            self.cache[body["key"]] = body["data"]
+        elif frame.kind is Kind.CALL:
+            self.start_call(frame)
+        elif frame.kind is Kind.TASK:
+            self.run_task(frame)
+        elif frame.kind is Kind.DROP:
+            for key in frame.body()["keys"]:
+                self.cache.pop(key, None)
 
     def start_call(self, frame: protocol.Frame) -> None:
         self.call, self.func, self.params, self.call_failed = frame.call, None, None, False

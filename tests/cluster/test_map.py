@@ -23,7 +23,6 @@ from qjam_nb import (
     ListDataSet,
     Master,
     NumpyMatrixDataSet,
-    QjamError,
     RemoteError,
     RemoteWorker,
     SliceDone,
@@ -279,12 +278,6 @@ def test_seed_api_uses_the_modules_reduce_and_qjam_datasets(master, tmp_path, mo
     assert master.run(module, 5) == [(5, []), (5, [])]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: seed.py Master.run calls cloudpickle.register_pickle_by_value on a module that is not in "
-    "sys.modules (loaded by importlib spec, or types.ModuleType), which raises cloudpickle's ValueError",
-)
 def test_seed_api_runs_a_module_that_is_not_in_sys_modules(master, tmp_path):
     path = tmp_path / "qjam_test_seed_loose.py"
     path.write_text(SEED_MODULE)
@@ -335,12 +328,6 @@ def test_mapfunc_exception_without_dataset_has_no_slice(cluster2):
     assert cluster2.map(lambda p, xs: 1) == 2
 
 
-@pytest.mark.xfail(
-    raises=(QjamError, AssertionError),
-    reason="bug in qjam_nb/worker/main.py: the reader thread unpickles DATA (importing numpy) while the main "
-    "thread unpickles the CALL (importing numpy too); Python's import deadlock detection then hands one thread "
-    "a half-initialised numpy, and the worker fails to load mapfunc or dies",
-)
 def test_fresh_workers_take_a_numpy_mapfunc_and_numpy_slices_at_once(make_cluster):
     X = np.arange(40 * 1024, dtype=np.float64).reshape(40, 1024)
     for _ in range(3):  # the race is likely, not certain: three fresh clusters
