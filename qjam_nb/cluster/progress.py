@@ -17,9 +17,10 @@ from . import events as ev
 class TqdmProgress:
     """Observer: one tqdm bar per call, shown only once a call has run ``delay`` seconds."""
 
-    def __init__(self, file=None, delay: float = 0.5) -> None:
+    def __init__(self, file=None, delay: float = 0.5, **tqdm_options) -> None:
         self.file = file
         self.delay = delay
+        self.tqdm_options = tqdm_options
         self.bar: tqdm | None = None
 
     def __call__(self, event: ev.Event) -> None:
@@ -27,7 +28,7 @@ class TqdmProgress:
             self._close()
             self.bar = tqdm(
                 total=event.n_slices, desc=f"qjam call {event.call}", unit="slice",
-                file=self.file or sys.stderr, delay=self.delay, leave=False,
+                file=self.file or sys.stderr, delay=self.delay, leave=False, **self.tqdm_options,
             )
         elif isinstance(event, ev.SliceDone) and self.bar is not None:
             self.bar.update(1)

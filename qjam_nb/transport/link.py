@@ -38,13 +38,11 @@ class StderrOutput:
     text: str
 
 
-Inbox = "queue.SimpleQueue[tuple[Link, Frame | LinkClosed | StderrOutput]]"
-
-
 class Link:
     """One worker's frames in and out, with a bounded memory of its stderr."""
 
-    def __init__(self, process: WorkerProcess, inbox: Any, max_frame: int = protocol.MAX_FRAME) -> None:
+    def __init__(self, process: WorkerProcess, inbox: queue.SimpleQueue, max_frame: int = protocol.MAX_FRAME) -> None:
+        """Start the threads; everything heard goes to ``inbox`` as ``(link, item)``."""
         self.process = process
         self.name = process.name
         self.inbox = inbox

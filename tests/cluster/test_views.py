@@ -1,0 +1,55 @@
+"""The text views: the tqdm bar, the tagged echo of worker output, the status table."""
+
+from __future__ import annotations
+
+import io
+
+from qjam_nb.cluster import events as ev
+from qjam_nb.cluster.echo import StreamEcho
+from qjam_nb.cluster.progress import TqdmProgress
+from qjam_nb.cluster.status import StatusModel
+
+
+def test_tqdm_bar_counts_the_slices_of_a_real_call(make_cluster):
+    out = io.StringIO()
+    cluster = make_cluster(["local:2"])
+    bar = TqdmProgress(file=out, delay=0, mininterval=0)
+    cluster.events.subscribe(bar)
+    assert cluster.map(lambda p, xs: len(xs), None, list(range(12)), slice_size=1) == 12
+    text = out.getvalue()
+    assert "qjam call 1" in text
+    assert "12/12" in text
+    assert bar.bar is None  # closed at the end of the call
+
+
+def test_echo_tags_every_line_and_never_splits_one(capsys):
+    echo = StreamEcho()
+    echo(ev.StreamOutput("local/0", "stdout", "hel", 1, 0))
+    echo(ev.StreamOutput("local/1", "stdout", "other\n", 1, 1))
+    echo(ev.StreamOutput("local/0", "stdout", "lo\nwor", 1, 0))
+    echo(ev.StreamOutput("local/0", "stderr", "oops\n", 1, 0))
+    echo(ev.CallFinished(1, 0.1, 0, 0, 0, True))  # flushes the partial "wor"
+    captured = capsys.readouterr()
+    assert captured.out == "[local/1] other\n[local/0] hello\n[local/0] wor\n"
+    assert captured.err == "[local/0] oops\n"
+
+
+def test_status_model_folds_events_into_rows_and_a_table():
+    model = StatusModel()
+    for event in [
+        ev.WorkerStateChanged("local/0", "idle", "starting", "ready"),
+        ev.CallStarted(1, 3, ("local/0",)),
+        ev.SliceAssigned(1, 0, "local/0", False),
+        ev.SliceAssigned(1, 1, "local/0", False),
+        ev.SliceDone(1, 0, "local/0", 0.01),
+        ev.CacheChanged("local/0", 2, 3 << 20),
+    ]:
+        model(event)
+    row = model.rows["local/0"]
+    assert (row.state, row.done, row.assigned, row.cached_slices) == ("idle", 1, 2, 2)
+    assert model.call.running and model.call.done == 1
+    table = model.text()
+    assert "local/0" in table and "1/2" in table and "3.00" in table
+    assert "call 1: 1/3 slices, running" in table
+    model(ev.CallFinished(1, 0.5, 10, 3 << 20, 0, True))
+    assert "done in 0.500 s; 3.00 MiB of slices shipped" in model.text()
