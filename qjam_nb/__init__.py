@@ -5,6 +5,7 @@ slices of ``dataset`` that stay cached on the workers; ``%load_ext qjam_nb``
 adds the notebook magics. ``Master``/``RemoteWorker`` keep qjam's 2010 API.
 """
 
+from ._version import __version__ as __version__
 from .cluster.cluster import Cluster
 from .cluster.events import (
     CacheChanged,
@@ -32,8 +33,6 @@ from .errors import (
     ShippingError,
     WorkerError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Cluster",

@@ -10,6 +10,9 @@
      ├── RemoteError          mapfunc raised on a worker (carries worker, slice, traceback)
      ├── ReduceError          two results could not be combined (names both slices)
      ├── WorkerError          a worker could not start, or died, or every worker is gone
+     │    ├── HostError        a host could not be reached, logged into or bootstrapped
+     │    │    └── HostKeyError    its host key is unknown or changed
+     │    └── VersionMismatchError  worker and notebook would not understand each other's pickles
      └── ClusterClosedError   the cluster was shut down
 """
 
@@ -26,6 +29,9 @@ __all__ = [
     "RemoteError",
     "ReduceError",
     "WorkerError",
+    "HostError",
+    "HostKeyError",
+    "VersionMismatchError",
     "ClusterClosedError",
 ]
 
@@ -48,6 +54,23 @@ class ReduceError(QjamError):
 
 class WorkerError(QjamError):
     """Raised when a worker cannot start or dies, or no worker is left."""
+
+
+class HostError(WorkerError):
+    """A host could not be reached, logged into or bootstrapped; says which stage and the fix."""
+
+    def __init__(self, host: str, stage: str, message: str) -> None:
+        self.host = host
+        self.stage = stage
+        super().__init__(f"host {host!r}, {stage}: {message}")
+
+
+class HostKeyError(HostError):
+    """The host's key is not in known_hosts, or differs from the key recorded there."""
+
+
+class VersionMismatchError(WorkerError):
+    """A worker's Python, cloudpickle or numpy cannot exchange pickles with the notebook's."""
 
 
 class ClusterClosedError(QjamError):

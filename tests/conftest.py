@@ -1,10 +1,84 @@
-"""Shared fixtures: real local worker clusters, and an event recorder."""
+"""Shared fixtures: real clusters, on local workers and over a private sshd, and an event recorder.
+
+Tests that take ``cluster2`` or ``make_cluster`` run twice: once on local
+workers and once on workers reached over ssh (``sshhost``, a ``~/.ssh/config``
+alias for a private sshd on 127.0.0.1). They write hosts as ``local:N``;
+``hosts_for`` turns that into ``sshhost:N`` on the ssh run.
+"""
 
 from __future__ import annotations
 
+import getpass
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
+import sshd
 
 from qjam_nb import Cluster
+
+BACKENDS = ("local", "ssh")
+
+
+@dataclass
+class SshWorld:
+    """The master's temporary HOME and the two private hosts it can reach."""
+
+    home: Path
+    hosts: list  # PrivateSshd for 127.0.0.1 ("sshhost") and 127.0.0.2 ("sshhost2")
+    key: Path
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.home / ".ssh" / "known_hosts"
+
+
+@pytest.fixture(scope="session")
+def ssh_world(tmp_path_factory):
+    """Two private sshds and a HOME whose ~/.ssh/config names them ``sshhost`` and ``sshhost2``."""
+    if not sshd.available():
+        if os.environ.get("CI"):
+            pytest.fail("sshd is not installed: .ci/run installs Debian's openssh-server")
+        pytest.skip("sshd is not installed (apt-get install openssh-server)")
+    root = tmp_path_factory.mktemp("ssh")
+    home = root / "master_home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    key = sshd.keygen(home / ".ssh" / "id_ed25519")
+    hosts = []
+    mp = pytest.MonkeyPatch()
+    try:
+        for i, address in enumerate(("127.0.0.1", "127.0.0.2"), 1):
+            hosts.append(sshd.PrivateSshd(root / f"host{i}", address, key.with_suffix(".pub")).start())
+        user = getpass.getuser()
+        (home / ".ssh" / "config").write_text("".join(
+            f"Host {alias}\n  HostName {h.address}\n  Port {h.port}\n  User {user}\n  IdentityFile {key}\n\n"
+            for alias, h in zip(("sshhost", "sshhost2"), hosts, strict=True)
+        ))
+        (home / ".ssh" / "known_hosts").write_text("".join(h.known_hosts_line() for h in hosts))
+        mp.setenv("HOME", str(home))
+        for var in ("SSH_AUTH_SOCK", "QJAM_USER", "QJAM_REMOTE_PYTHON"):
+            mp.delenv(var, raising=False)
+        yield SshWorld(home, hosts, key)
+    finally:
+        mp.undo()
+        for h in hosts:
+            h.stop()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """``"local"`` or ``"ssh"``: where this module's clusters run."""
+    if request.param == "ssh":
+        request.getfixturevalue("ssh_world")
+    return request.param
+
+
+def hosts_for(backend: str, hosts) -> list[str]:
+    """``local:N`` as written in a test, or its ssh twin ``sshhost:N``."""
+    if backend == "local":
+        return list(hosts)
+    return [("sshhost" + h[len("local"):]) if h.startswith("local") else h for h in hosts]
 
 
 class EventLog:
@@ -24,9 +98,9 @@ class EventLog:
 
 
 @pytest.fixture(scope="module")
-def cluster2():
-    """Two local workers, shared by a test module (slices stay cached across its tests)."""
-    with Cluster(["local:2"], echo=False) as cluster:
+def cluster2(backend):
+    """Two workers, shared by a test module (slices stay cached across its tests)."""
+    with Cluster(hosts_for(backend, ["local:2"]), echo=False) as cluster:
         yield cluster
 
 
@@ -40,13 +114,13 @@ def events(cluster2):
 
 
 @pytest.fixture
-def make_cluster():
-    """Factory for clusters that are shut down at the end of the test."""
+def make_cluster(backend):
+    """Factory for clusters that are shut down at the end of the test (hosts written as ``local:N``)."""
     made: list[Cluster] = []
 
     def make(hosts=("local:2",), **options) -> Cluster:
         options.setdefault("echo", False)
-        cluster = Cluster(list(hosts), **options)
+        cluster = Cluster(hosts_for(backend, hosts), **options)
         made.append(cluster)
         return cluster
 

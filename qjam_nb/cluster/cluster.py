@@ -19,14 +19,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..dataset import DataSet
-from ..errors import ClusterClosedError, DataSetError, QjamError, RemoteError, ShippingError, WorkerError
+from ..errors import (
+    ClusterClosedError,
+    DataSetError,
+    HostError,
+    QjamError,
+    RemoteError,
+    ShippingError,
+    VersionMismatchError,
+    WorkerError,
+)
 from ..transport.link import Link, LinkClosed, StderrOutput
-from ..transport.local import LocalTransport
+from ..transport.ssh import SshOptions
 from ..worker import protocol
 from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
 from .echo import StreamEcho
+from .handshake import master_versions, mismatch
+from .hosts import LOCAL, open_transports, parse_hosts
 from .progress import TqdmProgress
 from .reduce import OrderedFold
 from .scheduler import Scheduler
@@ -58,38 +69,15 @@ class WorkerHandle:
         return f"<worker {self.name} {self.state}>"
 
 
-def parse_hosts(hosts: Sequence[str], workers_per_host: int = 1) -> list[tuple[str, int]]:
-    """``["local:2", "local"]`` -> ``[("local", 2), ("local", 1)]``, checking every entry."""
-    if isinstance(hosts, str):
-        hosts = hosts.split()
-    if isinstance(workers_per_host, bool) or not isinstance(workers_per_host, int) or workers_per_host < 1:
-        raise WorkerError(f"workers_per_host must be a whole number of at least 1, not {workers_per_host!r}")
-    out = []
-    for spec in hosts:
-        host, _, count = str(spec).partition(":")
-        if count:
-            if not count.isdigit() or int(count) < 1:
-                raise WorkerError(f"bad host entry {spec!r}: after ':' comes a number of workers, at least 1")
-            n = int(count)
-        else:
-            n = workers_per_host
-        if host != "local":
-            raise WorkerError(
-                f"cannot reach host {host!r}: this release starts local workers only "
-                "(use 'local' or 'local:N'); ssh hosts come next"
-            )
-        out.append((host, n))
-    if not out:
-        raise WorkerError("no hosts given: name at least one, e.g. 'local:2'")
-    return out
-
-
 class Cluster:
     """Workers on one or more hosts, and ``map`` over them.
 
-    ``Cluster(["local:2"])`` starts two worker processes on this machine. Use it
-    as a context manager, or call ``shutdown()``; workers also exit by
-    themselves when this process ends.
+    ``Cluster(["local:2"])`` starts two worker processes on this machine;
+    ``Cluster(["node1", "node2"], workers_per_host=4)`` four on each of two
+    hosts reached over ssh (``user``, ``port``, ``identity``, ``python`` and
+    ``accept_new_host`` apply to every ssh host; ``~/.ssh/config`` supplies the
+    rest). Use it as a context manager, or call ``shutdown()``; workers also
+    exit by themselves when this process ends.
     """
 
     def __init__(
@@ -97,6 +85,11 @@ class Cluster:
         hosts: Sequence[str] | str | None = None,
         *,
         workers_per_host: int = 1,
+        user: str | None = None,
+        port: int | None = None,
+        identity: str | None = None,
+        python: str | None = None,
+        accept_new_host: bool = False,
         echo: bool = True,
         progress: bool | None = None,
         start_timeout: float = START_TIMEOUT,
@@ -115,7 +108,10 @@ class Cluster:
         self._by_link: dict[int, WorkerHandle] = {}
         self._call = 0
         self._closed = False
+        self._transports: dict = {}
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
+        self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
+        self.versions = master_versions()
         _live_clusters.add(self)
         try:
             self._start(start_timeout)
@@ -126,13 +122,21 @@ class Cluster:
     # -- lifecycle -----------------------------------------------------------
     def _start(self, timeout: float) -> None:
         counters: dict[str, int] = {}
+        plan = []
         for host, n in self.hosts:
             first = counters.get(host, 0)
             counters[host] = first + n
             names = [f"{host}/{i}" for i in range(first, first + n)]
             for name in names:  # before start, so observers see every worker from STARTING on
-                self.events.emit(ev.WorkerStateChanged(name, states.STARTING, states.STARTING, "starting"))
-            for proc in LocalTransport().start(names):
+                self.events.emit(ev.WorkerStateChanged(name, states.STARTING, states.STARTING, "connecting"))
+            plan.append((host, names))
+        started = time.perf_counter()
+        self._transports = open_transports([host for host, _ in plan], self.ssh_options)
+        for host, transport in self._transports.items():
+            self.events.emit(ev.HostReady(host, describe(transport), getattr(transport, "uploaded", 0),
+                                          time.perf_counter() - started))
+        for host, names in plan:
+            for proc in self._transports[host].start(names):
                 worker = WorkerHandle(proc.name, host, Link(proc, self._inbox))
                 self.workers.append(worker)
                 self._by_link[id(worker.link)] = worker
@@ -150,6 +154,9 @@ class Cluster:
                 continue
             self._handle_between_calls(item)
         dead = [w for w in self.workers if w.state == states.DEAD]
+        mismatched = [w for w in dead if w.reason.startswith("worker ")]
+        if mismatched:
+            raise VersionMismatchError("; ".join(w.reason for w in mismatched))
         if dead:
             raise WorkerError(
                 "could not start " + ", ".join(f"{w.name} ({w.reason})" for w in dead)
@@ -172,6 +179,8 @@ class Cluster:
                 proc.wait(1)
             if w.state != states.STOPPED:
                 self._set_state(w, states.STOPPED, "shut down")
+        for transport in self._transports.values():
+            transport.close()
         _live_clusters.discard(self)
 
     def __enter__(self) -> Cluster:
@@ -232,6 +241,15 @@ class Cluster:
         alive = [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
         if not alive:
             raise WorkerError("no worker is alive: " + self._obituaries() + ". Start the cluster again.")
+        if data is not None and data.kind in ("array", "npy"):
+            lacking = sorted({w.host for w in alive if not w.hello.get("numpy")})
+            if lacking:
+                raise HostError(
+                    lacking[0], "checking for numpy",
+                    "the dataset is a numpy array, but the Python there has no numpy "
+                    f"({', '.join(lacking)}): install numpy there, point --python at a Python with numpy, "
+                    "or pass a list",
+                )
         self._call += 1
         call = _Call(self._call, data, keyed, reduce, len(alive))
         call.spans = code_spans(mapfunc)
@@ -343,7 +361,15 @@ class Cluster:
             self.events.emit(ev.StreamOutput(worker.name, body["stream"], body["text"], msg.call, msg.index))
         elif msg.kind is Kind.HELLO and worker.state == states.STARTING:
             worker.hello = self._body(worker, msg, "the hello")
-            self._set_state(worker, states.IDLE, "ready")
+            if getattr(worker.link.process, "pid", None) is None:
+                worker.link.process.pid = worker.hello.get("pid")
+            problem = mismatch(worker.name, worker.hello, self.versions)
+            if problem:
+                self._set_state(worker, states.DEAD, problem)
+                worker.link.send(Kind.BYE)
+                worker.link.close()
+            else:
+                self._set_state(worker, states.IDLE, "ready")
         # Anything else belongs to a finished or cancelled call: dropped.
 
     def _drain_inbox(self) -> None:
@@ -394,6 +420,16 @@ class Cluster:
     def _obituaries(self) -> str:
         dead = [w for w in self.workers if w.state == states.DEAD]
         return "; ".join(f"{w.name}: {w.reason} ({self._last_words(w)})" for w in dead) or "no worker was started"
+
+
+def describe(transport) -> str:
+    """One line on how a host was reached, for the HostReady event."""
+    if getattr(transport, "host", LOCAL) == LOCAL:
+        return "worker processes on this machine"
+    t = transport.target
+    upload = (f"uploaded {transport.uploaded / 1024:.0f} KiB to" if transport.uploaded else "found the worker in")
+    return (f"{t.user}@{t.hostname}:{t.port} ({transport.cipher}); {upload} {transport.directory}; "
+            f"Python {transport.python}")
 
 
 class _Call:

@@ -23,6 +23,16 @@ class WorkerStateChanged:
 
 
 @dataclass(frozen=True)
+class HostReady:
+    """A host is connected and bootstrapped; ``uploaded_bytes`` is 0 when it had the worker already."""
+
+    host: str
+    detail: str
+    uploaded_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class CallStarted:
     call: int
     n_slices: int
@@ -98,7 +108,7 @@ class CallFinished:
 
 
 Event = (
-    WorkerStateChanged | CallStarted | SliceAssigned | SliceSent | SliceStarted
+    WorkerStateChanged | HostReady | CallStarted | SliceAssigned | SliceSent | SliceStarted
     | SliceDone | CacheChanged | StreamOutput | ErrorEvent | CallFinished
 )
 Observer = Callable[[Event], None]

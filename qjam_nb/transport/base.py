@@ -16,15 +16,18 @@ from typing import Protocol
 WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
 
 
-def bootstrap_code(package_dir: str, name: str) -> str:
+def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None) -> str:
     """The ``python -c`` program that starts a worker from ``package_dir``.
 
     It loads the worker package by file location under the name
-    ``qjam_worker``, so it needs no install, changes no ``sys.path`` and never
-    imports qjam_nb itself (which would drag the master's dependencies in).
+    ``qjam_worker``, so it needs no install and never imports qjam_nb itself
+    (which would drag the master's dependencies in). ``fallback_path`` is
+    appended to ``sys.path``: it holds the cloudpickle we uploaded, used only
+    where the host's Python has none of its own.
     """
+    extend = f"sys.path.append({fallback_path!r});" if fallback_path else ""
     return (
-        "import importlib.util as u,sys;"
+        f"import importlib.util as u,sys;{extend}"
         f"p={package_dir!r};"
         "s=u.spec_from_file_location('qjam_worker',p+'/__init__.py',submodule_search_locations=[p]);"
         "m=u.module_from_spec(s);sys.modules['qjam_worker']=m;s.loader.exec_module(m);"
@@ -63,3 +66,6 @@ class Transport(Protocol):
 
     def start(self, names: Sequence[str]) -> list[WorkerProcess]:
         """Start one worker per name, all at once, and return them started."""
+
+    def close(self) -> None:
+        """Release the host (its connection); call after its workers ended."""

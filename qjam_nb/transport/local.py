@@ -79,3 +79,6 @@ class LocalTransport:
             )
             procs.append(LocalProcess(name, popen))
         return procs
+
+    def close(self) -> None:
+        """Nothing to close: each worker's pipes close with it."""

@@ -46,7 +46,8 @@ def test_throttle_lets_urgent_redraws_through_and_rate_limits_the_rest():
 def test_widget_has_one_row_per_worker_with_state_and_cache(make_cluster):
     cluster = make_cluster(["local:3"])
     widget = ClusterWidget(cluster)
-    assert sorted(widget.rows) == ["local/0", "local/1", "local/2"]
+    host = cluster.hosts[0][0]  # "local", or the ssh alias on the ssh run
+    assert sorted(widget.rows) == [f"{host}/0", f"{host}/1", f"{host}/2"]
     cluster.map(lambda p, xs: len(xs), None, list(range(30)), slice_size=2)
     widget.redraw()
     for name, row in widget.rows.items():

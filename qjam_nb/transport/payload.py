@@ -1,0 +1,71 @@
+"""What a host needs to run workers: the worker package and cloudpickle, as one zip.
+
+The zip is built deterministically (sorted names, fixed timestamps), so its
+hash names a version directory, ``~/.cache/qjam_nb/<version>-<hash>``, on
+the host: a host that has that directory needs nothing uploaded, and a
+changed worker (or cloudpickle) gets a directory of its own.
+
+The two small programs here run on the host's Python before anything is
+uploaded, so they stay valid Python 2 and 3: a too-old interpreter must live
+long enough to say its version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+import cloudpickle
+
+from .._version import __version__
+from .base import WORKER_PACKAGE
+
+#: Prints the host's Python version, home cache and whether version argv[1] is there.
+PROBE = (
+    "import sys,os,json;"
+    "r=os.path.join(os.path.expanduser('~'),'.cache','qjam_nb');"
+    "print(json.dumps({'python':'%d.%d.%d'%tuple(sys.version_info[:3]),'executable':sys.executable,"
+    "'root':r,'ready':os.path.exists(os.path.join(r,sys.argv[1],'.complete'))}))"
+)
+
+#: Unpacks the zip on stdin into root/argv[2] (argv[1] = root), privately and atomically.
+UNPACK = (
+    "import io,os,sys,zipfile,shutil,tempfile\n"
+    "root,name=sys.argv[1],sys.argv[2]\n"
+    "if not os.path.isdir(root): os.makedirs(root,0o700)\n"
+    "os.chmod(root,0o700)\n"
+    "final=os.path.join(root,name)\n"
+    "if not os.path.exists(os.path.join(final,'.complete')):\n"
+    "    data=sys.stdin.buffer.read()\n"
+    "    tmp=tempfile.mkdtemp(prefix='.upload-',dir=root)\n"
+    "    zipfile.ZipFile(io.BytesIO(data)).extractall(tmp)\n"
+    "    for d,dirs,files in os.walk(tmp):\n"
+    "        os.chmod(d,0o700)\n"
+    "        for f in files: os.chmod(os.path.join(d,f),0o600)\n"
+    "    open(os.path.join(tmp,'.complete'),'w').close()\n"
+    "    try: os.rename(tmp,final)\n"
+    "    except OSError: shutil.rmtree(tmp,True)\n"
+    "print('ok')\n"
+)
+
+
+@lru_cache(maxsize=1)
+def payload() -> tuple[str, bytes]:
+    """(version directory name, zip bytes) of ``qjam_worker/`` and ``deps/cloudpickle/``."""
+    files: list[tuple[str, Path]] = []
+    for path in sorted(WORKER_PACKAGE.glob("*.py")):
+        files.append((f"qjam_worker/{path.name}", path))
+    cloudpickle_dir = Path(cloudpickle.__file__).resolve().parent
+    for path in sorted(cloudpickle_dir.rglob("*.py")):
+        files.append((f"deps/cloudpickle/{path.relative_to(cloudpickle_dir).as_posix()}", path))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, path in files:
+            info = zipfile.ZipInfo(name, date_time=(2010, 11, 29, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, path.read_bytes())
+    data = buffer.getvalue()
+    return f"v{__version__}-{hashlib.sha256(data).hexdigest()[:12]}", data
