@@ -65,8 +65,15 @@ class QjamMagics(Magics):
     # -- magics ----------------------------------------------------------------
     @line_magic
     @magic_arguments()
-    @argument("hosts", nargs="*", help="hosts to start workers on: 'local' or 'local:N' (N workers here)")
+    @argument("hosts", nargs="*", help="'local', 'local:N' (N workers here), or hosts you can ssh to (HOST or HOST:N)")
     @argument("-n", "--workers-per-host", type=int, default=1, help="workers on each host given without ':N'")
+    @argument("--user", default=None, help="remote user name (default: QJAM_USER, ~/.ssh/config, your name)")
+    @argument("--port", type=int, default=None, help="ssh port (default: ~/.ssh/config, else 22)")
+    @argument("--identity", default=None, help="private key file to log in with (besides agent and ~/.ssh keys)")
+    @argument("--python", default=None, help="Python on the ssh hosts (default: QJAM_REMOTE_PYTHON, this "
+              "notebook's interpreter path if it exists there, else python3)")
+    @argument("--accept-new-host", action="store_true",
+              help="trust a host whose key is not in ~/.ssh/known_hosts yet, and record its key there")
     def qjam_hosts(self, line: str = "") -> Cluster:
         """Start workers, or show the cluster widget again; returns the Cluster.
 
@@ -74,8 +81,15 @@ class QjamMagics(Magics):
 
             %qjam_hosts local:2            # two worker processes on this machine
             %qjam_hosts local -n 4         # the same, four of them
+            %qjam_hosts node1 node2 -n 4   # four workers on each of two hosts, over ssh
+            %qjam_hosts --user bob --port 2222 --identity ~/.ssh/id_ed25519 --python /opt/py/bin/python3 node3
             %qjam_hosts                    # show the running cluster again
             cluster = %qjam_hosts local:2  # keep the Cluster, for cluster.map(...) in loops
+
+        ssh hosts are reached as ``ssh`` would: ``~/.ssh/config`` (HostName, User,
+        Port, IdentityFile, ProxyJump), your ssh agent and keys, and host keys
+        checked against ``~/.ssh/known_hosts``. Nothing needs installing there
+        but Python.
 
         Starting a new cluster stops the previous one (and drops its cache).
         """
@@ -83,7 +97,10 @@ class QjamMagics(Magics):
         if args.hosts:
             if args.workers_per_host < 1:
                 raise UsageError(f"-n must be at least 1, not {args.workers_per_host}")
-            self._start(args.hosts, workers_per_host=args.workers_per_host)
+            self._start(
+                args.hosts, workers_per_host=args.workers_per_host, user=args.user, port=args.port,
+                identity=args.identity, python=args.python, accept_new_host=args.accept_new_host,
+            )
         elif self.cluster is None:
             raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
         self._show_cluster()

@@ -53,9 +53,14 @@ CELLS = {
 CELLS["many"] = CELLS["many"].split("\n", 1)[1]
 
 
+HOSTS = {"local": "%qjam_hosts local:2", "ssh": "%qjam_hosts sshhost -n 2"}
+WORKER = r"(local|sshhost)/[01]"
+
+
 @pytest.fixture(scope="module")
-def executed(kernel_name, tmp_path_factory):
-    nb = new_notebook(*CELLS.values())
+def executed(kernel_name, tmp_path_factory, backend):
+    cells = dict(CELLS, hosts=HOSTS[backend])
+    nb = new_notebook(*cells.values())
     client = run_notebook(nb, kernel_name, tmp_path_factory.mktemp("nb"))
     cells = dict(zip(CELLS, nb.cells, strict=True))
     return nb, cells, client
@@ -73,7 +78,7 @@ def test_print_inside_mapfunc_reaches_the_cell_tagged_with_the_worker(executed):
     _, cells, _ = executed
     lines = [ln for ln in text_of(cells["map"]).splitlines() if "rows in this slice" in ln]
     assert len(lines) == 15  # one per slice: ceil(101 / 7)
-    assert all(re.match(r"\[local/[01]\] rows in this slice: [0-9]+", ln) for ln in lines)
+    assert all(re.match(rf"\[{WORKER}\] rows in this slice: [0-9]+", ln) for ln in lines)
 
 
 def test_reduce_defined_in_the_cell_replaces_the_default(executed):
@@ -86,7 +91,7 @@ def test_exception_in_mapfunc_shows_remote_traceback_with_worker_and_slice(execu
     err = error_of(cells["boom"])
     assert err is not None and err["ename"] == "RemoteError"
     shown = "\n".join(err["traceback"])
-    assert re.search(r"ZeroDivisionError on worker local/[01], slice 2", shown)
+    assert re.search(rf"ZeroDivisionError on worker {WORKER}, slice 2", shown)
     assert "return 1 / (xs[0] - 3)" in shown  # the cell's own source line
     assert "ZeroDivisionError: division by zero" in shown
 
@@ -120,8 +125,8 @@ def _widget_states(nb) -> list[dict]:
 def test_widget_model_shows_a_row_per_worker_with_state_progress_and_cache(executed):
     nb, _, _ = executed
     values = [s.get("value") for s in _widget_states(nb) if isinstance(s.get("value"), str)]
-    names = {v for v in values if re.fullmatch(r"<code>local/[01]</code>", v)}
-    assert names == {"<code>local/0</code>", "<code>local/1</code>"}
+    names = {v for v in values if re.fullmatch(rf"<code>{WORKER}</code>", v)}
+    assert len(names) == 2
     assert any(re.search(r">(idle|stopped)<", v) for v in values)
     # done/total of the 400-slice call, per worker: they add up to 400
     counts = [tuple(map(int, v.split("/"))) for v in values if re.fullmatch(r"\d+/\d+", v)]
