@@ -12,6 +12,7 @@ from .cluster.events import (
     CallFinished,
     CallStarted,
     ErrorEvent,
+    HostReady,
     SliceAssigned,
     SliceDone,
     SliceSent,
@@ -25,12 +26,15 @@ from .dataset import DataSet, ListDataSet, NumpyMatrixDataSet
 from .errors import (
     ClusterClosedError,
     DataSetError,
+    HostError,
+    HostKeyError,
     MapFuncError,
     ProtocolError,
     QjamError,
     ReduceError,
     RemoteError,
     ShippingError,
+    VersionMismatchError,
     WorkerError,
 )
 
@@ -50,6 +54,9 @@ __all__ = [
     "RemoteError",
     "ReduceError",
     "WorkerError",
+    "HostError",
+    "HostKeyError",
+    "VersionMismatchError",
     "ClusterClosedError",
     "WorkerStateChanged",
     "CallStarted",
@@ -60,6 +67,7 @@ __all__ = [
     "CacheChanged",
     "StreamOutput",
     "ErrorEvent",
+    "HostReady",
     "CallFinished",
     "load_ipython_extension",
 ]

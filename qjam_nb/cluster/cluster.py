@@ -92,13 +92,17 @@ class Cluster:
         accept_new_host: bool = False,
         echo: bool = True,
         progress: bool | None = None,
+        observers: Sequence[ev.Observer] = (),
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         """``echo`` prints worker output here, tagged; ``progress`` shows a text bar
-        for calls that take over half a second (default: when stderr is a terminal)."""
+        for calls that take over half a second (default: when stderr is a terminal);
+        ``observers`` are subscribed before anything starts, so they see every event."""
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
+        for observer in observers:
+            self.events.subscribe(observer)
         if echo:
             self.events.subscribe(StreamEcho())
         if progress or (progress is None and sys.stderr is not None and sys.stderr.isatty()):

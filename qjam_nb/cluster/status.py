@@ -43,6 +43,7 @@ class StatusModel:
 
     def __init__(self) -> None:
         self.rows: dict[str, WorkerRow] = {}
+        self.hosts: dict[str, ev.HostReady] = {}
         self.call = CallRow()
         self.version = 0
 
@@ -53,7 +54,9 @@ class StatusModel:
 
     def __call__(self, event: ev.Event) -> None:
         self.version += 1
-        if isinstance(event, ev.WorkerStateChanged):
+        if isinstance(event, ev.HostReady):
+            self.hosts[event.host] = event
+        elif isinstance(event, ev.WorkerStateChanged):
             row = self.row(event.worker)
             row.state, row.reason = event.state, event.reason
         elif isinstance(event, ev.CallStarted):
@@ -84,6 +87,8 @@ class StatusModel:
                 f"{row.name:<16} {row.state:<9} {f'{row.done}/{row.assigned}':>10} "
                 f"{row.cached_slices:>8} {row.cached_bytes / 2**20:>9.2f}"
             )
+        for host in self.hosts.values():
+            lines.append(f"{host.host}: {host.detail}")
         c = self.call
         if c.call:
             verb = "running" if c.running else f"done in {c.seconds:.3f} s"

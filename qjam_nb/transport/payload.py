@@ -45,7 +45,7 @@ UNPACK = (
     "    for d,dirs,files in os.walk(tmp):\n"
     "        os.chmod(d,0o700)\n"
     "        for f in files: os.chmod(os.path.join(d,f),0o600)\n"
-    "    open(os.path.join(tmp,'.complete'),'w').close()\n"
+    "    os.close(os.open(os.path.join(tmp,'.complete'),os.O_CREAT|os.O_WRONLY,0o600))\n"
     "    try: os.rename(tmp,final)\n"
     "    except OSError: shutil.rmtree(tmp,True)\n"
     "print('ok')\n"
