@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+from cryptography.exceptions import UnsupportedAlgorithm
+from paramiko.pkey import UnknownKeyType
 
 from ..errors import HostError
 from . import hostkeys
@@ -99,6 +101,7 @@ def resolve(alias: str, options: SshOptions) -> SshTarget:
 def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport, list[paramiko.Transport]]:
     """An authenticated Transport to ``target`` (and the jump hosts' Transports it rides on)."""
     jumps: list[paramiko.Transport] = []
+    sock = transport = None
     try:
         sock = _open_socket(target, options, jumps)
         transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=PACKET_SIZE)
@@ -107,6 +110,10 @@ def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport,
         security.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
             c for c in security.ciphers if c not in PREFERRED_CIPHERS
         )
+        # Ask for a key type known_hosts already holds for this host (as ssh does), or a host that also has
+        # the key type paramiko prefers would look unknown.
+        security.key_types = hostkeys.preferred_key_types(
+            security.key_types, hostkeys.known_types(target.hostname, target.port, target.known_hosts))
         try:
             transport.start_client(timeout=options.timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -118,7 +125,12 @@ def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport,
         transport.set_keepalive(15)
         return transport, jumps
     except BaseException:
-        for t in jumps:
+        # Nothing half open: the target's Transport thread (refused host key, failed login) and socket too.
+        if transport is not None:
+            transport.close()
+        elif sock is not None:
+            sock.close()
+        for t in reversed(jumps):
             t.close()
         raise
 
@@ -164,15 +176,21 @@ def _candidate_keys(target: SshTarget) -> tuple[list[tuple[str, paramiko.PKey]],
     paths = list(target.identities) + [str(ssh_dir() / name) for name in DEFAULT_KEYS]
     seen = set()
     for path in paths:
-        if path in seen or not os.path.exists(path):
+        if path in seen:
             continue
         seen.add(path)
+        if not os.path.exists(path):
+            if path in target.identities:  # named by identity= or IdentityFile: say so, as ssh does
+                skipped.append(f"{path} (no such file)")
+            continue
         try:
             keys.append((path, paramiko.PKey.from_path(path)))
-        except paramiko.PasswordRequiredException:
+        except (paramiko.PasswordRequiredException, TypeError) as exc:
+            if isinstance(exc, TypeError) and "password" not in str(exc).lower():
+                raise  # cryptography says "no password given" with a TypeError; any other is a bug
             skipped.append(f"{path} (needs a passphrase: add it to your ssh agent)")
-        except (paramiko.SSHException, ValueError, OSError) as exc:
-            skipped.append(f"{path} ({exc})")
+        except (paramiko.SSHException, ValueError, OSError, UnknownKeyType, UnsupportedAlgorithm) as exc:
+            skipped.append(f"{path} ({exc or type(exc).__name__})")
     try:
         for agent_key in paramiko.Agent().get_keys():
             keys.append((f"agent key {agent_key.get_name()} {hostkeys.fingerprint(agent_key)}", agent_key))
@@ -196,7 +214,8 @@ def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
         if transport.is_authenticated():
             return
     transport.close()
-    detail = "; ".join(tried) if tried else "no key at all (no identity given, none in ~/.ssh, no agent)"
+    detail = "; ".join(tried) if tried else (
+        "no key" if skipped else "no key at all (no identity given, none in ~/.ssh, no agent)")
     extra = f"; skipped {'; '.join(skipped)}" if skipped else ""
     raise HostError(
         target.alias, f"logging in as {target.user!r}",
