@@ -283,7 +283,7 @@ class QjamBench:
         self.compute.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         data = DataSet(x, h)
-        [data.key_and_size(i) for i in range(len(data))]
+        data.keys_and_sizes()
         self.hashing.append(time.perf_counter() - t0)
         del data
         t0 = time.perf_counter()
@@ -408,7 +408,7 @@ def report(r: dict) -> str:
         ("local", "raw os.pipe into a child, 200 MiB", fmt(r["pipe_MBps"], "MB/s"), ""),
         ("local", "raw os.pipe, 2 children x 100 MiB", fmt(r["pipe_2x_MBps"], "MB/s"), ""),
         ("local", "raw os.pipe, 1 MiB pipe buffer", fmt(r["pipe_1MiB_buffer_MBps"], "MB/s"),
-         "F_SETPIPE_SZ; qjam's pipes have the 64 KiB default"),
+         "F_SETPIPE_SZ, as qjam's local pipes"),
         ("local", "qjam first call, 200 MiB in 2 slices", fmt(loc["first_call_MBps"], "MB/s"),
          f"{ra['local_first_vs_pipe']:.2f}x raw pipe ({ra['local_first_vs_2_pipes']:.2f}x 2 pipes)"),
         ("local", "  same, CallStarted to CallFinished", fmt(loc["first_call_in_call_MBps"], "MB/s"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cloudpickle
@@ -24,6 +25,7 @@ import numpy as np
 from .errors import DataSetError
 
 MAX_DEFAULT_SLICES = 64
+PARALLEL_HASH_BYTES = 8 << 20
 MAX_DEFAULT_SLICE_BYTES = 16 << 20
 
 
@@ -94,6 +96,19 @@ class DataSet:
     def key(self, index: int) -> str:
         """The content hash naming slice ``index`` in every cache."""
         return self.key_and_size(index)[0]
+
+    def keys_and_sizes(self) -> list[tuple[str, int]]:
+        """``key_and_size`` of every slice; large arrays are hashed on all cores at once
+        (hashlib lets go of the GIL), since every call hashes its dataset again."""
+        n = len(self)
+        threads = min(n, os.cpu_count() or 1)
+        if threads < 2 or not isinstance(self.data, np.ndarray) or self.data.nbytes < PARALLEL_HASH_BYTES:
+            return [self.key_and_size(i) for i in range(n)]
+        bounds = [n * t // threads for t in range(threads + 1)]
+        with ThreadPoolExecutor(threads) as pool:
+            chunks = pool.map(lambda t: [self.key_and_size(i) for i in range(bounds[t], bounds[t + 1])],
+                              range(threads))
+            return [item for chunk in chunks for item in chunk]
 
     def key_and_size(self, index: int) -> tuple[str, int]:
         """The slice's key and its size in bytes (raw array bytes, or pickle size)."""

@@ -234,7 +234,7 @@ class Cluster:
         data = _as_dataset(dataset, slice_size)
         func_blob = dumps_function(mapfunc)
         params_part = dumps_params(params)
-        keyed = [data.key_and_size(i) for i in range(len(data))] if data else []
+        keyed = data.keys_and_sizes() if data else []
         for index, (_, size) in enumerate(keyed):
             if size > protocol.MAX_FRAME:
                 raise DataSetError(

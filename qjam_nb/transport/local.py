@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -50,6 +51,18 @@ class LocalProcess:
             return None
 
 
+PIPE_SIZE = 1 << 20
+
+
+def widen(fd: int) -> None:
+    """Give a pipe a 1 MiB buffer instead of Linux's 64 KiB: about twice the throughput for slices."""
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over /proc/sys/fs/pipe-max-size for this user: keep the default
+            pass
+
+
 class LocalTransport:
     """Starts workers with this interpreter, in this directory, seeing this ``sys.path``.
 
@@ -77,6 +90,8 @@ class LocalTransport:
                 env=env,
                 start_new_session=True,  # Ctrl-C in a terminal reaches the master only
             )
+            for pipe in (popen.stdin, popen.stdout):
+                widen(pipe.fileno())
             procs.append(LocalProcess(name, popen))
         return procs
 

@@ -43,6 +43,7 @@ BYE      m->w  {}; exit now
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 import pickle
 import struct
@@ -241,7 +242,7 @@ class FrameDecoder:
             raise ProtocolError(f"the stream is unusable after an earlier error: {self.failed}")
 
     def _expect(self, size: int) -> None:
-        self._target = memoryview(bytearray(size))
+        self._target = memoryview(allocate(size))
         self._filled = 0
 
     def _advance(self) -> None:
@@ -300,6 +301,21 @@ class FrameDecoder:
                 "use smaller slices (slice_size=) or raise QJAM_MAX_FRAME on both sides"
             )
         return head
+
+
+def allocate(size: int):
+    """A writable buffer of ``size`` bytes for a part to be read into.
+
+    Large parts get anonymous memory from ``mmap``, whose pages the kernel
+    zeroes as they are first written: ``bytearray(size)`` would first write
+    zeros over all of it, a whole extra pass over a slice of hundreds of MiB.
+    """
+    if size >= BIG_PART:
+        return mmap.mmap(-1, size)
+    return bytearray(size)
+
+
+BIG_PART = 1 << 20
 
 
 def trace(direction: str, who: str, frame_or_kind: Any) -> None:
