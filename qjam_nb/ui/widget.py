@@ -73,8 +73,26 @@ class Throttle:
         return False
 
 
+class CallBar:
+    """A progress bar and a summary line for the current or last call."""
+
+    def __init__(self, description: str = "") -> None:
+        self.bar = widgets.IntProgress(value=0, min=0, max=1, description=description,
+                                       layout=widgets.Layout(width="24em"))
+        self.text = widgets.HTML()
+        self.box = widgets.HBox([self.bar, self.text])
+
+    def draw(self, call: CallRow) -> None:
+        self.bar.max = max(1, call.n_slices)
+        self.bar.value = call.done
+        self.bar.bar_style = "danger" if call.errors else ("success" if call.call and not call.running else "")
+        self.text.value = html.escape(call_summary(call))
+
+
 class _View:
-    """Subscribes to a cluster and redraws from its status model, throttled."""
+    """Subscribes to a cluster and redraws from its status model, throttled; displays ``box``."""
+
+    box: widgets.Widget
 
     def __init__(self, cluster: Cluster, min_interval: float, clock: Callable[[], float]) -> None:
         self.cluster = cluster
@@ -94,6 +112,9 @@ class _View:
     def close(self) -> None:
         self._unsubscribe()
 
+    def _repr_mimebundle_(self, **kwargs):
+        return self.box._repr_mimebundle_(**kwargs)
+
 
 class ClusterWidget(_View):
     """One row per worker (name, state, done/total, cached slices) and a bar for the call."""
@@ -106,10 +127,8 @@ class ClusterWidget(_View):
             layout=widgets.Layout(grid_template_columns="max-content max-content 12em max-content max-content",
                                   grid_gap="2px 12px", align_items="center")
         )
-        self.call_bar = widgets.IntProgress(value=0, min=0, max=1, description="call",
-                                            layout=widgets.Layout(width="24em"))
-        self.call_text = widgets.HTML()
-        self.box = widgets.VBox([self.table, widgets.HBox([self.call_bar, self.call_text])])
+        self.call = CallBar("call")
+        self.box = widgets.VBox([self.table, self.call.box])
         super().__init__(cluster, min_interval, clock)
         self.redraw()
 
@@ -135,14 +154,7 @@ class ClusterWidget(_View):
             w["bar"].value = row.done
             w["progress"].value = cells["progress"]
             w["cached"].value = cells["cached"]
-        call = self.model.call
-        self.call_bar.max = max(1, call.n_slices)
-        self.call_bar.value = call.done
-        self.call_bar.bar_style = "danger" if call.errors else ("success" if call.call and not call.running else "")
-        self.call_text.value = html.escape(call_summary(call))
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
+        self.call.draw(self.model.call)
 
 
 class CallProgress(_View):
@@ -151,17 +163,9 @@ class CallProgress(_View):
     def __init__(
         self, cluster: Cluster, min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.bar = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="24em"))
-        self.text = widgets.HTML()
-        self.box = widgets.HBox([self.bar, self.text])
+        self.call = CallBar()
+        self.box = self.call.box
         super().__init__(cluster, min_interval, clock)
 
     def redraw(self) -> None:
-        call = self.model.call
-        self.bar.max = max(1, call.n_slices)
-        self.bar.value = call.done
-        self.bar.bar_style = "danger" if call.errors else ("success" if call.call and not call.running else "")
-        self.text.value = html.escape(call_summary(call))
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
+        self.call.draw(self.model.call)

@@ -58,7 +58,7 @@ def test_widget_has_one_row_per_worker_with_state_and_cache(make_cluster):
     assert sum(int(r["progress"].value.split("/")[0]) for r in widget.rows.values()) == 15
     cached = sum(int(r["cached"].value.split()[0]) for r in widget.rows.values())
     assert cached == 15
-    assert widget.call_bar.value == widget.call_bar.max == 15
+    assert widget.call.bar.value == widget.call.bar.max == 15
     cluster.shutdown()
     assert all(">stopped<" in r["state"].value for r in widget.rows.values())
 
@@ -68,7 +68,7 @@ def test_widget_updates_live_during_a_call_not_only_at_its_end(make_cluster):
     widget = ClusterWidget(cluster, min_interval=0.02)
     bar = CallProgress(cluster, min_interval=0.02)
     seen: list[int] = []
-    widget.call_bar.observe(lambda change: seen.append(change["new"]), names="value")
+    widget.call.bar.observe(lambda change: seen.append(change["new"]), names="value")
 
     def slow(p, xs):
         time.sleep(0.002)
@@ -78,7 +78,7 @@ def test_widget_updates_live_during_a_call_not_only_at_its_end(make_cluster):
     intermediate = [v for v in seen if 0 < v < 400]
     assert len(set(intermediate)) >= 3, seen
     assert seen[-1] == 400
-    assert bar.bar.value == 400 and bar.redraws >= 3
+    assert bar.call.bar.value == 400 and bar.redraws >= 3
 
 
 def test_throttle_keeps_redraws_far_below_the_number_of_events(make_cluster):
