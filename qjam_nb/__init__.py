@@ -24,6 +24,7 @@ from .cluster.reduce import default_reduce
 from .cluster.seed import Master, RemoteWorker
 from .dataset import DataSet, ListDataSet, NumpyMatrixDataSet
 from .errors import (
+    CallTimeoutError,
     ClusterClosedError,
     DataSetError,
     HostError,
@@ -53,6 +54,7 @@ __all__ = [
     "MapFuncError",
     "RemoteError",
     "ReduceError",
+    "CallTimeoutError",
     "WorkerError",
     "HostError",
     "HostKeyError",

@@ -9,6 +9,7 @@
      ├── MapFuncError         mapfunc is missing or cannot take (params, slice)
      ├── RemoteError          mapfunc raised on a worker (carries worker, slice, traceback)
      ├── ReduceError          two results could not be combined (names both slices)
+     ├── CallTimeoutError     a map call ran past its timeout (also a TimeoutError)
      ├── WorkerError          a worker could not start, or died, or every worker is gone
      │    ├── HostError        a host could not be reached, logged into or bootstrapped
      │    │    └── HostKeyError    its host key is unknown or changed
@@ -28,6 +29,7 @@ __all__ = [
     "MapFuncError",
     "RemoteError",
     "ReduceError",
+    "CallTimeoutError",
     "WorkerError",
     "HostError",
     "HostKeyError",
@@ -50,6 +52,10 @@ class MapFuncError(QjamError, TypeError):
 
 class ReduceError(QjamError):
     """Raised when the reduce cannot combine two results; names both slices and types."""
+
+
+class CallTimeoutError(QjamError, TimeoutError):
+    """Raised when ``map(..., timeout=)`` runs out; the call was stopped on every worker."""
 
 
 class WorkerError(QjamError):

@@ -7,7 +7,7 @@ import qjam_nb
 PUBLIC = {
     "Cluster", "DataSet", "ListDataSet", "NumpyMatrixDataSet", "Master", "RemoteWorker", "default_reduce",
     "QjamError", "ProtocolError", "DataSetError", "ShippingError", "MapFuncError", "RemoteError", "ReduceError",
-    "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
+    "CallTimeoutError", "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
     "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
 }

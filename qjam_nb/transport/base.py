@@ -55,14 +55,21 @@ class WorkerProcess(Protocol):
     def kill(self) -> None:
         """End the worker now."""
 
+    def interrupt(self) -> None:
+        """Send the worker SIGINT: it stops the mapfunc it is running (and nothing else)."""
+
     def exit_status(self) -> int | None:
         """The exit status once the process has ended, else None."""
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds for the end; the exit status, or None if still running."""
 
 
 class Transport(Protocol):
     """Reaches one host and starts workers there."""
 
     host: str
+    alive: bool  # False once the connection to the host dropped
 
     def start(self, names: Sequence[str]) -> list[WorkerProcess]:
         """Start one worker per name, all at once, and return them started."""

@@ -41,12 +41,12 @@ class StderrOutput:
 class Link:
     """One worker's frames in and out, with a bounded memory of its stderr."""
 
-    def __init__(self, process: WorkerProcess, inbox: queue.SimpleQueue, max_frame: int = protocol.MAX_FRAME) -> None:
+    def __init__(self, process: WorkerProcess, inbox: queue.SimpleQueue, max_frame: int | None = None) -> None:
         """Start the threads; everything heard goes to ``inbox`` as ``(link, item)``."""
         self.process = process
         self.name = process.name
         self.inbox = inbox
-        self.max_frame = max_frame
+        self.max_frame = protocol.MAX_FRAME if max_frame is None else max_frame
         self.stderr_tail: deque = deque(maxlen=40)
         self.bytes_sent = 0
         self.closed = False

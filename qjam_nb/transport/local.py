@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -40,6 +41,10 @@ class LocalProcess:
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
+
+    def interrupt(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGINT)
 
     def exit_status(self) -> int | None:
         return self.popen.poll()
@@ -94,6 +99,8 @@ class LocalTransport:
                 widen(pipe.fileno())
             procs.append(LocalProcess(name, popen))
         return procs
+
+    alive = True  # nothing to lose: no connection
 
     def close(self) -> None:
         """Nothing to close: each worker's pipes close with it."""

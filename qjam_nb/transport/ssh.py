@@ -74,12 +74,18 @@ class SshProcess:
             pass
 
     def kill(self) -> None:
-        if self.pid is not None and self.host.transport.is_active():
+        self._signal("KILL")
+        self.channel.close()
+
+    def interrupt(self) -> None:
+        self._signal("INT")
+
+    def _signal(self, name: str) -> None:
+        if self.pid is not None and self.host.alive:
             try:
-                run(self.host.transport, f"kill -KILL {self.pid}", timeout=5)
+                run(self.host.transport, f"kill -{name} {self.pid}", timeout=5)
             except (OSError, EOFError, paramiko.SSHException):
                 pass
-        self.channel.close()
 
     def exit_status(self) -> int | None:
         return self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
@@ -110,6 +116,11 @@ class SshTransport:
     def __repr__(self) -> str:
         t = self.target
         return f"<SshTransport {t.alias} = {t.user}@{t.hostname}:{t.port}>"
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection dropped: the host must be connected again."""
+        return self.transport.is_active()
 
     @property
     def cipher(self) -> str:

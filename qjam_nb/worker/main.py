@@ -27,6 +27,7 @@ import pickle
 import platform
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -64,13 +65,19 @@ class OutputPump:
     """Forwards bytes written to fds 1 and 2 as STREAM messages.
 
     ``drain()`` is called before every RESULT/ERROR so that a slice's output
-    reaches the master before its result does.
+    reaches the master before its result does. Each call may forward
+    ``budget`` bytes; past that the pipes are still emptied (a chatty
+    mapfunc never blocks) but the bytes are only counted, and one note at the
+    end of each slice says how many were dropped.
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, budget: int = 1 << 20) -> None:
         self.channel = channel
         self.lock = threading.Lock()
         self.where = (0, -1)  # (call, index) the output belongs to
+        self.budget = budget
+        self.sent = 0  # bytes forwarded in the current call
+        self.dropped = 0  # bytes dropped since the last note
         self.pipes = {}
         for fd, stream in ((1, "stdout"), (2, "stderr")):
             r, w = os.pipe()
@@ -101,10 +108,19 @@ class OutputPump:
                 del self.pipes[fd]
                 os.close(fd)
                 return
+            if self.sent >= self.budget:
+                self.dropped += len(data)
+                continue
+            self.sent += len(data)
             text = decoder.decode(data)
             if text:
                 call, index = self.where
                 self.channel.send(Kind.STREAM, {"stream": stream, "text": text}, call, index)
+
+    def start_slice(self, call: int, index: int) -> None:
+        if call != self.where[0]:
+            self.sent = 0
+        self.where = (call, index)
 
     def drain(self) -> None:
         for f in (sys.stdout, sys.stderr):
@@ -115,6 +131,12 @@ class OutputPump:
         with self.lock:
             for fd in list(self.pipes):
                 self._forward(fd)
+            if self.dropped:
+                note = (f"\n[qjam_nb: {self.dropped / 2**20:.1f} MiB more output dropped; "
+                        f"each call forwards the first {self.budget / 2**20:.0f} MiB of a worker's output]\n")
+                self.dropped = 0
+                call, index = self.where
+                self.channel.send(Kind.STREAM, {"stream": "stderr", "text": note}, call, index)
 
 
 class Worker:
@@ -131,6 +153,7 @@ class Worker:
         self.func = None
         self.params = None
         self.call_failed = False
+        self.running = False  # inside mapfunc: only then does SIGINT interrupt
         self.pump: OutputPump | None = None
 
     # -- reader thread ---------------------------------------------------
@@ -206,14 +229,27 @@ class Worker:
         else:
             self.channel.send(Kind.NEED, {"key": key}, call, index)
             return
-        self.pump.where = (call, index)
+        self.pump.start_slice(call, index)
         self.channel.send(Kind.STARTED, None, call, index)
         start = time.perf_counter()
         try:
-            value = self.func(self.params, data)
+            self.running = True
+            try:
+                value = self.func(self.params, data)
+            finally:
+                self.running = False
+        except SystemExit as exc:  # mapfunc asked the process to exit: it does, as it would anywhere
+            self.pump.drain()
+            code = exc.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+            os.write(STDERR_FD, f"qjam worker {self.name}: sys.exit({exc.code!r}) in mapfunc, slice {index}\n".encode())
+            os._exit((code or 0) & 0xFF)
         except BaseException as exc:
             self.pump.drain()
-            self.report(exc, call, index, "running mapfunc", skip_frames=1)
+            where = "running mapfunc (cancelled)" if isinstance(exc, KeyboardInterrupt) else "running mapfunc"
+            self.report(exc, call, index, where, skip_frames=1)
             return
         seconds = time.perf_counter() - start
         self.pump.drain()
@@ -226,6 +262,11 @@ class Worker:
             self.report(exc, call, index, "pickling the result")
             return
         self.channel.write(Kind.RESULT, chunks, call, index)
+
+    def interrupt(self, signum: int, frame: object) -> None:
+        """SIGINT from the master (a cancelled call): stop mapfunc, never the worker itself."""
+        if self.running:
+            raise KeyboardInterrupt
 
     def report(self, exc: BaseException, call: int, index: int, where: str, skip_frames: int = 0) -> None:
         tb = exc.__traceback__
@@ -281,6 +322,7 @@ def main(name: str | None = None) -> None:
     channel = Channel(fd_out, name)
     worker = Worker(name, fd_in, channel)
     worker.pump = OutputPump(channel)
+    signal.signal(signal.SIGINT, worker.interrupt)
     hello = {"worker": name, "pid": os.getpid(), "host": socket.gethostname(), **versions()}
     channel.send(Kind.HELLO, hello)
     threading.Thread(target=worker.read_forever, name="qjam-reader", daemon=True).start()

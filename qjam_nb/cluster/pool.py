@@ -1,0 +1,330 @@
+"""The workers of a cluster: starting, reviving, losing and stopping them.
+
+The pool owns every ``WorkerHandle`` and every host's transport, and is the
+only code that changes a worker's state (always along ``states``' table, and
+always with an event). It runs on the cluster's thread; the links' threads
+only put items in ``inbox``.
+
+A worker that died is started again before the next call (``revive``), on
+the same transport if its host is still connected, else on a new
+connection; a host that cannot be reached is retried with backoff (1, 2,
+4 ... 60 s) and reported, never looped on. A worker refused by the
+handshake stays dead: starting it again would only be refused again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
+from ..transport.link import Link, LinkClosed, StderrOutput
+from ..transport.ssh import SshOptions, SshTransport
+from ..worker.protocol import Frame, Kind, ProtocolError
+from . import events as ev
+from . import states
+from .handshake import master_versions, mismatch
+from .hosts import LOCAL, open_transports
+
+BACKOFF_MAX = 60.0
+
+
+class WorkerHandle:
+    """The master's view of one worker: its link, state, what it caches and runs."""
+
+    def __init__(self, name: str, host: str) -> None:
+        self.name = name
+        self.host = host
+        self.link: Link | None = None
+        self.state = states.STARTING
+        self.reason = ""
+        self.hello: dict = {}
+        self.cache: dict[str, int] = {}  # slice key -> bytes
+        self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED and not finished
+        self.refused = False  # refused by the handshake: not started again
+        self.starts = 0
+
+    def __repr__(self) -> str:
+        return f"<worker {self.name} {self.state}>"
+
+
+class WorkerPool:
+    def __init__(self, events: ev.EventBus, plan: Sequence[tuple[str, int]], ssh_options: SshOptions) -> None:
+        self.events = events
+        self.ssh_options = ssh_options
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.transports: dict[str, Any] = {}
+        self.versions = master_versions()
+        self.workers: list[WorkerHandle] = []
+        self.by_link: dict[int, WorkerHandle] = {}
+        self.retry: dict[str, tuple[int, float]] = {}  # host -> (failures, next attempt)
+        counters: dict[str, int] = {}
+        for host, n in plan:
+            first = counters.get(host, 0)
+            counters[host] = first + n
+            self.workers += [WorkerHandle(f"{host}/{i}", host) for i in range(first, first + n)]
+        self.current_call = 0  # for events emitted between calls
+
+    # -- starting ------------------------------------------------------------------
+    def start(self, timeout: float) -> None:
+        """Open every host, start every worker; raise if any host or worker fails."""
+        for w in self.workers:  # observers see every worker from STARTING on
+            self.events.emit(ev.WorkerStateChanged(w.name, states.STARTING, states.STARTING, "connecting"))
+        started = time.perf_counter()
+        self.transports = open_transports([w.host for w in self.workers], self.ssh_options)
+        for host, transport in self.transports.items():
+            self._ready(host, transport, started)
+        self._spawn(self.workers)
+        self.await_hellos(self.workers, timeout)
+        dead = [w for w in self.workers if w.state == states.DEAD]
+        refused = [w for w in dead if w.refused]
+        if refused:
+            raise VersionMismatchError("; ".join(w.reason for w in refused))
+        if dead:
+            raise WorkerError("could not start " + "; ".join(self.obituary(w) for w in dead))
+
+    def revive(self, timeout: float) -> list[WorkerHandle]:
+        """Start dead workers again where their host allows it; returns those that came back."""
+        dead = [w for w in self.workers if w.state == states.DEAD and not w.refused]
+        now = time.monotonic()
+        reborn: list[WorkerHandle] = []
+        for host in dict.fromkeys(w.host for w in dead):
+            failures, next_try = self.retry.get(host, (0, 0.0))
+            if now < next_try:
+                continue
+            transport = self.transports.get(host)
+            if transport is None or not transport.alive:
+                started = time.perf_counter()
+                try:
+                    if transport is not None:
+                        transport.close()
+                    # A lost host must cost a call seconds, not the full connect timeout.
+                    quick = dataclasses.replace(self.ssh_options, timeout=min(self.ssh_options.timeout, 10.0))
+                    transport = SshTransport(host, quick)
+                except (HostError, WorkerError, OSError) as exc:
+                    wait = min(BACKOFF_MAX, 2.0**failures)
+                    self.retry[host] = (failures + 1, now + wait)
+                    self.events.emit(ev.ErrorEvent(host, self.current_call, -1,
+                                                   f"host {host} could not be reached again ({exc}); "
+                                                   f"next try in {wait:.0f} s or later"))
+                    continue
+                self.transports[host] = transport
+                self._ready(host, transport, started)
+            self.retry.pop(host, None)
+            batch = [w for w in dead if w.host == host]
+            for w in batch:
+                self.set_state(w, states.STARTING, "restarting")
+            self._spawn(batch)
+            reborn += batch
+        if reborn:
+            self.await_hellos(reborn, timeout)
+        return [w for w in reborn if w.state == states.IDLE]
+
+    def _ready(self, host: str, transport: Any, started: float) -> None:
+        self.events.emit(ev.HostReady(host, describe(transport), getattr(transport, "uploaded", 0),
+                                      time.perf_counter() - started))
+
+    def _spawn(self, workers: list[WorkerHandle]) -> None:
+        for host in dict.fromkeys(w.host for w in workers):
+            batch = [w for w in workers if w.host == host]
+            try:
+                procs = self.transports[host].start([w.name for w in batch])
+            except (HostError, OSError) as exc:
+                for w in batch:
+                    self.set_state(w, states.DEAD, f"could not start: {exc}")
+                continue
+            for w, proc in zip(batch, procs, strict=True):
+                if w.link is not None:
+                    self.by_link.pop(id(w.link), None)
+                w.link = Link(proc, self.inbox)
+                w.hello, w.running = {}, None
+                w.starts += 1
+                self.by_link[id(w.link)] = w
+
+    def await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(w.state == states.STARTING for w in workers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for w in workers:
+                    if w.state == states.STARTING:
+                        w.link.process.kill()
+                        self.set_state(w, states.DEAD, f"no hello within {timeout:.0f} s (handshake timed out)")
+                return
+            try:
+                item = self.inbox.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.handle(item)
+
+    # -- the inbox, between calls ----------------------------------------------------
+    def worker_of(self, link: Link) -> WorkerHandle | None:
+        worker = self.by_link.get(id(link))
+        return worker if worker is not None and worker.link is link else None
+
+    def handle(self, item: tuple) -> None:
+        """Anything that is not part of the current call: output, hellos, deaths."""
+        link, msg = item
+        worker = self.worker_of(link)
+        if worker is None:
+            return  # an old link of a restarted worker
+        if isinstance(msg, StderrOutput):
+            self.events.emit(ev.StreamOutput(worker.name, "stderr", msg.text, self.current_call, -1))
+        elif isinstance(msg, LinkClosed):
+            if worker.state not in (states.DEAD, states.STOPPED):
+                self.lose(worker, msg)
+        elif msg.kind is Kind.STREAM:
+            body = self.body(worker, msg, "worker output")
+            self.events.emit(ev.StreamOutput(worker.name, body["stream"], body["text"], msg.call, msg.index))
+        elif msg.kind is Kind.HELLO and worker.state == states.STARTING:
+            self._hello(worker, self.body(worker, msg, "the hello"))
+        elif msg.kind in (Kind.RESULT, Kind.ERROR) and worker.running == (msg.call, msg.index):
+            worker.running = None  # a cancelled call's slice ended
+        # Anything else belongs to a finished or cancelled call: dropped.
+
+    def _hello(self, worker: WorkerHandle, hello: dict) -> None:
+        worker.hello = hello
+        if getattr(worker.link.process, "pid", None) is None:
+            worker.link.process.pid = hello.get("pid")
+        problem = mismatch(worker.name, hello, self.versions)
+        if problem:
+            worker.refused = True
+            self.set_state(worker, states.DEAD, problem)
+            worker.link.send(Kind.BYE)
+            worker.link.close()
+        else:
+            again = worker.starts > 1
+            self.set_state(worker, states.IDLE, "restarted" if again else "ready")
+
+    def drain(self) -> None:
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(item)
+
+    def body(self, worker: WorkerHandle, frame: Frame, what: str) -> Any:
+        try:
+            return frame.body()
+        except ProtocolError as exc:
+            raise ShippingError(
+                f"{what} from worker {worker.name} could not be unpickled here: {exc.__cause__ or exc}. "
+                "Return values built from modules the notebook can import too."
+            ) from exc
+
+    # -- losing and stopping -------------------------------------------------------
+    def lose(self, worker: WorkerHandle, closed: LinkClosed | None = None, reason: str = "") -> None:
+        """Mark a worker dead, with why (its exit status, or what broke), and forget its cache."""
+        if not reason:
+            status = worker.link.process.wait(0.5)
+            reason = (closed.error if closed and closed.error else None) or exit_reason(status)
+        worker.running = None
+        self.set_state(worker, states.DEAD, reason)
+        self.events.emit(ev.ErrorEvent(worker.name, self.current_call, -1, f"worker {worker.name} died: {reason}"))
+        if worker.cache:
+            worker.cache.clear()
+            self.cache_changed(worker)
+
+    def kill(self, worker: WorkerHandle, reason: str) -> None:
+        worker.link.close()
+        worker.link.process.kill()
+        self.lose(worker, reason=reason)
+
+    def settle(self, call: int, workers: list[WorkerHandle], grace: float) -> None:
+        """Stop a cancelled call on ``workers``, escalating: CANCEL, then SIGINT, then kill.
+
+        Returns once every worker finished (or was killed in) the slice it was
+        running, within about ``grace`` seconds per step.
+        """
+        for w in workers:
+            if w.state == states.BUSY:
+                w.link.send(Kind.CANCEL, call=call)
+        running = [w for w in workers if w.state == states.BUSY and w.running and w.running[0] == call]
+        for w in running:
+            w.link.process.interrupt()
+        self._wait(lambda: not any(w.running and w.state == states.BUSY for w in running), grace)
+        for w in running:
+            if w.running and w.state == states.BUSY:
+                self.kill(w, f"did not stop within {grace:.0f} s of being interrupted; killed")
+
+    def _wait(self, done: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                self.handle(self.inbox.get(timeout=left))
+            except queue.Empty:
+                return
+
+    def stop(self) -> None:
+        for w in self.workers:
+            if w.link is not None:
+                w.link.send(Kind.BYE)
+                w.link.close()
+        deadline = time.monotonic() + 5
+        for w in self.workers:
+            if w.link is not None:
+                proc = w.link.process
+                if proc.wait(max(0.0, deadline - time.monotonic())) is None:
+                    proc.kill()
+                    proc.wait(1)
+            if w.state != states.STOPPED:
+                self.set_state(w, states.STOPPED, "shut down")
+        for transport in self.transports.values():
+            transport.close()
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def alive(self) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
+
+    def set_state(self, worker: WorkerHandle, new: str, reason: str) -> None:
+        old = worker.state
+        if old == new:
+            return
+        worker.state = states.transition(old, new)
+        worker.reason = reason
+        self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
+
+    def cache_changed(self, worker: WorkerHandle) -> None:
+        self.events.emit(ev.CacheChanged(worker.name, len(worker.cache), sum(worker.cache.values())))
+
+    def last_words(self, worker: WorkerHandle, lines: int = 5) -> str:
+        tail = list(worker.link.stderr_tail)[-lines:] if worker.link is not None else []
+        return "its last stderr lines: " + " | ".join(tail) if tail else "it printed nothing to stderr"
+
+    def obituary(self, worker: WorkerHandle) -> str:
+        return f"{worker.name}: {worker.reason} ({self.last_words(worker)})"
+
+    def obituaries(self) -> str:
+        dead = [w for w in self.workers if w.state == states.DEAD]
+        return "; ".join(self.obituary(w) for w in dead) or "no worker was started"
+
+
+def exit_reason(status: int | None) -> str:
+    """Words for a process's exit status (negative: killed by that signal)."""
+    if status is None or status == -1:
+        return "its stream closed (no exit status: killed, or its connection dropped)"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name} (exit status {status})"
+    return f"exited with status {status}"
+
+
+def describe(transport: Any) -> str:
+    """One line on how a host was reached, for the HostReady event."""
+    if getattr(transport, "host", LOCAL) == LOCAL:
+        return "worker processes on this machine"
+    t = transport.target
+    upload = f"uploaded {transport.uploaded / 1024:.0f} KiB to" if transport.uploaded else "found the worker in"
+    return (f"{t.user}@{t.hostname}:{t.port} ({transport.cipher}); {upload} {transport.directory}; "
+            f"Python {transport.python}")
