@@ -312,8 +312,9 @@ class Cluster:
                 return
             if kind is Kind.ERROR:
                 body = self._pool.body(worker, msg, "an error report")
-                err = RemoteError(worker.name, index if call.data else -1, body["type"], body["message"],
-                                  restore(body["traceback"], call.spans), body["where"])
+                err = RemoteError(worker.name, index if call.data else -1, body["type"],
+                                  body["message"] + _hint(body), restore(body["traceback"], call.spans),
+                                  body["where"])
                 self.events.emit(ev.ErrorEvent(worker.name, call.id, err.index, str(err.args[0])))
                 raise err
             if kind is Kind.NEED:
@@ -370,6 +371,15 @@ class _Call:
         self.spans: list = []
         self.deaths: list[str] = []
         self.blame: dict[int, int] = {}  # slice -> workers that died running it
+
+
+def _hint(error: dict) -> str:
+    """What to do about the usual remote errors that are not the mapfunc's own fault."""
+    if error["type"] == "ModuleNotFoundError" and not error["where"].startswith("running"):
+        return (". The worker cannot import that module: functions and classes from modules are shipped by "
+                "reference. Install the module there, define the code in the notebook, or call "
+                "cloudpickle.register_pickle_by_value(module) first")
+    return ""
 
 
 def _as_dataset(dataset: Any, slice_size: int | None) -> DataSet | None:

@@ -88,7 +88,11 @@ class SshProcess:
                 pass
 
     def exit_status(self) -> int | None:
-        return self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
+        """As ``Popen.returncode``: negative for a signal (the shell reported 128+N)."""
+        if not self.channel.exit_status_ready():
+            return None
+        status = self.channel.recv_exit_status()
+        return -(status - 128) if 128 < status <= 128 + 64 else status
 
     def wait(self, timeout: float | None = None) -> int | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -175,7 +179,9 @@ class SshTransport:
             code = bootstrap_code(f"{self.directory}/qjam_worker", name, f"{self.directory}/deps")
             try:
                 channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=PACKET_SIZE)
-                channel.exec_command(f"cd && exec {shlex.quote(self.python)} -c {shlex.quote(code)}")
+                # Not ``exec``: the shell stays to turn a death by signal into exit status 128+N,
+                # since ssh reports signals separately and paramiko drops that report.
+                channel.exec_command(f"cd && {shlex.quote(self.python)} -c {shlex.quote(code)}; exit $?")
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 for p in procs:
                     p.channel.close()
