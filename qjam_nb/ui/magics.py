@@ -60,7 +60,8 @@ class QjamMagics(Magics):
         try:
             return eval(expr, self.shell.user_ns)
         except Exception as exc:
-            raise UsageError(f"{flag} {expr!r} raised {type(exc).__name__}: {exc}") from None
+            raise UsageError(f"{flag} {expr!r} raised {type(exc).__name__}: {exc}; correct the expression "
+                             "(it is evaluated in the notebook's namespace)") from None
 
     # -- magics ----------------------------------------------------------------
     @line_magic
