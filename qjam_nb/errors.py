@@ -38,27 +38,34 @@ __all__ = [
 ]
 
 
-class DataSetError(QjamError, ValueError):
+class _Said:
+    """In IPython, show just the message: these errors are about what the user gave, not a bug to trace."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class DataSetError(_Said, QjamError, ValueError):
     """Raised before any worker runs when the dataset cannot be sliced."""
 
 
-class ShippingError(QjamError):
+class ShippingError(_Said, QjamError):
     """Raised before any worker runs when something the call needs cannot be pickled."""
 
 
-class MapFuncError(QjamError, TypeError):
+class MapFuncError(_Said, QjamError, TypeError):
     """Raised before any worker runs when mapfunc is missing or has the wrong signature."""
 
 
-class ReduceError(QjamError):
+class ReduceError(_Said, QjamError):
     """Raised when the reduce cannot combine two results; names both slices and types."""
 
 
-class CallTimeoutError(QjamError, TimeoutError):
+class CallTimeoutError(_Said, QjamError, TimeoutError):
     """Raised when ``map(..., timeout=)`` runs out; the call was stopped on every worker."""
 
 
-class WorkerError(QjamError):
+class WorkerError(_Said, QjamError):
     """Raised when a worker cannot start or dies, or no worker is left."""
 
 
@@ -79,7 +86,7 @@ class VersionMismatchError(WorkerError):
     """A worker's Python, cloudpickle or numpy cannot exchange pickles with the notebook's."""
 
 
-class ClusterClosedError(QjamError):
+class ClusterClosedError(_Said, QjamError):
     """Raised when a cluster is used after ``shutdown()``."""
 
 

@@ -9,7 +9,9 @@ alias for a private sshd on 127.0.0.1). They write hosts as ``local:N``;
 from __future__ import annotations
 
 import getpass
+import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,3 +144,20 @@ def record():
     yield subscribe
     for unsubscribe in unsubscribes:
         unsubscribe()
+
+
+KERNEL = "qjam-test-python"
+
+
+@pytest.fixture(scope="session")
+def kernel_name(tmp_path_factory) -> str:
+    """A kernelspec that starts ``sys.executable`` (not whatever ``python`` is on PATH)."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"}))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("JUPYTER_PATH", str(root))
+    yield KERNEL
+    mp.undo()

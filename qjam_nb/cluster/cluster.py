@@ -159,7 +159,7 @@ class Cluster:
 
     def cache_info(self) -> dict[str, tuple[int, int]]:
         """Per worker: (cached slices, cached bytes)."""
-        return {w.name: (len(w.cache), sum(w.cache.values())) for w in self.workers}
+        return {w.name: (len(w.cache), w.cached_bytes) for w in self.workers}
 
     def _check_open(self) -> None:
         if self._closed:
@@ -287,7 +287,7 @@ class Cluster:
         nbytes = worker.link.send(Kind.DATA, {"key": key, "data": call.data.slice(index)}, call.id, index)
         call.bytes_sent += nbytes
         call.slice_bytes_sent += nbytes
-        worker.cache[key] = size
+        worker.remember(key, size)
         self.events.emit(ev.SliceSent(call.id, index, worker.name, key, nbytes))
         self._pool.cache_changed(worker)
 
@@ -318,7 +318,7 @@ class Cluster:
                 self.events.emit(ev.ErrorEvent(worker.name, call.id, err.index, str(err.args[0])))
                 raise err
             if kind is Kind.NEED:
-                worker.cache.pop(self._pool.body(worker, msg, "a NEED")["key"], None)
+                worker.forget(self._pool.body(worker, msg, "a NEED")["key"])
                 self._ship(worker, call, index)
                 key = call.keyed[index][0]
                 call.bytes_sent += worker.link.send(Kind.TASK, {"key": key}, call.id, index, dumps=pickle.dumps)
@@ -375,6 +375,8 @@ class _Call:
 
 def _hint(error: dict) -> str:
     """What to do about the usual remote errors that are not the mapfunc's own fault."""
+    if error["where"] == "pickling the result":
+        return ". Results travel back pickled: return plain data (numbers, arrays, lists, dicts)"
     if error["type"] == "ModuleNotFoundError" and not error["where"].startswith("running"):
         return (". The worker cannot import that module: functions and classes from modules are shipped by "
                 "reference. Install the module there, define the code in the notebook, or call "

@@ -43,13 +43,26 @@ class WorkerHandle:
         self.state = states.STARTING
         self.reason = ""
         self.hello: dict = {}
-        self.cache: dict[str, int] = {}  # slice key -> bytes
+        self.cache: dict[str, int] = {}  # slice key -> bytes; change it through remember/forget
+        self.cached_bytes = 0
         self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED and not finished
         self.refused = False  # refused by the handshake: not started again
         self.starts = 0
 
     def __repr__(self) -> str:
         return f"<worker {self.name} {self.state}>"
+
+    def remember(self, key: str, nbytes: int) -> None:
+        self.cached_bytes += nbytes - self.cache.get(key, 0)
+        self.cache[key] = nbytes
+
+    def forget(self, key: str | None = None) -> None:
+        """Forget one cached slice, or (no key) all of them."""
+        if key is None:
+            self.cache.clear()
+            self.cached_bytes = 0
+        else:
+            self.cached_bytes -= self.cache.pop(key, 0)
 
 
 class WorkerPool:
@@ -227,7 +240,7 @@ class WorkerPool:
         self.set_state(worker, states.DEAD, reason)
         self.events.emit(ev.ErrorEvent(worker.name, self.current_call, -1, f"worker {worker.name} died: {reason}"))
         if worker.cache:
-            worker.cache.clear()
+            worker.forget()
             self.cache_changed(worker)
 
     def kill(self, worker: WorkerHandle, reason: str) -> None:
@@ -275,10 +288,17 @@ class WorkerPool:
                 if proc.wait(max(0.0, deadline - time.monotonic())) is None:
                     proc.kill()
                     proc.wait(1)
+                w.link.join(2.0)
+                proc.release()
             if w.state != states.STOPPED:
                 self.set_state(w, states.STOPPED, "shut down")
         for transport in self.transports.values():
             transport.close()
+        while True:  # what is left refers to the links: let them go now, not at the next gc
+            try:
+                self.inbox.get_nowait()
+            except queue.Empty:
+                break
 
     # -- bookkeeping ---------------------------------------------------------------
     def alive(self) -> list[WorkerHandle]:
@@ -293,7 +313,7 @@ class WorkerPool:
         self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
 
     def cache_changed(self, worker: WorkerHandle) -> None:
-        self.events.emit(ev.CacheChanged(worker.name, len(worker.cache), sum(worker.cache.values())))
+        self.events.emit(ev.CacheChanged(worker.name, len(worker.cache), worker.cached_bytes))
 
     def last_words(self, worker: WorkerHandle, lines: int = 5) -> str:
         tail = list(worker.link.stderr_tail)[-lines:] if worker.link is not None else []

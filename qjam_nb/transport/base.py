@@ -64,6 +64,9 @@ class WorkerProcess(Protocol):
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait up to ``timeout`` seconds for the end; the exit status, or None if still running."""
 
+    def release(self) -> None:
+        """Free what is left (pipes, channel) once the worker ended and its stream was read."""
+
 
 class Transport(Protocol):
     """Reaches one host and starts workers there."""

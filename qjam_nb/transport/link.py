@@ -76,6 +76,10 @@ class Link:
             self.bytes_sent += size
         return size
 
+    def join(self, timeout: float) -> bool:
+        """Wait for the reader to see the end of the stream; True if it did."""
+        return self._reader_done.wait(timeout)
+
     def close(self) -> None:
         """Stop sending and close the worker's stdin (it exits on EOF)."""
         if not self.closed:
@@ -102,7 +106,8 @@ class Link:
                 buf = decoder.get_buffer()
                 n = self.process.readinto(buf)
                 if not n:
-                    decoder.eof()
+                    # A frame cut short at the end means the worker died while writing it: its exit
+                    # status says why, better than "truncated frame" would.
                     break
                 decoder.buffer_updated(n)
                 while (frame := decoder.next_frame()) is not None:
@@ -111,6 +116,10 @@ class Link:
         except ProtocolError as exc:
             error = f"protocol error from worker {self.name}: {exc}"
             self.process.kill()
+            # Whole frames read in the same chunk as the bad one still count (a STARTED says which
+            # slice the worker was running when it broke).
+            while (frame := decoder.next_frame()) is not None:
+                self.inbox.put((self, frame))
         except OSError as exc:
             error = f"lost the stream of worker {self.name}: {exc}"
         self._reader_done.set()

@@ -49,6 +49,13 @@ class LocalProcess:
     def exit_status(self) -> int | None:
         return self.popen.poll()
 
+    def release(self) -> None:
+        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
     def wait(self, timeout: float | None = None) -> int | None:
         try:
             return self.popen.wait(timeout)

@@ -80,6 +80,9 @@ class SshProcess:
     def interrupt(self) -> None:
         self._signal("INT")
 
+    def release(self) -> None:
+        self.channel.close()
+
     def _signal(self, name: str) -> None:
         if self.pid is not None and self.host.alive:
             try:

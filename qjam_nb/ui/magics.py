@@ -7,6 +7,7 @@ what the user typed raise IPython's ``UsageError`` (a message, no traceback).
 
 from __future__ import annotations
 
+import keyword
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -143,7 +144,7 @@ class QjamMagics(Magics):
                 return xs.T @ (xs @ theta - 1)
         """
         args = parse_argstring(self.qjam_map, line)
-        if args.out is not None and not args.out.isidentifier():
+        if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
             raise UsageError(f"-o needs a variable name, and {args.out!r} is not one")
         params = self._eval(args.params, "-p")
         dataset = self._eval(args.dataset, "-d")

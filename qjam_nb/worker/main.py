@@ -248,7 +248,12 @@ class Worker:
             os._exit((code or 0) & 0xFF)
         except BaseException as exc:
             self.pump.drain()
-            where = "running mapfunc (cancelled)" if isinstance(exc, KeyboardInterrupt) else "running mapfunc"
+            where = "running mapfunc"
+            if isinstance(exc, KeyboardInterrupt):
+                # Only the master's cancel sends SIGINT, and it may outrun the CANCEL frame that
+                # the reader has yet to note: skip the call's queued slices from here on.
+                self.cancelled.add(call)
+                where = "running mapfunc (cancelled)"
             self.report(exc, call, index, where, skip_frames=1)
             return
         seconds = time.perf_counter() - start
@@ -319,6 +324,8 @@ def main(name: str | None = None) -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     faulthandler.enable(file=STDERR_FD)
+    if protocol.TRACING:
+        protocol.TRACE_FILE = os.fdopen(os.dup(STDERR_FD), "w", buffering=1)
     channel = Channel(fd_out, name)
     worker = Worker(name, fd_in, channel)
     worker.pump = OutputPump(channel)

@@ -319,9 +319,11 @@ BIG_PART = 1 << 20
 
 
 def trace(direction: str, who: str, frame_or_kind: Any) -> None:
-    """With ``QJAM_DEBUG`` set, print one line per frame to stderr."""
+    """With ``QJAM_DEBUG`` set, print one line per frame to stderr (``TRACE_FILE``)."""
     if TRACING:
-        print(f"qjam {direction} {who}: {frame_or_kind!r}", file=sys.__stderr__, flush=True)
+        print(f"qjam {direction} {who}: {frame_or_kind!r}", file=TRACE_FILE or sys.__stderr__, flush=True)
 
 
 TRACING = bool(os.environ.get("QJAM_DEBUG"))
+#: Where traces go; the worker points it at its real stderr, since its fd 2 is forwarded as output.
+TRACE_FILE = None

@@ -425,6 +425,7 @@ def test_a_result_the_worker_cannot_pickle(cluster2):
     assert error.index == 3 and error.worker in cluster2.worker_names
     assert error.where == "pickling the result" and error.remote_type == "TypeError"
     assert "_thread.lock" in error.remote_message
+    assert "return plain data" in error.remote_message  # what to do
     assert f"(on worker {error.worker}, slice 3, while pickling the result)" in str(error)
     answers(cluster2)
 
