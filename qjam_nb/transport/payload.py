@@ -23,12 +23,19 @@ import cloudpickle
 from .._version import __version__
 from .base import WORKER_PACKAGE
 
-#: Prints the host's Python version, home cache and whether version argv[1] is there.
+#: Prints the host's Python version, home cache, whether version argv[1] is there, and what is
+#: unsafe about the cache: a symbolic link, or a path that belongs to another user, is not used.
 PROBE = (
-    "import sys,os,json;"
-    "r=os.path.join(os.path.expanduser('~'),'.cache','qjam_nb');"
+    "import sys,os,json\n"
+    "r=os.path.join(os.path.expanduser('~'),'.cache','qjam_nb')\n"
+    "bad=''\n"
+    "for p in (r,os.path.join(r,sys.argv[1])):\n"
+    "    if os.path.islink(p): bad=p+' is a symbolic link'\n"
+    "    elif os.path.exists(p) and os.lstat(p).st_uid!=os.getuid(): bad=p+' belongs to another user'\n"
+    "    elif os.path.exists(p) and not os.path.isdir(p): bad=p+' is not a directory'\n"
+    "    if bad: break\n"
     "print(json.dumps({'python':'%d.%d.%d'%tuple(sys.version_info[:3]),'executable':sys.executable,"
-    "'root':r,'ready':os.path.exists(os.path.join(r,sys.argv[1],'.complete'))}))"
+    "'root':r,'ready':os.path.exists(os.path.join(r,sys.argv[1],'.complete')),'unsafe':bad}))\n"
 )
 
 #: Unpacks the zip on stdin into root/argv[2] (argv[1] = root), privately and atomically.

@@ -163,6 +163,12 @@ class SshTransport:
                 f"{sys.version.split()[0]}: shipped functions need the same minor version. Point --python "
                 f"(or QJAM_REMOTE_PYTHON) at a Python {mine} on that host.",
             )
+        if info.get("unsafe"):
+            raise HostError(
+                self.host, "checking its cache directory",
+                f"{info['unsafe']}, so qjam_nb will not put or run code there (someone else could change "
+                "it). Remove it on that host (e.g. rm -rf ~/.cache/qjam_nb) and connect again.",
+            )
         python, root = info["executable"], info["root"]
         uploaded = 0
         if not info["ready"]:

@@ -98,3 +98,33 @@ def test_default_remote_python_is_this_interpreter_when_the_host_has_it(ssh_worl
     with Cluster(["sshhost"], echo=False) as cluster:
         assert f"Python {sys.executable}" in cluster.status.hosts["sshhost"].detail
         assert cluster.workers[0].hello["numpy"] == np.__version__
+
+
+@pytest.mark.parametrize("how", ["symlink", "other owner"])
+def test_a_cache_directory_that_is_a_symlink_or_not_ours_is_refused(ssh_world, tmp_path, how):
+    root = ssh_world.hosts[1].home / ".cache" / "qjam_nb"
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if how == "symlink":
+        elsewhere = tmp_path / "planted"
+        elsewhere.mkdir()
+        root.symlink_to(elsewhere)
+        expected = "is a symbolic link"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a directory that belongs to another user needs root")
+        root.mkdir(mode=0o700)
+        os.chown(root, 65534, 65534)
+        expected = "belongs to another user"
+    try:
+        with pytest.raises(HostError, match=rf"host 'sshhost2', checking its cache directory: .*qjam_nb {expected}"):
+            Cluster(["sshhost2"], echo=False)
+        if how == "symlink":
+            assert list((tmp_path / "planted").iterdir()) == []  # nothing was written through the link
+    finally:
+        if root.is_symlink():
+            root.unlink()
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    with Cluster(["sshhost2"], echo=False) as cluster:  # removed, as the message says: works again
+        assert cluster.map(lambda p, xs: 3) == 3
