@@ -11,10 +11,12 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import sshd
 
@@ -161,3 +163,23 @@ def kernel_name(tmp_path_factory) -> str:
     mp.setenv("JUPYTER_PATH", str(root))
     yield KERNEL
     mp.undo()
+
+
+#: A cloudpickle major version other than ours, for the version handshake tests.
+OTHER_CLOUDPICKLE = "2.2.1" if cloudpickle.__version__.split(".")[0] != "2" else "3.1.1"
+
+
+@pytest.fixture(scope="session")
+def python_with_other_cloudpickle(tmp_path_factory):
+    """A real venv whose cloudpickle is OTHER_CLOUDPICKLE (installed from the package index)."""
+    root = tmp_path_factory.mktemp("venv")
+    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
+    python = root / "bin" / "python"
+    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", f"cloudpickle=={OTHER_CLOUDPICKLE}"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        message = f"could not install cloudpickle {OTHER_CLOUDPICKLE} into a venv: {pip.stderr[-500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python

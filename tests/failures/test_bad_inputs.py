@@ -24,6 +24,7 @@ import threading
 import numpy as np
 import pytest
 import sshd
+from conftest import OTHER_CLOUDPICKLE
 
 from qjam_nb import (
     CallStarted,
@@ -192,25 +193,6 @@ def test_remote_python_too_old(ssh_world, home, tmp_path):
     assert f"{fake} is Python 2.7.18" in message
     assert f"Point --python (or QJAM_REMOTE_PYTHON) at a Python {mine} on that host" in message
     good_host_answers(python=sys.executable)
-
-
-OTHER_CLOUDPICKLE = "2.2.1" if __import__("cloudpickle").__version__.split(".")[0] != "2" else "3.1.1"
-
-
-@pytest.fixture(scope="module")
-def python_with_other_cloudpickle(ssh_world, tmp_path_factory):
-    """A real venv whose cloudpickle is of another major version (as in tests/ssh/test_versions.py)."""
-    root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    python = root / "bin" / "python"
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", f"cloudpickle=={OTHER_CLOUDPICKLE}"],
-                         capture_output=True, text=True)
-    if pip.returncode != 0:
-        message = f"could not install cloudpickle {OTHER_CLOUDPICKLE} into a venv: {pip.stderr[-500:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
 
 
 def test_version_mismatch(ssh_world, python_with_other_cloudpickle):
@@ -496,7 +478,6 @@ def test_a_malformed_frame_from_a_worker(make_cluster):
         (After a pause, so that STARTED reaches the master in a read of its own: see the test above.)
         """
         import gc
-        import os
         import sys
         import time
 

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import cloudpickle
 import pytest
+from conftest import OTHER_CLOUDPICKLE
 
 from qjam_nb import Cluster, VersionMismatchError
 from qjam_nb.cluster.handshake import mismatch
 
-OTHER_CLOUDPICKLE = "2.2.1" if cloudpickle.__version__.split(".")[0] != "2" else "3.1.1"
 
-
-@pytest.fixture(scope="module")
-def venv_with_other_cloudpickle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", str(root)], check=True)
-    python = root / "bin" / "python"
-    pip = subprocess.run([str(python), "-m", "pip", "install", "-q", f"cloudpickle=={OTHER_CLOUDPICKLE}"],
-                         capture_output=True, text=True)
-    if pip.returncode != 0:
-        message = f"could not install cloudpickle {OTHER_CLOUDPICKLE} into a venv: {pip.stderr[-500:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return python
-
-
-def test_a_remote_cloudpickle_of_another_major_version_is_refused(ssh_world, venv_with_other_cloudpickle):
+def test_a_remote_cloudpickle_of_another_major_version_is_refused(ssh_world, python_with_other_cloudpickle):
     with pytest.raises(VersionMismatchError) as info:
-        Cluster(["sshhost"], python=str(venv_with_other_cloudpickle), echo=False)
+        Cluster(["sshhost"], python=str(python_with_other_cloudpickle), echo=False)
     message = str(info.value)
     assert f"cloudpickle {OTHER_CLOUDPICKLE} there, {cloudpickle.__version__} here" in message
     assert "sshhost/0" in message and "--python" in message
