@@ -92,7 +92,7 @@ class Link:
             while (chunks := self._outbox.get()) is not None:
                 for chunk in chunks:
                     self.process.write(chunk)
-        except OSError:
+        except Exception:  # OSError, or the ssh library's own: the stream is broken either way
             pass  # the reader sees the stream end and reports it
         finally:
             self.closed = True
