@@ -128,3 +128,17 @@ def test_a_cache_directory_that_is_a_symlink_or_not_ours_is_refused(ssh_world, t
             shutil.rmtree(root, ignore_errors=True)
     with Cluster(["sshhost2"], echo=False) as cluster:  # removed, as the message says: works again
         assert cluster.map(lambda p, xs: 3) == 3
+
+
+def test_no_key_material_reaches_events_logs_or_the_remote_cache(ssh_world, caplog):
+    seen: list = []
+    with caplog.at_level("DEBUG"), Cluster(["sshhost"], echo=False, observers=[seen.append]) as cluster:
+        cluster.map(lambda p, xs: 1)
+        text = "\n".join(repr(e) for e in seen) + cluster.status.text() + caplog.text
+    secret = "".join(ssh_world.key.read_text().splitlines()[1:-1])  # the private key's base64 body
+    for piece in (secret[:40], secret[-40:]):
+        assert piece not in text
+    cache = ssh_world.hosts[0].home / ".cache" / "qjam_nb"
+    for path in cache.rglob("*"):
+        if path.is_file():
+            assert b"PRIVATE KEY" not in path.read_bytes(), path
