@@ -12,7 +12,6 @@ BUSY = "busy"
 DEAD = "dead"
 STOPPED = "stopped"
 
-STATES = (STARTING, IDLE, BUSY, DEAD, STOPPED)
 
 #: state -> the states it may move to
 TRANSITIONS: dict[str, frozenset[str]] = {

@@ -48,7 +48,6 @@ class Link:
         self.inbox = inbox
         self.max_frame = protocol.MAX_FRAME if max_frame is None else max_frame
         self.stderr_tail: deque = deque(maxlen=40)
-        self.bytes_sent = 0
         self.closed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._reader_done = threading.Event()
@@ -73,7 +72,6 @@ class Link:
         if not self.closed:
             protocol.trace("send", self.name, f"{kind.name} call={call} index={index} bytes={size}")
             self._outbox.put(chunks)
-            self.bytes_sent += size
         return size
 
     def join(self, timeout: float) -> bool:
