@@ -54,7 +54,7 @@ DEFAULT_HOSTS = ("local:2",)
 START_TIMEOUT = 60.0
 #: Bounds for bringing workers back before a call, so a lost host costs seconds, not minutes.
 REVIVE_TIMEOUT = 15.0
-#: Tasks a worker may have in flight at once (see ``Scheduler``).
+#: Tasks a worker may have in flight when a call starts (``Scheduler.observe`` adapts it).
 WINDOW = 4
 #: Seconds a running slice gets to stop after CANCEL + SIGINT before its worker is killed.
 CANCEL_GRACE = 1.0
@@ -307,6 +307,7 @@ class Cluster:
                 body = self._pool.body(worker, msg, f"the result of slice {index}")
                 if sched.done(worker.name, index):
                     self.events.emit(ev.SliceDone(call.id, index, worker.name, body["seconds"]))
+                    sched.observe(body["seconds"])
                     call.fold.add(index, body["value"])
                     self._feed(call, sched)
                 return

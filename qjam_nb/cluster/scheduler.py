@@ -7,7 +7,10 @@ Rules, in order:
 2. Slices cached nowhere go to whichever worker has the fewest tasks in
    flight, lowest index first, so first calls spread evenly.
 3. A worker has at most ``window`` tasks in flight: enough to hide the round
-   trip, few enough that late slices still go to whoever is free.
+   trip, few enough that late slices still go to whoever is free. The window
+   follows the slices' run time (``observe``): about 20 ms of queued work per
+   worker, between 2 and 64 tasks, so tiny slices stream and long ones are
+   handed out one or two at a time.
 4. A lost worker's unfinished slices go back to the pool (rule 1 or 2 again).
 
 Cached slices are not stolen by idle workers: shipping a slice again usually
@@ -19,6 +22,9 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Sequence
+
+MIN_WINDOW, MAX_WINDOW = 2, 64
+QUEUED_WORK = 0.02
 
 
 class Scheduler:
@@ -40,6 +46,7 @@ class Scheduler:
         self.keys = list(keys)
         self.holders = holders
         self.window = window
+        self.average: float | None = None
         self.own: dict[str, deque] = {w: deque() for w in workers}
         self.pool: list[int] = []
         self.in_flight: dict[str, set[int]] = {w: set() for w in workers}
@@ -57,6 +64,11 @@ class Scheduler:
             self.own[min(live, key=self.order.__getitem__)].append(index)
         else:
             heapq.heappush(self.pool, index)
+
+    def observe(self, seconds: float) -> None:
+        """A slice took ``seconds`` to run: keep about ``QUEUED_WORK`` seconds in flight per worker."""
+        self.average = seconds if self.average is None else 0.8 * self.average + 0.2 * seconds
+        self.window = max(MIN_WINDOW, min(MAX_WINDOW, int(QUEUED_WORK / max(self.average, 1e-6))))
 
     def assign(self) -> list[tuple[str, int]]:
         """Hand out as many (worker, slice) pairs as the windows allow."""

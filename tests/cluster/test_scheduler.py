@@ -145,3 +145,16 @@ def test_pinned_task_of_a_lost_worker_runs_elsewhere():
     assert sched.lost("w1") == [1]
     assert sched.done("w0", 0)
     assert sched.assign() == [("w0", 1)]
+
+
+def test_the_window_follows_how_long_slices_take():
+    sched = Scheduler(["a", "b"], [None] * 200, {}, window=4)
+    for _ in range(20):
+        sched.observe(0.0001)  # tiny slices: stream them
+    assert sched.window == 64
+    for _ in range(40):
+        sched.observe(1.0)  # long slices: one or two at a time, so the last ones go to whoever is free
+    assert sched.window == 2
+    for _ in range(40):
+        sched.observe(0.002)
+    assert sched.window == 10
