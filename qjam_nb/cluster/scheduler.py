@@ -68,7 +68,7 @@ class Scheduler:
     def observe(self, seconds: float) -> None:
         """A slice took ``seconds`` to run: keep about ``QUEUED_WORK`` seconds in flight per worker."""
         self.average = seconds if self.average is None else 0.8 * self.average + 0.2 * seconds
-        self.window = max(MIN_WINDOW, min(MAX_WINDOW, int(QUEUED_WORK / max(self.average, 1e-6))))
+        self.window = max(MIN_WINDOW, min(MAX_WINDOW, round(QUEUED_WORK / max(self.average, 1e-6))))
 
     def assign(self) -> list[tuple[str, int]]:
         """Hand out as many (worker, slice) pairs as the windows allow."""
