@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
+import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -98,8 +101,32 @@ class DataSet:
         return self.key_and_size(index)[0]
 
     def keys_and_sizes(self) -> list[tuple[str, int]]:
-        """``key_and_size`` of every slice; large arrays are hashed on all cores at once
-        (hashlib lets go of the GIL), since every call hashes its dataset again."""
+        """``key_and_size`` of every slice, for this call.
+
+        Data that can change in place is hashed again on every call (large
+        arrays on all cores at once: hashlib lets go of the GIL). Data that
+        cannot (a read-only array, read-only all the way down to its memory;
+        a ``.npy`` file, while its size and modification time stay the same)
+        keeps its keys from the first call: a cached call then costs no pass
+        over the data at all.
+        """
+        token = self._frozen_token()
+        if token is None:
+            return self._hash_all()
+        known = _FROZEN_KEYS.get(token)
+        if known is None:
+            known = _FROZEN_KEYS[token] = self._hash_all()
+        return known
+
+    def _frozen_token(self) -> object | None:
+        if self.kind == "npy":
+            st = os.stat(self.source)
+            return (os.path.realpath(self.source), st.st_ino, st.st_size, st.st_mtime_ns, self.slice_size)
+        if self.kind == "array" and _read_only(self.data):
+            return _ArrayToken(self.data, self.slice_size)
+        return None
+
+    def _hash_all(self) -> list[tuple[str, int]]:
         n = len(self)
         threads = min(n, os.cpu_count() or 1)
         if threads < 2 or not isinstance(self.data, np.ndarray) or self.data.nbytes < PARALLEL_HASH_BYTES:
@@ -133,6 +160,50 @@ class DataSet:
         if isinstance(self.data, np.ndarray) and self.data.ndim and len(self.data):
             return max(1, self.data.nbytes // len(self.data))
         return None
+
+
+def _read_only(array: np.ndarray) -> bool:
+    """True if nobody can write to ``array``'s memory: it is read-only, and so is every base
+    below it that anything else refers to (``X = np.arange(n).reshape(a, b)`` leaves a
+    writable base that only ``X`` knows of: ``X.setflags(write=False)`` is enough there)."""
+    node = array
+    while isinstance(node, np.ndarray):
+        # References to a base: its view's .base, ``node`` here, and getrefcount's argument.
+        if node.flags.writeable and (node is array or sys.getrefcount(node) > 3):
+            return False
+        node = node.base
+    return True
+
+
+class _ArrayToken:
+    """Names a read-only array by identity for the key cache, and lets go when the array dies."""
+
+    def __init__(self, array: np.ndarray, slice_size: int) -> None:
+        self.ref = weakref.ref(array, lambda _: _FROZEN_KEYS.pop(self, None))
+        self.ident = (id(array), array.shape, array.strides, array.dtype.str, slice_size)
+
+    def __hash__(self) -> int:
+        return hash(self.ident)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ArrayToken) and self.ident == other.ident and self.ref() is other.ref()
+
+
+class _Bounded(OrderedDict):
+    """A dict that forgets its oldest entries past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: object, value: object) -> None:
+        super().__setitem__(key, value)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
+#: Keys of data that cannot change, by ``DataSet._frozen_token``.
+_FROZEN_KEYS = _Bounded(64)
 
 
 def _wrap(data: Any) -> tuple[str, Any]:
