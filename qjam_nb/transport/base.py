@@ -39,6 +39,7 @@ class WorkerProcess(Protocol):
     """One started worker, as a transport hands it over."""
 
     name: str
+    shares_memory: bool  # on this machine: slices may be handed over in shared memory
 
     def readinto(self, buffer: memoryview) -> int:
         """Read worker stdout into ``buffer``; 0 means the stream ended."""

@@ -15,6 +15,8 @@ from .base import WORKER_PACKAGE, bootstrap_code
 class LocalProcess:
     """A worker running as a child process, talking over its stdin/stdout pipes."""
 
+    shares_memory = True  # same machine: large array slices go through /dev/shm (worker.sharedmem)
+
     def __init__(self, name: str, popen: subprocess.Popen) -> None:
         self.name = name
         self.popen = popen

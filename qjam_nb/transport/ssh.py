@@ -50,6 +50,8 @@ def run(transport: paramiko.Transport, command: str, stdin: bytes = b"", timeout
 class SshProcess:
     """A worker on an ssh channel: the channel's stdin/stdout carry the frames."""
 
+    shares_memory = False
+
     def __init__(self, name: str, channel: paramiko.Channel, host: SshTransport) -> None:
         self.name = name
         self.channel = channel

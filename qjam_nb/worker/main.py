@@ -36,7 +36,7 @@ import traceback
 
 import cloudpickle
 
-from . import protocol
+from . import protocol, sharedmem
 from .protocol import Kind
 
 
@@ -197,7 +197,7 @@ class Worker:
     def handle(self, frame: protocol.Frame) -> None:
         if frame.kind is Kind.DATA:
             body = frame.body()
-            self.cache[body["key"]] = body["data"]
+            self.cache[body["key"]] = sharedmem.attach(body["shared"]) if "shared" in body else body["data"]
         elif frame.kind is Kind.CALL:
             self.start_call(frame)
         elif frame.kind is Kind.TASK:
