@@ -1391,6 +1391,7 @@ def plot(lines: list[dict], path: Path, meta: dict) -> str:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "not written: matplotlib is not installed (pip install -e '.[bench]')"
     shown = [ln for ln in lines if ln["vs_target"] is not None or ln["vs_best_peer"] is not None]
@@ -1404,8 +1405,14 @@ def plot(lines: list[dict], path: Path, meta: dict) -> str:
     colors = ["tab:green" if ln["met"] else "tab:red" for ln in shown]
     ax.barh(y - 0.2, vt, height=0.38, color=colors, label="qjam_nb / target's limit (green: met)")
     ax.barh(y + 0.2, vp, height=0.38, color="tab:blue", alpha=0.6, label="qjam_nb time / best peer's time")
+    for ys, values in ((y - 0.2, vt), (y + 0.2, vp)):
+        for yy, v in zip(ys, values, strict=True):
+            if v == v:
+                ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ratio (time-like: < 1 is better for qjam_nb; throughput rows inverted)")
