@@ -22,6 +22,9 @@ SCRIPT = textwrap.dedent("""
     import json, signal, sys, time
     from qjam_nb import Cluster
 
+    # As a terminal would have it: CI may run the suite as a background job, where SIGINT starts ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def nap(params, xs):
         import signal, time
         if params == "stubborn":  # a mapfunc deaf to SIGINT, like one stuck in a long C call
