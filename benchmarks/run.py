@@ -394,6 +394,30 @@ class Qjam(System):
         self.cluster.shutdown()
 
 
+def _default_sigterm() -> None:
+    """In a forked pool worker: SIGTERM kills as by default (delivered now if it came during the fork)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def forking() -> Any:
+    """Fork pool workers without this process's SIGTERM handler.
+
+    A Python-level handler inherited through fork can lose a SIGTERM that arrives before the child has
+    re-initialised its signal state; ``Pool.terminate()`` then waits forever for that worker (seen here once
+    in the cold-start row). So: SIGTERM blocked here (children inherit the mask and unblock it in
+    ``_default_sigterm``, with the default action) and the default handler while forking.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    old = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 class MPPool(System):
     name = MP
     tiny_note = "Pool.map, default chunksize"
@@ -401,7 +425,8 @@ class MPPool(System):
     def __init__(self, n: int = 2) -> None:
         import multiprocessing
 
-        self.pool = multiprocessing.get_context().Pool(n)
+        with forking():  # Pool() forks all n workers before it returns
+            self.pool = multiprocessing.get_context().Pool(n, initializer=_default_sigterm)
 
     def trivial(self) -> list:
         a, b = self.pool.map(inc_slice, [[1], [2]], chunksize=1)
@@ -433,7 +458,9 @@ class PPool(System):
         from concurrent.futures import ProcessPoolExecutor
 
         self.n = n
-        self.ex = ProcessPoolExecutor(n)
+        self.ex = ProcessPoolExecutor(n, initializer=_default_sigterm)
+        with forking():  # with fork, the first submit starts all n workers
+            self.ex.submit(one).result()
 
     def trivial(self) -> list:
         a, b = self.ex.map(inc_slice, [[1], [2]])
@@ -1118,7 +1145,8 @@ class Bench:
             elif label in failed:
                 self.res.add(row, label, kind, status=failed[label])
             else:
-                note = {JOBLIB: "loky starts its workers on the first call", PPE: "workers start on first submit",
+                note = {JOBLIB: "loky starts its workers on the first call",
+                        PPE: "workers start on the first submit, counted here",
                         MP: f"start method {__import__('multiprocessing').get_start_method()}"}.get(name, "")
                 self.res.add(row, label, kind, times[label], note)
                 if name == QJAM:
