@@ -29,8 +29,8 @@ so ``slice_sums`` returns, for its rows, the sums that do not involve ``s``
 (squared error, hidden activations, the reconstruction part of every
 gradient block, and ``(1 - a2^2)^T X`` with its column sums), and ``combine``
 on the master forms ``p``, then ``s``, then the exact whole-dataset cost and
-gradient. The slices are fixed by the data size alone (``slice_size_for``: an
-even number of slices of at most ``ROWS_PER_SLICE`` rows) and qjam_nb reduces
+gradient. The slices are fixed by the data size alone (``slice_size_for``: 2 to
+8 slices, an even number) and qjam_nb reduces
 results in slice order, so the objective, and L-BFGS's path, are bit-for-bit
 the same on 1 worker or on 2.
 
@@ -60,9 +60,17 @@ VISIBLE, HIDDEN = 64, 30
 LAMBDA_W, LAMBDA_P, RHO = 0.002, 4.0, 0.002
 N_PARAMS = 2 * HIDDEN * VISIBLE + HIDDEN + VISIBLE  # 3,934
 
-#: Rows per slice, about: enough that per-slice overhead is small, few enough that a slice's
-#: temporaries stay in cache (single-thread time per row is flat from 250 to 6,250 rows).
-ROWS_PER_SLICE = 4000
+#: Slicing (``slice_size_for``): an even number of slices of at least ``MIN_SLICE_ROWS`` rows,
+#: 2 to ``MAX_SLICES`` of them. Each slice costs the master a message and a result of 47 KB,
+#: so few are better, but qjam_nb places a slice for good on the worker that takes it first,
+#: and its first call hands out 4 slices per worker at once: up to 8 slices are split evenly
+#: over 2 workers (16 slices of 6,250 rows came out 9/7: 66 ms per evaluation against 54).
+MIN_SLICE_ROWS = 5000
+MAX_SLICES = 8
+
+#: Rows ``slice_sums`` works on at a time, whatever the slice's size: their temporaries
+#: (about 2 KiB a row) stay in a core's 1 MiB L2 cache.
+BLOCK_ROWS = 500
 
 #: qjam's report, seconds per function evaluation: {patches: (1 worker, 2 workers)}.
 QJAM_REPORTED = {1000: (0.146, 0.175), 10000: (0.731, 0.332), 100000: (10.03, 4.68)}
@@ -275,13 +283,24 @@ _B2 = slice(_W2.stop, _W2.stop + VISIBLE)   # sum of delta3
 SUMS_SIZE = _B2.stop
 
 
-def slice_sums(theta: np.ndarray, xs: np.ndarray) -> np.ndarray:
+def slice_sums(theta: np.ndarray, xs: np.ndarray, block: int | None = None) -> np.ndarray:
     """The mapfunc: one slice's sums, a float64 vector of ``SUMS_SIZE``; ``combine`` finishes them.
 
     Everything here is a sum over the slice's rows, so the sums of all the slices are the sums
-    over the whole dataset; nothing depends on the global mean activation ``p``.
+    over the whole dataset; nothing depends on the global mean activation ``p``. The slice is
+    worked through in blocks of ``block`` rows (default ``BLOCK_ROWS``), whose temporaries stay
+    in the core's cache, and the blocks' sums are added in order: the result depends on the
+    slice alone.
     """
     W1, W2, b1, b2 = unpack(theta)
+    block = block or BLOCK_ROWS
+    out = _block_sums(W1, W2, b1, b2, xs[:block])
+    for start in range(block, xs.shape[0], block):
+        out += _block_sums(W1, W2, b1, b2, xs[start:start + block])
+    return out
+
+
+def _block_sums(W1: np.ndarray, W2: np.ndarray, b1: np.ndarray, b2: np.ndarray, xs: np.ndarray) -> np.ndarray:
     n = xs.shape[0]
     out = np.empty(SUMS_SIZE)
     a2 = xs @ W1.T
@@ -334,10 +353,11 @@ def sliced_cost_and_grad(theta: np.ndarray, X: np.ndarray, slice_size: int | Non
 
 
 def slice_size_for(n: int) -> int:
-    """Rows per slice for ``n`` rows: an even number of slices (2 at least, so that two workers
-    both work) of at most ``ROWS_PER_SLICE`` rows. It depends on ``n`` alone, never on the
-    workers: 1,000 rows -> 2 slices of 500, 10,000 -> 4 of 2,500, 100,000 -> 26 of 3,847."""
-    n_slices = 2 * math.ceil(n / (2 * ROWS_PER_SLICE))
+    """Rows per slice for ``n`` rows, from ``n`` alone, never from the workers: an even number
+    of slices (2 at least, so that two workers both work; at most ``MAX_SLICES``) of at least
+    ``MIN_SLICE_ROWS`` rows. 1,000 rows -> 2 slices of 500; 10,000 -> 2 of 5,000; 30,000 -> 6
+    of 5,000; 100,000 -> 8 of 12,500. Within a slice, ``slice_sums`` works in cache-sized blocks."""
+    n_slices = max(2, min(MAX_SLICES, 2 * (n // (2 * MIN_SLICE_ROWS))))
     return max(1, math.ceil(n / n_slices))
 
 
@@ -410,7 +430,7 @@ ONE_PROCESS, ONE_THREAD, ONE_PROCESS_SLICED = "one process", "one process, 1 thr
 
 def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence[int] = (1000, 10000, 100000),
             evals: int = 15, workers: Sequence[int] = (1, 2), seed: int = 0, settle: float = 0.2,
-            verbose: bool = True) -> dict:
+            bursts: int = 3, verbose: bool = True) -> dict:
     """Seconds per function evaluation: one process versus 1 and 2 workers, at each size.
 
     Variants, each a function theta -> (cost, grad) on the same patches:
@@ -429,13 +449,17 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
     workers keep BLAS to one thread each and two workers do not fight over two cores; the
     environment is restored afterwards. Both clusters stay up for the whole run.
 
-    At each size: one untimed round (the clusters ship and cache their slices), then ``evals``
-    rounds, each timing every variant once in turn at a new theta (the initial one, slightly
-    perturbed; the same for every variant), so a drift in the machine's speed hits them all.
-    After a one-process variant it sleeps ``settle`` seconds: OpenBLAS's idle threads spin for
-    about 0.1 s after a call and would otherwise take a core from the workers. Every round
-    checks that the variants agree (relative 1e-9) and that the clusters' costs and gradients
-    are bit-identical.
+    At each size every variant runs in ``bursts`` bursts of back-to-back evaluations, as in an
+    L-BFGS run, ``evals`` timed evaluations in all (each burst starts with one untimed, so the
+    first burst ships and caches the clusters' slices), at a new theta each time (the initial
+    one slightly perturbed; the same thetas for every variant). The variants take turns burst
+    by burst, in a rotating order, so a drift in the machine's speed hits them all. Timing
+    single evaluations in turn instead would find every process idle and its caches cold at
+    each call, and more than double the clusters' time at 1k patches. After a one-process
+    variant it sleeps ``settle`` seconds: OpenBLAS's idle threads spin for about 0.1 s after
+    a call and would otherwise take a core from the workers. The variants must agree (relative
+    1e-9) and the clusters' costs and gradients must be bit-identical, on the first and the
+    last evaluation of every burst.
 
     Returns ``{"sizes": [...], "rows": {N: {variant: {"median", "min", "max", "samples"}}},
     "slices": {N: [number, rows each]}, "qjam": QJAM_REPORTED, "patches": "sklearn" or
@@ -451,7 +475,7 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
     clusters: dict[int, Any] = {}
     result: dict = {"sizes": list(sizes), "rows": {}, "slices": {}, "qjam": QJAM_REPORTED, "evals": evals,
                     "blas": _blas_summary(), "bit_identical": True, "cpus": os.cpu_count(),
-                    "busy_before": _busy_cores()}
+                    "busy_before": _busy_cores(), "others_busy": {}}
     try:
         with one_blas_thread():
             for k in workers:
@@ -469,20 +493,30 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
                 variants[labels[k]] = evaluate_with(clusters[k], X)
             times: dict[str, list[float]] = {name: [] for name in variants}
             rng = np.random.default_rng(seed)
-            for i in range(evals + 1):  # round 0 is the warm-up
-                theta = init_theta(seed) + rng.normal(0, 0.01, N_PARAMS)
-                answers = {}
-                for name, fun in variants.items():
-                    t0 = time.perf_counter()
-                    answers[name] = fun(theta)
-                    elapsed = time.perf_counter() - t0
-                    if i:
-                        times[name].append(elapsed)
+            thetas = [init_theta(seed) + rng.normal(0, 0.01, N_PARAMS) for _ in range(evals + bursts)]
+            meter = OthersMeter(list(clusters.values()))
+            names = list(variants)
+            answers: dict[str, list] = {name: [] for name in names}
+            per_burst = [evals // bursts + (b < evals % bursts) for b in range(bursts)]
+            for b in range(bursts):
+                order = names[b % len(names):] + names[:b % len(names)]
+                start = sum(per_burst[:b]) + b
+                for name in order:
+                    fun = variants[name]
+                    for j in range(start, start + per_burst[b] + 1):  # the first one of a burst is not timed
+                        t0 = time.perf_counter()
+                        answer = fun(thetas[j])
+                        elapsed = time.perf_counter() - t0
+                        if j > start:
+                            times[name].append(elapsed)
+                        if b == 0 and j == start or j == start + per_burst[b]:
+                            answers[name].append(answer)
                     if name in (ONE_PROCESS, ONE_THREAD, ONE_PROCESS_SLICED):
                         time.sleep(settle)
-                _check_agreement(n, answers, [labels[k] for k in workers])
+            for k in range(len(answers[names[0]])):
+                _check_agreement(n, {name: answers[name][k] for name in names}, [labels[w] for w in workers])
             result["rows"][n] = {name: _stats(samples) for name, samples in times.items()}
-            result["busy_after"] = _busy_cores()
+            result["others_busy"][n] = meter.read()
             if verbose:
                 print(format_row(n, result["rows"][n]), flush=True)
     finally:
@@ -498,11 +532,53 @@ def _one_thread(limit_blas: Callable, fun: Callable, theta: np.ndarray, X: np.nd
         return fun(theta, X)
 
 
+class OthersMeter:
+    """Cores kept busy by other programs while a block runs (Linux ``/proc``; None elsewhere):
+    the whole machine's busy CPU time minus this process's and its workers' (their pids from
+    the workers' hellos; local workers only), over the block's wall time. The numbers of a
+    size measured while it is well above 0 are not worth much on a 2-core machine."""
+
+    def __init__(self, clusters: Sequence[Any]) -> None:
+        self.pids = [os.getpid()] + [w.hello.get("pid") for c in clusters for w in getattr(c, "workers", ())
+                                     if w.hello.get("pid") and str(getattr(w, "host", "local")) == "local"]
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _machine_busy() -> int:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait, steal included, in ticks
+
+    def _ours(self) -> int:
+        total = 0
+        for pid in self.pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (ticks)
+        return total
+
+    def _snapshot(self) -> tuple[float, int, int] | None:
+        try:
+            return time.perf_counter(), self._machine_busy(), self._ours()
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def read(self) -> float | None:
+        end = self._snapshot()
+        if self.start is None or end is None:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        others = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return round(max(0.0, others / ticks / max(1e-9, end[0] - self.start[0])), 2)
+
+
 def _busy_cores(seconds: float = 0.5) -> float | None:
     """How many cores other programs kept busy over ``seconds`` (Linux ``/proc/stat``), else None:
     this benchmark's numbers are only worth reading when it is near 0."""
     def ticks() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         return sum(fields), fields[3] + fields[4]  # all, idle + iowait
     try:
         total0, idle0 = ticks()
@@ -542,10 +618,10 @@ def format_table(result: dict) -> str:
     """The measured medians (min-max), in seconds, next to qjam's reported seconds per evaluation."""
     names = list(next(iter(result["rows"].values())).keys()) if result["rows"] else []
     head = f"{'N':>7} | {'slices':>9} | " + " | ".join(f"{name:>21}" for name in names) \
-        + f" | {'speed-up':>8} | {'qjam 1w':>7} | {'qjam 2w':>7} | {'qjam x':>6}"
+        + f" | {'speed-up':>8} | {'others':>6} | {'qjam 1w':>7} | {'qjam 2w':>7} | {'qjam x':>6}"
     lines = [f"Sparse autoencoder 64-30-64, seconds per L-BFGS function evaluation, median (min-max) of "
              f"{result['evals']}; patches: {result.get('patches')}; BLAS here: {result.get('blas')}; "
-             f"cores busy with other programs before/after: {result.get('busy_before')}/{result.get('busy_after')}",
+             f"cores busy with other programs just before: {result.get('busy_before')}",
              head, "-" * len(head)]
     for n, row in result["rows"].items():
         count, size = result["slices"][n]
@@ -554,9 +630,11 @@ def format_table(result: dict) -> str:
         speedup = f"{row[ONE_PROCESS]['median'] / two['median']:.2f}x" if two else "-"
         q1, q2 = result["qjam"].get(n, (None, None))
         lines.append(f"{n:>7} | {f'{count}x{size}':>9} | " + " | ".join(f"{c:>21}" for c in cells)
-                     + f" | {speedup:>8} | {q1 or '-':>7} | {q2 or '-':>7} | "
+                     + f" | {speedup:>8} | {str(result.get('others_busy', {}).get(n, '-')):>6} | "
+                     + f"{q1 or '-':>7} | {q2 or '-':>7} | "
                      + (f"{q1 / q2:.2f}x" if q1 else "-").rjust(6))
     lines.append("speed-up = one process / 2 workers (targets: >= 1.7x at 100k, >= 1.5x at 10k, >= 1x at 1k); "
+                 "others = cores other programs kept busy meanwhile (read the row only when near 0); "
                  "qjam x = qjam's 1 worker / its 2 workers (its report, 2010 hardware)")
     return "\n".join(lines)
 
@@ -578,4 +656,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script, this file is __main__, whose functions cloudpickle ships by value: the
+    # workers would never import the module (nor run its import-time malloc setting, which
+    # alone doubles their time). Import it by name and run that.
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sparse_autoencoder
+
+    sparse_autoencoder.main()

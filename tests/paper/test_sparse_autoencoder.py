@@ -87,9 +87,18 @@ def test_sparsity_term_uses_mean_activation_mapped_to_0_1():
 
 def test_slicing_depends_on_the_number_of_patches_only():
     assert sae.slice_size_for(1000) == 500
-    assert sae.slice_size_for(10000) == 2500
-    assert sae.slice_size_for(100000) == 3847
+    assert sae.slice_size_for(10000) == 5000
+    assert sae.slice_size_for(30000) == 5000
+    assert sae.slice_size_for(100000) == 12500
     assert sae.slice_size_for(1) == 1
+
+
+def test_blocks_within_a_slice_change_nothing_but_rounding():
+    X = sae.make_patches(1234)
+    theta = some_theta()
+    whole = sae.slice_sums(theta, X, block=len(X))
+    for block in (1, 100, 500):
+        np.testing.assert_allclose(sae.slice_sums(theta, X, block=block), whole, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("source", ["synthetic", "auto"])
