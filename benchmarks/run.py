@@ -1436,7 +1436,7 @@ def plot(lines: list[dict], path: Path, meta: dict) -> str:
     for ys, values in ((y - 0.2, vt), (y + 0.2, vp)):
         for yy, v in zip(ys, values, strict=True):
             if v == v:
-                ax.text(v, yy, f" {v:.2f}", va="center", fontsize=7)
+                ax.text(v, yy, f" {v:.3g}", va="center", fontsize=7)
     ax.axvline(1.0, color="black", lw=1)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
