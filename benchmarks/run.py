@@ -1560,6 +1560,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = evaluate(res)
     banner = (f"qjam_nb benchmark, {res.meta['date']}: {res.meta['cpus']} CPUs, Python {res.meta['versions']['python']}"
               f", median (min-max) of {cfg.repeat}{' -- QUICK: small sizes, not a measurement' if cfg.quick else ''}")
+    start_load, end_load = res.meta["load_average_at_start"][0], res.meta["load_average_at_end"][0]
+    banner += f"\nload average (1 min) {start_load:.2f} at the start, {end_load:.2f} at the end"
+    if start_load > 0.5:
+        banner += ": other processes were running, so expect noisy figures (BLAS-threaded numpy suffers most)"
     print("\n" + banner + "\n")
     print(detail_table(res))
     print(summary_table(lines))
