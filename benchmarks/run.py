@@ -1209,8 +1209,8 @@ class Bench:
             return
         kwargs: dict[str, Any] = {"sizes": self.cfg.paper_sizes}
         params = inspect.signature(measure).parameters
-        if "evals" in params:
-            kwargs["evals"] = max(3, self.cfg.repeat)
+        if "evals" in params and self.cfg.quick:  # otherwise measure()'s own number of evaluations
+            kwargs["evals"] = 3
         if "verbose" in params:
             kwargs["verbose"] = True
         try:
@@ -1236,6 +1236,13 @@ class Bench:
                 else:
                     kind, label, note = "info", name, "see benchmarks/sparse_autoencoder.py"
                 self.res.add(row, label, kind, st["samples"], note)
+            busy = (out.get("others_busy") or {}).get(n)
+            slices = (out.get("slices") or {}).get(n)
+            if busy is not None or slices:
+                self.res.rows[row].append({
+                    "system": "conditions", "kind": "info", "status": "",
+                    "note": (f"{slices[0]} slices of {slices[1]} rows; " if slices else "")
+                    + (f"CPU used by other programs meanwhile: {busy:.2f} cores" if busy is not None else "")})
             q = reported.get(n) or reported.get(str(n))
             if q:
                 self.res.extra.setdefault("paper_qjam_2010", {})[row] = q
