@@ -9,7 +9,7 @@ PUBLIC = {
     "QjamError", "ProtocolError", "DataSetError", "ShippingError", "MapFuncError", "RemoteError", "ReduceError",
     "CallTimeoutError", "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
-    "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
+    "SliceLost", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
 }
 
 

@@ -48,6 +48,7 @@ from .reduce import OrderedFold
 from .scheduler import Scheduler
 from .shipping import check_signature, dumps_function, dumps_params
 from .status import StatusModel
+from .timeline import CallRecord, CallRecorder, params_hash
 from .tracebacks import code_spans, restore
 
 DEFAULT_HOSTS = ("local:2",)
@@ -97,6 +98,8 @@ class Cluster:
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
+        self._recorder = CallRecorder()
+        self.events.subscribe(self._recorder)
         if echo:
             self.events.subscribe(StreamEcho())
         if progress or (progress is None and sys.stderr is not None and sys.stderr.isatty()):
@@ -156,6 +159,16 @@ class Cluster:
     @property
     def _transports(self) -> dict:
         return self._pool.transports
+
+    @property
+    def last_call(self) -> CallRecord | None:
+        """Who ran which slice, when, shipped or cached, and the totals, for the running or last call."""
+        return self._recorder.last
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """The records of the last calls (up to ``timeline.KEEP_CALLS``), oldest first."""
+        return list(self._recorder.calls)
 
     def cache_info(self) -> dict[str, tuple[int, int]]:
         """Per worker: (cached slices, cached bytes)."""
@@ -220,7 +233,7 @@ class Cluster:
         self._call += 1
         pool.current_call = self._call
         call = _Call(self._call, data, keyed, reduce, len(alive), timeout)
-        call.spans = code_spans(mapfunc)
+        call.mapfunc = mapfunc  # for pointing a remote traceback back at the cell (code_spans)
         return self._run(call, alive, func_blob, params_part)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
@@ -230,7 +243,7 @@ class Cluster:
                 holders.setdefault(key, set()).add(w.name)
         keys = [k for k, _ in call.keyed] if call.data else [None] * len(alive)
         sched = Scheduler([w.name for w in alive], keys, holders, WINDOW, pinned=call.data is None)
-        self.events.emit(ev.CallStarted(call.id, len(keys), tuple(w.name for w in alive)))
+        self.events.emit(ev.CallStarted(call.id, len(keys), tuple(w.name for w in alive), params_hash(params_part)))
         body = {"func": pickle.PickleBuffer(func_blob), "params": params_part}
         chunks = protocol.encode(Kind.CALL, body, call=call.id)
         for w in alive:
@@ -255,7 +268,7 @@ class Cluster:
                     self._pool.set_state(w, states.IDLE, "")
             self.events.emit(ev.CallFinished(
                 call.id, time.perf_counter() - call.started, call.bytes_sent,
-                call.slice_bytes_sent, call.slice_bytes_cached, ok,
+                call.slice_bytes_sent, call.slice_bytes_cached, ok, call.fold.seconds,
             ))
 
     def _next(self, call: _Call) -> tuple:
@@ -276,7 +289,8 @@ class Cluster:
             worker = self._worker(name)
             key = call.keyed[index][0] if call.data else None
             cached = key is None or key in worker.cache
-            self.events.emit(ev.SliceAssigned(call.id, index, name, cached and key is not None))
+            size = call.keyed[index][1] if key is not None else 0
+            self.events.emit(ev.SliceAssigned(call.id, index, name, cached and key is not None, key, size))
             if key is not None:
                 if cached:
                     call.slice_bytes_cached += call.keyed[index][1]
@@ -328,7 +342,7 @@ class Cluster:
             if kind is Kind.ERROR:
                 body = self._pool.body(worker, msg, "an error report")
                 err = RemoteError(worker.name, index if call.data else -1, body["type"],
-                                  body["message"] + _hint(body), restore(body["traceback"], call.spans),
+                                  body["message"] + _hint(body), restore(body["traceback"], code_spans(call.mapfunc)),
                                   body["where"])
                 self.events.emit(ev.ErrorEvent(worker.name, call.id, err.index, str(err.args[0])))
                 raise err
@@ -361,7 +375,10 @@ class Cluster:
         if not sched.alive - {worker.name}:
             raise WorkerError("every worker died during the call: " + "; ".join(call.deaths)
                               + ". Dead workers are started again for the next call.")
+        in_flight = sorted(sched.in_flight.get(worker.name, ()))
         sched.lost(worker.name)
+        for index in in_flight:  # before they are assigned again, so a timeline shows the move in order
+            self.events.emit(ev.SliceLost(call.id, index, worker.name))
         self._feed(call, sched)
 
     def _worker(self, name: str) -> WorkerHandle:
@@ -383,7 +400,7 @@ class _Call:
         self.bytes_sent = 0
         self.slice_bytes_sent = 0
         self.slice_bytes_cached = 0
-        self.spans: list = []
+        self.mapfunc: Any = None
         self.deaths: list[str] = []
         self.blame: dict[int, int] = {}  # slice -> workers that died running it
         self.shared: list[dict] = []  # slices handed over in shared memory

@@ -37,6 +37,7 @@ class CallStarted:
     call: int
     n_slices: int
     workers: tuple
+    params_hash: str = ""  # SHA-256 of the params' pickle, as shipped
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class SliceAssigned:
     index: int
     worker: str
     cached: bool
+    key: str | None = None  # the slice's content hash (None in calls without a dataset)
+    nbytes: int = 0  # the slice's size: what the cache saves when ``cached``
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,15 @@ class SliceDone:
     index: int
     worker: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class SliceLost:
+    """The worker running (or holding) this slice died; it goes back to be assigned to another."""
+
+    call: int
+    index: int
+    worker: str
 
 
 @dataclass(frozen=True)
@@ -105,11 +117,12 @@ class CallFinished:
     slice_bytes_sent: int
     slice_bytes_cached: int
     ok: bool
+    reduce_seconds: float = 0.0  # spent folding results here, in the calling thread
 
 
 Event = (
     WorkerStateChanged | HostReady | CallStarted | SliceAssigned | SliceSent | SliceStarted
-    | SliceDone | CacheChanged | StreamOutput | ErrorEvent | CallFinished
+    | SliceDone | SliceLost | CacheChanged | StreamOutput | ErrorEvent | CallFinished
 )
 Observer = Callable[[Event], None]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,9 +49,13 @@ class OrderedFold:
         self.value: Any = None
         self.first_index = -1
         self.last_index = -1
+        self.seconds = 0.0  # spent in reduce, for the call's timeline
 
     def add(self, index: int, value: Any) -> None:
         self.pending[index] = value
+        if self.next not in self.pending:
+            return
+        started = time.perf_counter()
         while self.next in self.pending:
             value = self.pending.pop(self.next)
             if self.next == 0:
@@ -60,6 +65,7 @@ class OrderedFold:
                 self.value = self._combine(self.value, value, self.next)
             self.last_index = self.next
             self.next += 1
+        self.seconds += time.perf_counter() - started
 
     @property
     def complete(self) -> bool:

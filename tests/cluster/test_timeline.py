@@ -1,0 +1,231 @@
+"""The call timeline's records say exactly what the events said: every slice once, on the worker that ran it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from qjam_nb import (
+    CallFinished,
+    CallStarted,
+    ErrorEvent,
+    RemoteError,
+    SliceAssigned,
+    SliceDone,
+    SliceLost,
+    SliceSent,
+    SliceStarted,
+)
+from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
+
+DATA = list(range(120))
+
+
+def slow_sum(params, xs):
+    import time
+
+    time.sleep(0.01)
+    return sum(xs) * params
+
+
+slow_sum.__module__ = "__main__"  # ship it by value, as a notebook's function: ssh workers cannot import tests
+
+
+def check_against_events(record, log) -> None:
+    """Every slice exactly once with outcome done, on the worker its SliceDone named, with its numbers."""
+    done_events = {e.index: e for e in log.of(SliceDone)}
+    finished = log.of(CallFinished)[-1]
+    done = record.done_slices()
+    assert [r.index for r in done] == list(range(record.n_slices)) == sorted(done_events)
+    for r in done:
+        assert r.worker == done_events[r.index].worker
+        assert r.compute == done_events[r.index].seconds
+        assert r.assigned <= r.started <= r.done <= record.seconds
+        assert r.sent is None or r.assigned <= r.sent <= r.started
+    assert (record.bytes_sent, record.slice_bytes_sent, record.slice_bytes_cached, record.ok) == (
+        finished.bytes_sent, finished.slice_bytes_sent, finished.slice_bytes_cached, finished.ok)
+    assert sum(r.nbytes_sent for r in record.slices) == finished.slice_bytes_sent
+    assert sum(r.nbytes for r in record.slices if r.cached) == finished.slice_bytes_cached
+    assert record.reduce_seconds == finished.reduce_seconds
+    assert len(record.slices) == len(log.of(SliceAssigned))
+    assert all(r.outcome is not None for r in record.slices)
+
+
+def test_records_match_the_events_shipped_on_the_first_call_cached_on_the_second(make_cluster, record):
+    cluster = make_cluster(["local:2"])
+    log = record(cluster)
+    assert cluster.last_call is None and cluster.calls == []
+    assert cluster.map(slow_sum, 1, DATA, slice_size=8) == sum(DATA)
+    first = cluster.last_call
+    assert first.call == log.of(CallStarted)[0].call and first.n_slices == 15
+    assert first.workers == tuple(cluster.worker_names)
+    check_against_events(first, log)
+    assert not any(r.cached for r in first.slices)
+    sent = {e.index: e for e in log.of(SliceSent)}
+    assert {r.index: (r.key, r.nbytes_sent) for r in first.slices} == {i: (e.key, e.nbytes) for i, e in sent.items()}
+    assert first.totals()["shipped"] == 15 and first.totals()["bytes_saved"] == 0
+
+    log.clear()
+    assert cluster.map(slow_sum, 2, DATA, slice_size=8) == 2 * sum(DATA)
+    second = cluster.last_call
+    check_against_events(second, log)
+    assert all(r.cached and r.nbytes_sent == 0 and r.sent is None for r in second.slices)
+    assert second.slice_bytes_sent == 0 and second.totals()["cached"] == 15
+    # The cache held each slice where the first call ran it, so each ran there again.
+    assert [(r.index, r.worker, r.key) for r in second.done_slices()] == [
+        (r.index, r.worker, r.key) for r in first.done_slices()]
+    assert cluster.calls == [first, second]
+    assert first.params_hash != second.params_hash and len(second.params_hash) == 64
+    assert second.moved() == [] and sorted(second.by_worker()) == sorted(cluster.worker_names)
+
+    held = cache_map(second, cluster.workers)
+    for w in cluster.workers:
+        assert held[w.name] == sorted(r.index for r in second.slices if r.key in w.cache)
+        assert held[w.name] == [r.index for r in second.done_slices() if r.worker == w.name]
+    assert sorted(i for indexes in held.values() for i in indexes) == list(range(15))
+    text = cache_map_text(second, cluster.workers)
+    for name, indexes in held.items():
+        assert f"{name:<16} {format_ranges(indexes)}" in text
+
+
+class KillAfter:
+    """Observer: SIGKILLs ``worker``'s process when the ``n``-th slice of the call is done."""
+
+    def __init__(self, n: int, worker) -> None:
+        self.n, self.worker, self.seen, self.killed = n, worker, 0, None
+
+    def __call__(self, event) -> None:
+        self.seen += isinstance(event, SliceDone)
+        if self.seen == self.n and self.killed is None:
+            self.killed = self.worker.hello["pid"]
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def test_a_worker_killed_mid_call_has_lost_records_and_its_slices_done_elsewhere(make_cluster, record):
+    cluster = make_cluster(["local:3"])
+    log = record(cluster)
+    victim = cluster.workers[1]
+    killer = KillAfter(8, victim)
+    cluster.events.subscribe(killer)
+    assert cluster.map(slow_sum, 1, DATA, slice_size=2) == sum(DATA)
+    assert killer.killed is not None
+    call = cluster.last_call
+    check_against_events(call, log)
+    lost_events = log.of(SliceLost)
+    assert lost_events and {e.worker for e in lost_events} == {victim.name}
+    lost = [r for r in call.slices if r.outcome == "lost"]
+    assert sorted((r.index, r.worker) for r in lost) == sorted((e.index, e.worker) for e in lost_events)
+    assert call.moved() == sorted(e.index for e in lost_events)
+    for r in lost:
+        assert r.done is None and r.ended is not None
+        later = [x for x in call.slices if x.index == r.index and x is not r]
+        assert [x.outcome for x in later] == ["done"] and later[0].worker != victim.name
+        assert call.slices.index(later[0]) > call.slices.index(r)  # assigned again after it was lost
+    assert call.totals()["lost"] == len(lost) and call.totals()["moved"] == len(lost)
+    assert all(r.outcome == "done" for r in call.slices if r.worker != victim.name)
+
+
+def test_a_failing_call_records_the_error_and_cancels_the_rest(make_cluster):
+    cluster = make_cluster(["local:2"])
+
+    def fails_on_5(params, xs):
+        if xs[0] == 5:
+            raise ValueError("five")
+        return xs[0]
+
+    with pytest.raises(RemoteError):
+        cluster.map(fails_on_5, None, list(range(40)), slice_size=1)
+    call = cluster.last_call
+    assert call.ok is False and call.finished
+    assert [r.index for r in call.slices if r.outcome == "error"] == [5]
+    assert {r.outcome for r in call.slices} <= {"done", "error", "cancelled"}
+    assert "failed" in call.summary().splitlines()[0]
+
+
+# -- the recorder alone, fed by hand --------------------------------------------------------------
+
+
+@dataclass
+class FakeClock:
+    now: float = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeWorker:
+    name: str
+    cache: dict = field(default_factory=dict)
+
+
+def test_recorder_follows_a_slice_that_was_cached_then_needed_then_lost_then_done_elsewhere():
+    clock = FakeClock()
+    rec = CallRecorder(keep=2, clock=clock)
+    rec(CallStarted(7, 2, ("a", "b"), "p"))
+    clock.now += 1
+    rec(SliceAssigned(7, 0, "a", True, "k0", 10))
+    rec(SliceAssigned(7, 1, "a", False, "k1", 20))
+    clock.now += 1
+    rec(SliceSent(7, 1, "a", "k1", 25))
+    rec(SliceSent(7, 0, "a", "k0", 12))  # the worker said NEED: it was not cached after all
+    rec(SliceStarted(7, 0, "a"))
+    clock.now += 1
+    rec(SliceLost(7, 0, "a"))
+    rec(SliceLost(7, 1, "a"))
+    rec(SliceAssigned(7, 0, "b", False, "k0", 10))
+    rec(SliceAssigned(7, 1, "b", False, "k1", 20))
+    rec(SliceSent(7, 0, "b", "k0", 12))
+    rec(SliceStarted(7, 0, "b"))
+    rec(SliceDone(7, 0, "b", 0.25))
+    rec(SliceDone(7, 0, "a", 9.0))  # a late result from a lost worker changes nothing
+    rec(ErrorEvent("b", 7, 1, "boom"))
+    clock.now += 1
+    rec(CallFinished(7, 3.0, 100, 49, 0, False, 0.5))
+    call = rec.last
+    assert [(r.index, r.worker, r.outcome) for r in call.slices] == [
+        (0, "a", "lost"), (1, "a", "lost"), (0, "b", "done"), (1, "b", "error")]
+    first = call.slices[0]
+    assert (first.cached, first.nbytes_sent, first.assigned, first.sent, first.started, first.ended) == (
+        False, 12, 1.0, 2.0, 2.0, 3.0)
+    assert call.slices[2].compute == 0.25 and call.slices[2].done == 3.0
+    assert call.moved() == [0, 1] and [r.worker for r in call.done_slices()] == ["b"]
+    assert (call.ok, call.seconds, call.reduce_seconds, call.params_hash) == (False, 3.0, 0.5, "p")
+    rec(CallStarted(8, 0, ("a",)))
+    rec(CallStarted(9, 0, ("a",)))
+    assert [c.call for c in rec.calls] == [8, 9]  # keeps the last two
+    rec(SliceAssigned(7, 0, "a", False))  # an old call's event: ignored
+    assert rec.last.slices == []
+
+
+def test_unfinished_slices_are_cancelled_when_the_call_ends():
+    rec = CallRecorder(clock=FakeClock())
+    rec(CallStarted(1, 2, ("a",)))
+    rec(SliceAssigned(1, 0, "a", False))
+    rec(SliceAssigned(1, 1, "a", False))
+    rec(SliceDone(1, 0, "a", 0.1))
+    assert not rec.last.finished and rec.last.slices[1].outcome is None
+    rec(CallFinished(1, 1.0, 0, 0, 0, False))
+    assert [r.outcome for r in rec.last.slices] == ["done", "cancelled"]
+
+
+def test_cache_map_lists_the_indexes_each_worker_holds():
+    rec = CallRecorder(clock=FakeClock())
+    rec(CallStarted(1, 4, ("a", "b")))
+    for i, w in enumerate("abab"):
+        rec(SliceAssigned(1, i, w, False, f"k{i}", 1))
+    workers = [FakeWorker("a", {"k0": 1, "k2": 1, "other": 5}), FakeWorker("b", {"k1": 1}), FakeWorker("c")]
+    assert cache_map(rec.last, workers) == {"a": [0, 2], "b": [1], "c": []}
+    assert cache_map(None, workers) == {"a": [], "b": [], "c": []}
+    assert "a                0, 2" in cache_map_text(rec.last, workers)
+    assert cache_map_text(None, workers) == "cache map: no dataset in the last call"
+
+
+def test_format_ranges():
+    assert format_ranges([0, 1, 2, 3, 5, 7, 8]) == "0-3, 5, 7-8"
+    assert format_ranges([14, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]) == "0-12, 14"
+    assert format_ranges([3]) == "3"
+    assert format_ranges([]) == "none"
