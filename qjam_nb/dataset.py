@@ -128,8 +128,10 @@ class DataSet:
 
     def _hash_all(self) -> list[tuple[str, int]]:
         n = len(self)
+        if not isinstance(self.data, np.ndarray) or self.data.nbytes < PARALLEL_HASH_BYTES:
+            return [self.key_and_size(i) for i in range(n)]
         threads = min(n, os.cpu_count() or 1)
-        if threads < 2 or not isinstance(self.data, np.ndarray) or self.data.nbytes < PARALLEL_HASH_BYTES:
+        if threads < 2:
             return [self.key_and_size(i) for i in range(n)]
         bounds = [n * t // threads for t in range(threads + 1)]
         with ThreadPoolExecutor(threads) as pool:

@@ -17,10 +17,19 @@ from ..errors import MapFuncError, ShippingError
 
 #: How each role is called, for messages.
 ARGUMENTS = {"mapfunc": "(params, slice)", "reduce": "(a, b)"}
+#: Functions (code, role, defaults) already found callable with two arguments.
+_GOOD_SIGNATURES: set = set()
 
 
 def check_signature(func: Any, role: str = "mapfunc") -> None:
     """Refuse a function that cannot be called with two arguments: ``mapfunc(params, slice)``, ``reduce(a, b)``."""
+    # Checked once per code and defaults: iterative loops call map often. (Not for wrappers:
+    # their signature is their __wrapped__'s.)
+    cacheable = inspect.isfunction(func) and not hasattr(func, "__wrapped__")
+    if cacheable:
+        token = (func.__code__, role, len(func.__defaults__ or ()), tuple(func.__kwdefaults__ or ()))
+        if token in _GOOD_SIGNATURES:
+            return
     args = ARGUMENTS.get(role, "(params, slice)")
     if not callable(func):
         raise MapFuncError(f"{role} must be a function of {args}, not a {type(func).__name__}")
@@ -33,6 +42,10 @@ def check_signature(func: Any, role: str = "mapfunc") -> None:
     except TypeError as exc:
         name = getattr(func, "__name__", role)
         raise MapFuncError(f"{role} must take two arguments, {args}; {name}{signature} cannot ({exc})") from None
+    if cacheable:
+        if len(_GOOD_SIGNATURES) > 256:
+            _GOOD_SIGNATURES.clear()
+        _GOOD_SIGNATURES.add(token)
 
 
 def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) -> bytes:

@@ -301,6 +301,25 @@ def versions() -> dict:
     }
 
 
+def keep_temporaries_in_heap() -> None:
+    """Let glibc's malloc reuse freed blocks of up to 32 MiB instead of unmapping them.
+
+    A fresh process mmaps every block of 128 KiB or more and gives it back when
+    freed, so a mapfunc's numpy temporaries cost their page faults again on every
+    slice (a 500-row slice of the sparse autoencoder took 0.79 ms in a new process,
+    0.48 ms with these settings). Workers are long-lived compute processes: keeping
+    up to 64 MiB of freed heap is the better trade. Elsewhere than glibc: nothing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 def fatal(message: str) -> None:
     try:
         os.write(STDERR_FD, (message + "\n").encode(errors="replace"))
@@ -318,6 +337,7 @@ def main(name: str | None = None) -> None:
     for entry in os.environ.get("QJAM_EXTRA_PATH", "").split(os.pathsep):
         if entry and entry not in sys.path:
             sys.path.append(entry)
+    keep_temporaries_in_heap()
     fd_in, fd_out = os.dup(0), os.dup(1)
     STDERR_FD = os.dup(2)
     devnull = os.open(os.devnull, os.O_RDONLY)

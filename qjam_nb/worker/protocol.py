@@ -315,7 +315,7 @@ def allocate(size: int):
     return bytearray(size)
 
 
-BIG_PART = 1 << 20
+BIG_PART = 16 << 20
 
 
 def trace(direction: str, who: str, frame_or_kind: Any) -> None:
