@@ -40,6 +40,7 @@ from ..worker import protocol, sharedmem
 from ..worker.protocol import Frame, Kind
 from . import events as ev
 from . import states
+from .chaos import Chaos
 from .echo import StreamEcho
 from .hosts import parse_hosts
 from .pool import WorkerHandle, WorkerPool
@@ -107,6 +108,7 @@ class Cluster:
         for observer in observers:
             self.events.subscribe(observer)
         self._call = 0
+        self.chaos = Chaos(self)  # kill, slow down or disconnect workers, for teaching
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
@@ -252,6 +254,8 @@ class Cluster:
         ok = False
         try:
             self._feed(call, sched)
+            if self.chaos.armed:
+                self.chaos.progress(call, sched)
             while not call.fold.complete:
                 self._handle(self._next(call), call, sched)
             ok = True
@@ -296,7 +300,8 @@ class Cluster:
                     call.slice_bytes_cached += call.keyed[index][1]
                 else:
                     self._ship(worker, call, index)
-            call.bytes_sent += worker.link.send(Kind.TASK, {"key": key}, call.id, index, dumps=pickle.dumps)
+            call.bytes_sent += worker.link.send(Kind.TASK, self.chaos.task_body(name, key), call.id, index,
+                                               dumps=pickle.dumps)
 
     def _ship(self, worker: WorkerHandle, call: _Call, index: int) -> None:
         key, size = call.keyed[index]
@@ -323,7 +328,7 @@ class Cluster:
     def _handle(self, item: tuple, call: _Call, sched: Scheduler) -> None:
         link, msg = item
         worker = self._pool.worker_of(link)
-        if worker is not None and isinstance(msg, Frame) and msg.call == call.id:
+        if worker is not None and isinstance(msg, Frame) and msg.call == call.id and worker.state != states.DEAD:
             kind, index = msg.kind, msg.index
             if kind is Kind.STARTED:
                 worker.running = (call.id, index)
@@ -338,6 +343,8 @@ class Cluster:
                     sched.observe(body["seconds"])
                     call.fold.add(index, body["value"])
                     self._feed(call, sched)
+                    if self.chaos.armed:
+                        self.chaos.progress(call, sched)
                 return
             if kind is Kind.ERROR:
                 body = self._pool.body(worker, msg, "an error report")
@@ -350,7 +357,8 @@ class Cluster:
                 worker.forget(self._pool.body(worker, msg, "a NEED")["key"])
                 self._ship(worker, call, index)
                 key = call.keyed[index][0]
-                call.bytes_sent += worker.link.send(Kind.TASK, {"key": key}, call.id, index, dumps=pickle.dumps)
+                call.bytes_sent += worker.link.send(Kind.TASK, self.chaos.task_body(worker.name, key), call.id,
+                                                   index, dumps=pickle.dumps)
                 return
         if worker is not None and isinstance(msg, LinkClosed) and worker.state == states.BUSY:
             self._lost_in_call(worker, msg, call, sched)

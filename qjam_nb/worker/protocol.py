@@ -28,7 +28,8 @@ Message kinds, who sends them, and their bodies:
 HELLO    w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
 CALL     m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "sources"}
 DATA     m->w  {"key": slice key, "data": the slice}
-TASK     m->w  {"key": slice key or None}; run mapfunc on that slice
+TASK     m->w  {"key": slice key or None, "delay"?: seconds}; run mapfunc on that slice
+                 (after sleeping "delay" s, when chaos made the worker a straggler)
 NEED     w->m  {"key"}; the TASK's slice is not cached here, send DATA first
 STARTED  w->m  {}; the worker began the slice
 RESULT   w->m  {"value", "seconds"}
