@@ -135,10 +135,10 @@ class Chaos:
                              "dead workers are started again before the next call (or cluster.restart())")
         pool = cluster._pool
         if action == KILL:
-            pool.kill(handle, REASONS[KILL])
+            kill_process(handle.link)
         else:
             drop_link(handle.link)
-            pool.lose(handle, reason=REASONS[DROP])
+        pool.lose(handle, reason=REASONS[action])
         self.log.append(f"{action} {name}, between calls")
         return name
 
@@ -150,14 +150,13 @@ class Chaos:
         if not sched.alive - {armed.worker}:
             self.log.append(f"call {call.id}: did not {armed.action} {armed.worker}, the last worker left in it")
             return
-        when = "as it started" if done == 0 else f"after {done} slices"
-        reason = f"{REASONS[armed.action]}, {when} of call {call.id}"
+        when = f"as call {call.id} started" if done == 0 else f"after {done} slices of call {call.id}"
+        reason = f"{REASONS[armed.action]}, {when}"
         if armed.action == KILL:
-            handle.link.close()
-            handle.link.process.kill()
+            kill_process(handle.link)
         else:
             drop_link(handle.link)
-        self.log.append(f"call {call.id}: {armed.action} {armed.worker} {when}")
+        self.log.append(f"{armed.action} {armed.worker}, {when}")
         handle.running = None  # chaos killed it, not the slice it was running: no blame on that slice
         # As if its link had closed: dead now, its slices go to the others. Frames still on their way
         # from it are dropped (Cluster._handle ignores dead workers' frames).
@@ -175,6 +174,12 @@ class Chaos:
             raise ValueError(f"no worker named {worker!r}: the workers are {', '.join(names)} "
                              "(give a name or an index)")
         return name
+
+
+def kill_process(link: Link) -> None:
+    """SIGKILL the worker (before its stdin closes: it would exit on that by itself), and send it nothing more."""
+    link.process.kill()
+    link.close()
 
 
 def drop_link(link: Link) -> None:
