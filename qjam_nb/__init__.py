@@ -26,6 +26,7 @@ from .cluster.seed import Master, RemoteWorker
 from .dataset import DataSet, ListDataSet, NumpyMatrixDataSet
 from .errors import (
     CallTimeoutError,
+    CaptureWarning,
     ClusterClosedError,
     DataSetError,
     HostError,
@@ -35,6 +36,7 @@ from .errors import (
     QjamError,
     ReduceError,
     RemoteError,
+    ReplayError,
     ShippingError,
     VersionMismatchError,
     WorkerError,
@@ -61,6 +63,8 @@ __all__ = [
     "HostKeyError",
     "VersionMismatchError",
     "ClusterClosedError",
+    "ReplayError",
+    "CaptureWarning",
     "WorkerStateChanged",
     "CallStarted",
     "SliceAssigned",

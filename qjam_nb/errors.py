@@ -10,11 +10,15 @@
      ├── RemoteError          mapfunc raised on a worker (carries worker, slice, traceback)
      ├── ReduceError          two results could not be combined (names both slices)
      ├── CallTimeoutError     a map call ran past its timeout (also a TimeoutError)
+     ├── ReplayError          a slice cannot be replayed (out of range, forgotten, or its data changed)
      ├── WorkerError          a worker could not start, or died, or every worker is gone
      │    ├── HostError        a host could not be reached, logged into or bootstrapped
      │    │    └── HostKeyError    its host key is unknown or changed
      │    └── VersionMismatchError  worker and notebook would not understand each other's pickles
      └── ClusterClosedError   the cluster was shut down
+
+    UserWarning
+     └── CaptureWarning       mapfunc captures big variables, shipped to every worker on every call
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ __all__ = [
     "HostKeyError",
     "VersionMismatchError",
     "ClusterClosedError",
+    "ReplayError",
+    "CaptureWarning",
 ]
 
 
@@ -88,6 +94,14 @@ class VersionMismatchError(WorkerError):
 
 class ClusterClosedError(_Said, QjamError):
     """Raised when a cluster is used after ``shutdown()``."""
+
+
+class ReplayError(_Said, QjamError, LookupError):
+    """Raised by ``replay`` when a slice cannot be run again as its worker ran it; says what to do."""
+
+
+class CaptureWarning(UserWarning):
+    """mapfunc captures big variables (named, with sizes): they travel to every worker on every call."""
 
 
 class RemoteError(QjamError):

@@ -8,6 +8,7 @@ PUBLIC = {
     "Cluster", "DataSet", "ListDataSet", "NumpyMatrixDataSet", "Master", "RemoteWorker", "default_reduce",
     "QjamError", "ProtocolError", "DataSetError", "ShippingError", "MapFuncError", "RemoteError", "ReduceError",
     "CallTimeoutError", "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
+    "ReplayError", "CaptureWarning",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
     "SliceLost", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
 }
@@ -23,6 +24,7 @@ def test_every_exported_name_exists_and_errors_share_one_base():
         assert hasattr(qjam_nb, name), name
     errors = [getattr(qjam_nb, n) for n in PUBLIC if n.endswith("Error")]
     assert all(issubclass(e, qjam_nb.QjamError) for e in errors)
+    assert issubclass(qjam_nb.CaptureWarning, UserWarning)
 
 
 def test_version_is_a_string():

@@ -46,6 +46,7 @@ from .hosts import parse_hosts
 from .pool import WorkerHandle, WorkerPool
 from .progress import TqdmProgress
 from .reduce import OrderedFold
+from .replay import ReplayLog
 from .scheduler import Scheduler
 from .shipping import check_signature, dumps_function, dumps_params
 from .status import StatusModel
@@ -109,6 +110,7 @@ class Cluster:
             self.events.subscribe(observer)
         self._call = 0
         self.chaos = Chaos(self)  # kill, slow down or disconnect workers, for teaching
+        self._replays = ReplayLog()
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
@@ -236,7 +238,20 @@ class Cluster:
         pool.current_call = self._call
         call = _Call(self._call, data, keyed, reduce, len(alive), timeout)
         call.mapfunc = mapfunc  # for pointing a remote traceback back at the cell (code_spans)
+        self._replays.remember(call.id, func_blob, params_part, data,
+                               [k for k, _ in keyed] if data else [None] * len(alive))
         return self._run(call, alive, func_blob, params_part)
+
+    def replay(self, slice: int, call: int | None = None) -> Any:
+        """Run ``mapfunc`` on one slice of the last call (or of ``call``, one of the last 3) here, to debug it.
+
+        The function and params are unpickled from the very bytes the workers
+        got, and the slice must still hash to what it did then, so the result
+        is bit-identical to what the worker returned (and an exception raises
+        here, where ``%debug`` and breakpoints work). ``ReplayError`` says why
+        a slice cannot be replayed: out of range, call forgotten, data changed.
+        """
+        return self._replays.replay(slice, call)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
         holders: dict[str, set[str]] = {}
