@@ -49,11 +49,8 @@ class Recording:
     params_buffers: list  # bytes copies, or the shipped buffers themselves when too big to copy
     params_buffers_hash: str | None  # set when not copied: their SHA-256 at call time
     data: DataSet | None
-    keys: list  # per slice: its content key (None in calls without a dataset)
-
-    @property
-    def n_slices(self) -> int:
-        return len(self.keys)
+    keyed: list  # per slice: (content key, size), as the call had them (not copied: nobody changes them)
+    n_slices: int
 
 
 class ReplayLog:
@@ -63,7 +60,7 @@ class ReplayLog:
         self.recordings: deque[Recording] = deque(maxlen=keep)
 
     def remember(self, call: int, func_blob: bytes, params_part: tuple, data: DataSet | None,
-                 keys: list) -> None:
+                 keyed: list, n_slices: int) -> None:
         """Record a call as it starts (``params_part`` as ``shipping.dumps_params`` made it)."""
         pickled, buffers = params_part
         views = [_view(b) for b in buffers]
@@ -72,7 +69,8 @@ class ReplayLog:
             kept, digest = [v.tobytes() for v in views], None
         else:
             kept, digest = list(buffers), _digest(views)
-        self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, list(keys)))
+        self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, keyed,
+                                         n_slices))
 
     def find(self, call: int | None) -> Recording:
         if not self.recordings:
@@ -101,10 +99,10 @@ class ReplayLog:
                               "call again, then replay it before changing its params")
         data = []
         if rec.data is not None:
-            key = rec.data.key(index)
-            if key != rec.keys[index]:
+            key, recorded = rec.data.key(index), rec.keyed[index][0]
+            if key != recorded:
                 raise ReplayError(f"slice {index} of call {rec.call} changed since the call (its content hash "
-                                  f"was {rec.keys[index]}, it is now {key}): the data was modified. Run the "
+                                  f"was {recorded}, it is now {key}): the data was modified. Run the "
                                   "call again on the data as it is, then replay.")
             data = _as_worker_sees(rec.data.slice(index))
         func = cloudpickle.loads(rec.func_blob)
