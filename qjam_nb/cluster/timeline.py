@@ -138,8 +138,8 @@ class CallRecord:
             lines.append(line)
         t = self.totals()
         lines.append(
-            f"  sent {_size(t['bytes_sent'])} ({_size(t['slice_bytes_sent'])} of slices), "
-            f"saved by the cache {_size(t['bytes_saved'])}; compute {t['compute_seconds']:.3f} s, "
+            f"  sent {format_size(t['bytes_sent'])} ({format_size(t['slice_bytes_sent'])} of slices), "
+            f"saved by the cache {format_size(t['bytes_saved'])}; compute {t['compute_seconds']:.3f} s, "
             f"transfer {t['transfer_seconds']:.3f} s, reduce {t['reduce_seconds']:.3f} s"
         )
         return "\n".join(lines)
@@ -277,7 +277,8 @@ def params_hash(params_part: tuple) -> str:
     return h.hexdigest()
 
 
-def _size(nbytes: int) -> str:
+def format_size(nbytes: int) -> str:
+    """Bytes as B, KiB or MiB, for people."""
     if nbytes < 2**10:
         return f"{nbytes} B"
     if nbytes < 2**20:

@@ -1,6 +1,6 @@
 """The notebook magics: parse a line, call the plain API, display the result.
 
-``%qjam_hosts``, ``%%qjam_map``, ``%qjam_status`` and ``%qjam_shutdown``.
+``%qjam_hosts``, ``%%qjam_map``, ``%qjam_status``, ``%qjam_timeline`` and ``%qjam_shutdown``.
 Everything they do can be done from Python with ``Cluster``; mistakes in
 what the user typed raise IPython's ``UsageError`` (a message, no traceback).
 """
@@ -17,6 +17,7 @@ from IPython.display import display
 
 from ..cluster.cluster import DEFAULT_HOSTS, Cluster
 from ..cluster.progress import TqdmProgress
+from ..cluster.timeline import cache_map_text
 
 
 @magics_class
@@ -114,6 +115,46 @@ class QjamMagics(Magics):
         if self.cluster is None:
             raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
         self._show_cluster()
+        if not self.in_kernel:  # the widget shows it in its "holds slices" column
+            print(cache_map_text(self.cluster.last_call, self.cluster.workers))
+
+    @line_magic
+    def qjam_timeline(self, line: str = "") -> None:
+        """Show a call's timeline: who ran which slice, when, shipped or cached, and where the time went.
+
+        One lane per worker and one bar per slice: orange if its data was shipped,
+        teal if it came from the worker's cache, the darker start being the
+        worker's compute; a red cross marks a slice whose worker died (it runs
+        again on another lane). Underneath: bytes sent, bytes saved by the
+        cache, and compute vs transfer vs reduce seconds. Outside Jupyter it
+        prints a summary per worker instead.
+
+        Examples::
+
+            %qjam_timeline        # the last call
+            %qjam_timeline 3      # call 3, if still remembered (the last 20 are)
+            cluster.last_call     # the same data from Python: .slices, .totals(), .done_slices(), .moved()
+
+        ``%%qjam_map ... --timeline`` shows it live under the cell while the call runs.
+        """
+        if self.cluster is None:
+            raise UsageError("no cluster is running: start one with %qjam_hosts local:2, run a %%qjam_map cell, "
+                             "then %qjam_timeline")
+        calls = self.cluster.calls
+        if not calls:
+            raise UsageError("no call yet: run a %%qjam_map cell (or cluster.map(...)) first, then %qjam_timeline")
+        word = line.strip()
+        if word and not word.isdigit():
+            raise UsageError(f"%qjam_timeline takes a call number (or nothing, for the last call), not {word!r}")
+        record = next((c for c in calls if c.call == int(word)), None) if word else calls[-1]
+        if record is None:
+            raise UsageError(f"call {word} is not remembered; these are: {', '.join(str(c.call) for c in calls)}")
+        if self.in_kernel:
+            from .timeline import TimelineWidget
+
+            display(TimelineWidget(self.cluster, call=record.call))
+        else:
+            print(record.summary())
 
     @line_magic
     def qjam_shutdown(self, line: str = "") -> None:
@@ -132,6 +173,8 @@ class QjamMagics(Magics):
     @argument("-o", "--out", default=None, help="also store the reduced result in this variable")
     @argument("--slice-size", type=int, default=None, help="items per slice (default: see DataSet)")
     @argument("--reduce", default=None, help="name of a reduce(a, b) function (default: the cell's reduce, else a + b)")
+    @argument("--timeline", action="store_true",
+              help="show the call's timeline under the cell, live while it runs (see %%qjam_timeline)")
     def qjam_map(self, line: str, cell: str) -> Any:
         """Run the cell's ``mapfunc(params, slice)`` on every slice and reduce the results.
 
@@ -160,18 +203,26 @@ class QjamMagics(Magics):
         if self.cluster is None or self.cluster.closed:
             print(f"starting {' '.join(DEFAULT_HOSTS)} (choose hosts with %qjam_hosts)")
             self._start(list(DEFAULT_HOSTS))
-        progress = None
+        progress = timeline = None
         if self.in_kernel:
             from .widget import CallProgress
 
             progress = CallProgress(self.cluster)
             display(progress)
+            if args.timeline:
+                from .timeline import TimelineWidget
+
+                timeline = TimelineWidget(self.cluster)
+                display(timeline)
         try:
             result = self.cluster.map(mapfunc, params, dataset, reduce=reduce, slice_size=args.slice_size)
         finally:
-            if progress is not None:
-                progress.redraw()
-                progress.close()
+            for view in (progress, timeline):
+                if view is not None:
+                    view.redraw()
+                    view.close()
+            if args.timeline and not self.in_kernel and self.cluster.last_call is not None:
+                print(self.cluster.last_call.summary())
         if args.out is not None:
             self.shell.user_ns[args.out] = result
         return result

@@ -1,6 +1,9 @@
 """The cluster widget and the per-call progress bar (ipywidgets).
 
-Both are views of the cluster's ``StatusModel`` and redraw when events
+The cluster widget is a table (a row per worker, HBoxes carrying the CSS
+class ``qjam-worker-row`` inside a box of class ``qjam-cluster``), the call's
+bar, the last call's timeline (``ui.timeline``) and the chaos controls
+(``ui.chaos``). Both are views of the cluster's ``StatusModel`` and redraw when events
 arrive, at most every ``min_interval`` seconds (a call of 10,000 small slices
 must not spend its time redrawing), and always on state changes and at the
 end of a call. What a row says is decided by pure functions (``row_cells``,
@@ -15,9 +18,12 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ..cluster import events as ev
 from ..cluster.cluster import Cluster
-from ..cluster.status import CallRow, StatusModel, WorkerRow
+from ..cluster.status import CallRow, WorkerRow
+from ..cluster.timeline import cache_map, format_ranges
+from .chaos import chaos_controls
+from .timeline import TimelineWidget
+from .views import URGENT, Throttle, _View  # noqa: F401 (Throttle and URGENT: re-exported)
 
 STATE_COLOURS = {
     "starting": "#b58900",
@@ -26,8 +32,6 @@ STATE_COLOURS = {
     "dead": "#dc322f",
     "stopped": "#839496",
 }
-#: Events that redraw at once, whatever the throttle says.
-URGENT = (ev.WorkerStateChanged, ev.CallStarted, ev.CallFinished, ev.ErrorEvent)
 
 
 def row_cells(row: WorkerRow) -> dict[str, str]:
@@ -57,22 +61,6 @@ def call_summary(call: CallRow) -> str:
     )
 
 
-class Throttle:
-    """Says whether to redraw now: always when urgent, else once per ``min_interval``."""
-
-    def __init__(self, min_interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.min_interval = min_interval
-        self.clock = clock
-        self.last = float("-inf")
-
-    def __call__(self, urgent: bool) -> bool:
-        now = self.clock()
-        if urgent or now - self.last >= self.min_interval:
-            self.last = now
-            return True
-        return False
-
-
 class CallBar:
     """A progress bar and a summary line for the current or last call."""
 
@@ -89,62 +77,74 @@ class CallBar:
         self.text.value = html.escape(call_summary(call))
 
 
-class _View:
-    """Subscribes to a cluster and redraws from its status model, throttled; displays ``box``."""
+#: Column widths of the worker table (rows are HBoxes, so each can carry the ``qjam-worker-row`` class).
+COLUMNS = {"name": "10em", "state": "4.5em", "bar": "12em", "progress": "5em", "cached": "10em", "holds": "auto"}
+HEADINGS = {"name": "worker", "state": "state", "bar": "this call", "progress": "done", "cached": "cache",
+            "holds": "holds slices (of the last call's dataset)"}
 
-    box: widgets.Widget
 
-    def __init__(self, cluster: Cluster, min_interval: float, clock: Callable[[], float]) -> None:
-        self.cluster = cluster
-        self.model: StatusModel = cluster.status
-        self.throttle = Throttle(min_interval, clock)
-        self.redraws = 0
-        self._unsubscribe = cluster.events.subscribe(self._on_event)
-
-    def _on_event(self, event: ev.Event) -> None:
-        if self.throttle(isinstance(event, URGENT)):
-            self.redraws += 1
-            self.redraw()
-
-    def redraw(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self._unsubscribe()
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.box._repr_mimebundle_(**kwargs)
+def holds_cell(indexes: list[int] | None) -> str:
+    """What the row says about which slices of the last call's dataset the worker caches."""
+    if indexes is None:
+        return ""
+    return format_ranges(indexes) if indexes else "none"
 
 
 class ClusterWidget(_View):
-    """One row per worker (name, state, done/total, cached slices) and a bar for the call."""
+    """One row per worker (name, state, done/total, cache, which slices it holds), a bar for the call,
+    the last call's timeline and the chaos controls.
+
+    The box carries the CSS class ``qjam-cluster`` and each worker's row
+    ``qjam-worker-row``, so a browser test can find them.
+    """
 
     def __init__(
         self, cluster: Cluster, min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.rows: dict[str, dict[str, widgets.Widget]] = {}
-        self.table = widgets.GridBox(
-            layout=widgets.Layout(grid_template_columns="max-content max-content 12em max-content max-content",
-                                  grid_gap="2px 12px", align_items="center")
-        )
+        self.row_boxes: dict[str, widgets.HBox] = {}
+        header = widgets.HBox([widgets.HTML(f"<b>{text}</b>", layout=widgets.Layout(width=COLUMNS[key]))
+                               for key, text in HEADINGS.items()])
+        header.add_class("qjam-header")
+        self.table = widgets.VBox([header])
         self.call = CallBar("call")
-        self.box = widgets.VBox([self.table, self.call.box])
+        self.timeline = TimelineWidget(cluster, min_interval=max(min_interval, 0.25), clock=clock)
+        self.timeline_panel = widgets.Accordion(children=[self.timeline.box], titles=("timeline of the last call",))
+        self.timeline_panel.selected_index = 0 if cluster.last_call is not None else None
+        self._opened = cluster.last_call is not None
+        self.chaos = chaos_controls(cluster)
+        self.chaos_panel = widgets.Accordion(
+            children=[self.chaos], titles=("chaos, for teaching: kill, slow down or disconnect a worker",))
+        self.chaos_panel.selected_index = None
+        self.box = widgets.VBox([self.table, self.call.box, self.timeline_panel, self.chaos_panel])
+        self.box.add_class("qjam-cluster")
         super().__init__(cluster, min_interval, clock)
         self.redraw()
 
     def _row(self, name: str) -> dict[str, widgets.Widget]:
         if name not in self.rows:
-            self.rows[name] = {
+            cells = {
                 "name": widgets.HTML(),
                 "state": widgets.HTML(),
-                "bar": widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="12em")),
+                "bar": widgets.IntProgress(value=0, min=0, max=1),
                 "progress": widgets.Label(),
                 "cached": widgets.Label(),
+                "holds": widgets.Label(),
             }
-            self.table.children = [cell for r in self.rows.values() for cell in r.values()]
+            for key, cell in cells.items():
+                cell.layout.width = COLUMNS[key]
+            self.rows[name] = cells
+            box = widgets.HBox(list(cells.values()), layout=widgets.Layout(align_items="center"))
+            box.add_class("qjam-worker-row")
+            self.row_boxes[name] = box
+            self.table.children = (*self.table.children, box)
         return self.rows[name]
 
     def redraw(self) -> None:
+        call = self.model.call
+        record = self.cluster.last_call
+        has_data = record is not None and any(r.key is not None for r in record.slices)
+        held = cache_map(record, self.cluster.workers) if has_data and not call.running else None
         for row in self.model.rows.values():
             cells = row_cells(row)
             w = self._row(row.name)
@@ -154,7 +154,17 @@ class ClusterWidget(_View):
             w["bar"].value = row.done
             w["progress"].value = cells["progress"]
             w["cached"].value = cells["cached"]
-        self.call.draw(self.model.call)
+            if held is not None or not has_data:
+                w["holds"].value = holds_cell(held.get(row.name) if held else None)
+        self.call.draw(call)
+        if call.call and not self._opened:  # the first call opens the timeline; after that the user decides
+            self._opened = True
+            self.timeline_panel.selected_index = 0
+
+    def close(self) -> None:
+        super().close()
+        self.timeline.close()
+        self.chaos.controls.close()
 
 
 class CallProgress(_View):

@@ -1,0 +1,243 @@
+"""The call timeline, drawn: one lane per worker, one bar per slice, totals underneath.
+
+``timeline_svg(record)`` is a pure function from a ``CallRecord`` to an SVG
+string: no browser, no plotting library, tested by parsing the XML.
+``TimelineWidget`` puts it in an ``ipywidgets.HTML`` and redraws it while a
+call runs (throttled, like the cluster widget). Inline SVG needs nothing in
+the front end beyond ipywidgets itself, so it renders in JupyterLab, the
+classic notebook and a static page with the widget state saved.
+
+What a bar means: it runs from when the worker said it started the slice
+(or, if it never did, from when the slice was sent or assigned) to when its
+result arrived (or its worker was lost). The darker part at its start is
+the worker's own compute time; the rest is the result travelling back. A
+thin line before the bar is the time the slice waited in the worker's queue
+(and, for a shipped slice, its data travelling). Orange: the slice's data
+was shipped; teal: it came from the worker's cache. A red outline with a
+cross: the worker died with it (a later bar on another lane finishes it).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Callable
+
+import ipywidgets as widgets
+
+from ..cluster import events as ev
+from ..cluster.cluster import Cluster
+from ..cluster.timeline import CANCELLED, DONE, ERROR, LOST, CallRecord, SliceRecord, format_ranges, format_size
+from .views import _View
+
+#: (bar, compute) fills for slices whose data was shipped, and for slices served from the cache.
+SHIPPED = ("#f6c39f", "#cb4b16")
+CACHED = ("#a8ddd8", "#2aa198")
+LOST_RED = "#dc322f"
+RUNNING_BLUE = "#268bd2"
+GREY = "#93a1a1"
+LANE_HEIGHT, BAR_HEIGHT = 22, 14
+LABEL_WIDTH, RIGHT_MARGIN, TOP = 120, 16, 30
+CSS_CLASS = "qjam-timeline"
+
+
+def timeline_svg(record: CallRecord, width: int = 760) -> str:
+    """An SVG drawing of one call: lanes, bars (``rect.qjam-slice``, one per record), axis, legend, totals."""
+    lanes = record.by_worker()
+    span = max([record.seconds] + [_end(r, record) for r in record.slices] + [1e-6])
+    plot = width - LABEL_WIDTH - RIGHT_MARGIN
+
+    def x(t: float) -> float:
+        return LABEL_WIDTH + plot * max(0.0, t) / span
+
+    out: list[str] = []
+    out.append(f'<text x="4" y="16" font-weight="bold">{html.escape(_title(record))}</text>')
+    y = TOP
+    for worker, records in lanes.items():
+        out.append(f'<g class="qjam-lane" data-worker="{_attr(worker)}">')
+        out.append(f'<rect class="qjam-lane-bg" x="{LABEL_WIDTH}" y="{y}" width="{plot}" '
+                   f'height="{LANE_HEIGHT - 2}" fill="#f7f7f7"/>')
+        out.append(f'<text x="{LABEL_WIDTH - 6}" y="{y + 14}" text-anchor="end" font-family="monospace">'
+                   f'{html.escape(worker)}</text>')
+        top = y + (LANE_HEIGHT - 2 - BAR_HEIGHT) / 2
+        for r in records:  # queue lines first, so the bars cover them where slices ran
+            out.extend(_wait(r, x, top))
+        for r in records:
+            out.extend(_bar(r, record, x, top))
+        out.append("</g>")
+        y += LANE_HEIGHT
+    y = _axis(out, x, span, y + 4, plot)
+    y = _legend(out, y + 8)
+    for line in _totals(record):
+        y += 16
+        out.append(f'<text class="qjam-totals" x="4" y="{y}">{html.escape(line)}</text>')
+    height = y + 8
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="{CSS_CLASS}-svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">' + "".join(out) + "</svg>"
+    )
+
+
+def _title(record: CallRecord) -> str:
+    state = "running" if not record.finished else ("done" if record.ok else "failed")
+    return (f"call {record.call}: {record.n_slices} slices on {len(record.workers)} workers, "
+            f"{state} in {record.seconds:.3f} s")
+
+
+def _end(r: SliceRecord, record: CallRecord) -> float:
+    """Where a bar ends: its result, its loss, or (still running) now."""
+    if r.done is not None:
+        return r.done
+    return r.ended if r.ended is not None else record.seconds
+
+
+def _bar(r: SliceRecord, record: CallRecord, x: Callable[[float], float], top: float) -> list[str]:
+    start = _start(r)
+    end = max(_end(r, record), start)
+    x0, x1 = x(start), x(end)
+    w = max(6.0 if r.outcome == LOST else 1.5, x1 - x0)  # a lost bar wide enough to show its cross
+    bar, dark = CACHED if r.cached else SHIPPED
+    stroke = {LOST: LOST_RED, ERROR: LOST_RED, CANCELLED: GREY, None: RUNNING_BLUE}.get(r.outcome, "#fff")
+    dash = ' stroke-dasharray="3,2"' if r.outcome in (CANCELLED, None) else ""
+    fill = "#fde0df" if r.outcome in (LOST, ERROR) else bar
+    parts = [
+        f'<rect class="qjam-slice {"cached" if r.cached else "shipped"} {r.outcome or "running"}" '
+        f'data-index="{r.index}" data-worker="{_attr(r.worker)}" x="{x0:.1f}" y="{top}" width="{w:.1f}" '
+        f'height="{BAR_HEIGHT}" fill="{fill}" stroke="{stroke}" stroke-width="1.5"{dash}>'
+        f"<title>{html.escape(_tooltip(r))}</title></rect>"
+    ]
+    if r.outcome == DONE and r.compute > 0:
+        cw = min(w, x(start + r.compute) - x0)
+        if cw >= 0.5:
+            parts.append(f'<rect class="qjam-compute" x="{x0:.1f}" y="{top}" width="{cw:.1f}" '
+                         f'height="{BAR_HEIGHT}" fill="{dark}" pointer-events="none"/>')
+    if r.outcome == LOST:
+        x2, y2 = x0 + w, top + BAR_HEIGHT
+        parts.append(f'<path class="qjam-lost" d="M{x0:.1f},{top}L{x2:.1f},{y2}M{x0:.1f},{y2}L{x2:.1f},{top}" '
+                     f'stroke="{LOST_RED}" stroke-width="1.5" pointer-events="none"/>')
+    return parts
+
+
+def _start(r: SliceRecord) -> float:
+    """Where a bar starts: when the worker began the slice, else when it was sent or assigned."""
+    return next(t for t in (r.started, r.sent, r.assigned, 0.0) if t is not None)
+
+
+def _wait(r: SliceRecord, x: Callable[[float], float], top: float) -> list[str]:
+    """A thin line for the time a slice waited in its worker's queue (and its data travelled)."""
+    if r.assigned is None or x(r.assigned) >= x(_start(r)) - 0.5:
+        return []
+    mid = top + BAR_HEIGHT / 2
+    return [f'<line class="qjam-wait" x1="{x(r.assigned):.1f}" y1="{mid}" x2="{x(_start(r)):.1f}" y2="{mid}" '
+            f'stroke="{GREY}" stroke-width="1"/>']
+
+
+def _tooltip(r: SliceRecord) -> str:
+    how = "from the cache" if r.cached else f"shipped {r.nbytes_sent} B"
+    times = ", ".join(f"{name} {t:.4f} s" for name, t in (
+        ("assigned", r.assigned), ("sent", r.sent), ("started", r.started), ("done", r.done)) if t is not None)
+    what = {DONE: f"done, compute {r.compute:.4f} s", LOST: "lost: its worker died, it ran elsewhere",
+            ERROR: "mapfunc raised", CANCELLED: "cancelled: the call stopped", None: "running"}[r.outcome]
+    return f"slice {r.index} on {r.worker}: {how}; {times}; {what}"
+
+
+def nice_step(span: float, ticks: int = 6) -> float:
+    """A 1, 2 or 5 times a power of ten that cuts ``span`` into about ``ticks`` parts."""
+    raw = span / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+
+
+def _axis(out: list[str], x: Callable[[float], float], span: float, y: float, plot: float) -> float:
+    step = nice_step(span)
+    decimals = max(0, -math.floor(math.log10(step)))
+    out.append(f'<g class="qjam-axis"><line x1="{LABEL_WIDTH}" y1="{y}" x2="{LABEL_WIDTH + plot}" y2="{y}" '
+               f'stroke="#586e75"/>')
+    n = int(span / step + 1e-9)
+    for i in range(n + 1):
+        tx = x(i * step)
+        out.append(f'<line x1="{tx:.1f}" y1="{y}" x2="{tx:.1f}" y2="{y + 4}" stroke="#586e75"/>'
+                   f'<text x="{tx:.1f}" y="{y + 15}" text-anchor="middle">{i * step:.{decimals}f}</text>')
+    out.append(f'<text x="{LABEL_WIDTH - 18}" y="{y + 15}" text-anchor="end">seconds</text></g>')
+    return y + 20
+
+
+def _legend(out: list[str], y: float) -> float:
+    items = [
+        (f'fill="{SHIPPED[0]}"', "shipped"), (f'fill="{CACHED[0]}"', "cached"),
+        (f'fill="{SHIPPED[1]}"', "compute (darker start)"),
+        (f'fill="#fde0df" stroke="{LOST_RED}" stroke-width="1.5"', "lost: worker died, moved"),
+    ]
+    out.append('<g class="qjam-legend">')
+    lx = 4
+    for attrs, label in items:
+        out.append(f'<rect x="{lx}" y="{y}" width="14" height="10" {attrs}/>'
+                   f'<text x="{lx + 18}" y="{y + 9}">{label}</text>')
+        lx += 30 + 6.5 * len(label)
+    out.append(f'<line x1="{lx}" y1="{y + 5}" x2="{lx + 14}" y2="{y + 5}" stroke="{GREY}"/>'
+               f'<text x="{lx + 18}" y="{y + 9}">queued</text></g>')
+    return y + 10
+
+
+def _totals(record: CallRecord) -> list[str]:
+    t = record.totals()
+    lines = [
+        f"sent {format_size(t['bytes_sent'])} ({format_size(t['slice_bytes_sent'])} of slice data, "
+        f"{t['shipped']} slices shipped); saved by the cache {format_size(t['bytes_saved'])} "
+        f"({t['cached']} slices cached)",
+        f"time: compute {t['compute_seconds']:.3f} s, transfer {t['transfer_seconds']:.3f} s, "
+        f"reduce {t['reduce_seconds']:.3f} s (summed over workers), call {t['seconds']:.3f} s",
+    ]
+    if t["moved"]:
+        lines.append(f"moved after a worker died: slices {format_ranges(record.moved())}")
+    return lines
+
+
+def _attr(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+class TimelineWidget(_View):
+    """The last call's timeline, as a widget; with ``live``, it redraws while a call runs.
+
+    Redraws are throttled to one per ``min_interval`` seconds (longer for calls
+    of thousands of slices, whose drawing is larger), and always at a call's
+    start and end. Without ``live`` it draws once and follows nothing;
+    ``call`` draws that call (one of ``cluster.calls``) instead of the last.
+    Its DOM carries the CSS class ``qjam-timeline``.
+    """
+
+    def __init__(self, cluster: Cluster, min_interval: float = 0.25, clock: Callable[[], float] = time.monotonic,
+                 live: bool = True, call: int | None = None) -> None:
+        self.box = widgets.HTML()
+        self.box.add_class(CSS_CLASS)
+        self.min_interval = min_interval
+        self.call = call
+        if call is not None and not any(c.call == call for c in cluster.calls):
+            remembered = ", ".join(str(c.call) for c in cluster.calls) or "none yet"
+            raise ValueError(f"call {call} is not remembered: the cluster keeps its last calls ({remembered})")
+        super().__init__(cluster, min_interval, clock)
+        if not live or call is not None:
+            self.close()
+        self.redraw()
+
+    @property
+    def record(self) -> CallRecord | None:
+        """The call drawn: the one asked for, else the running or last one."""
+        if self.call is None:
+            return self.cluster.last_call
+        return next((c for c in self.cluster.calls if c.call == self.call), None)
+
+    def _on_event(self, event: ev.Event) -> None:
+        record = self.cluster.last_call
+        n = len(record.slices) if record is not None else 0
+        self.throttle.min_interval = max(self.min_interval, n / 10_000)  # 10,000 bars: once a second
+        super()._on_event(event)
+
+    def redraw(self) -> None:
+        record = self.record
+        if record is None:
+            self.box.value = "<i>no call yet: the timeline appears after a %%qjam_map cell or cluster.map(...)</i>"
+        else:
+            self.box.value = timeline_svg(record)
