@@ -1,20 +1,29 @@
 """Getting a call's function and params into bytes, or saying exactly why not.
 
 Everything here runs before any worker is asked to do anything, so a closure
-over an open file or a lock fails early, with the variable named.
+over an open file or a lock fails early, with the variable named. A mapfunc
+that pickles to more than ``CAPTURE_WARN_BYTES`` (it captured big data, sent
+to every worker on every call) gets a ``CaptureWarning`` naming the big
+variables; the search for them runs only then, so normal calls pay nothing.
 """
 
 from __future__ import annotations
 
 import inspect
 import pickle
+import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from ..errors import MapFuncError, ShippingError
+from ..errors import CaptureWarning, MapFuncError, ShippingError
 
+#: A pickled mapfunc over this size gets a CaptureWarning naming the big variables it captures.
+CAPTURE_WARN_BYTES = 10 << 20
+#: Captured variables at least this big (pickled) are named in that warning.
+CAPTURE_NAME_BYTES = 1 << 20
 #: How each role is called, for messages.
 ARGUMENTS = {"mapfunc": "(params, slice)", "reduce": "(a, b)"}
 #: Functions (code, role, defaults) already found callable with two arguments.
@@ -53,12 +62,64 @@ def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) 
     for module in by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return cloudpickle.dumps(func, protocol=5)
+        blob = cloudpickle.dumps(func, protocol=5)
     except Exception as exc:
         raise ShippingError(explain_unpicklable(func, role, exc)) from exc
+    else:
+        if len(blob) > CAPTURE_WARN_BYTES:
+            warn_big_captures(func, len(blob), role)
+        return blob
     finally:
         for module in by_value:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def warn_big_captures(func: Any, nbytes: int, role: str = "mapfunc") -> None:
+    """Warn (``CaptureWarning``) that ``func`` pickles to ``nbytes``, naming the big variables it captures."""
+    found = big_captures(func)
+    named = ", ".join(f"{label} ({size / 2**20:.1f} MiB)" for label, size in found)
+    because = f", because it uses {named}" if named else ""
+    warnings.warn(
+        f"{role} pickles to {nbytes / 2**20:.1f} MiB, sent to every worker on every call{because}. "
+        "Pass big data as the dataset instead (-d NAME in %%qjam_map, dataset= in map: it is sliced, and "
+        "cached on the workers) or as params (-p NAME / params=), and take it from the function's arguments.",
+        CaptureWarning,
+        stacklevel=4,  # the caller of Cluster.map
+    )
+
+
+def big_captures(func: Any, at_least: int = CAPTURE_NAME_BYTES) -> list[tuple[str, int]]:
+    """What ``func`` captures (closure cells, globals it uses, defaults; inside functions it uses too),
+    as (where, pickled bytes), biggest first: those of ``at_least`` bytes, else the three biggest."""
+    sizes: list[tuple[str, int]] = []
+    _sizes(func, "", sizes, set(), at_least)
+    big = [item for item in sizes if item[1] >= at_least]
+    return sorted(big or sizes, key=lambda item: -item[1])[: None if big else 3]
+
+
+def _sizes(func: Any, used_by: str, out: list, seen: set, at_least: int) -> None:
+    if id(func) in seen:
+        return
+    seen.add(id(func))
+    for label, value in _captured(func):
+        where = f"{label} (used by {used_by})" if used_by else label
+        size = pickled_size(value)
+        if size >= at_least and (inspect.isfunction(value) or inspect.ismethod(value)):
+            before = len(out)
+            _sizes(value, label, out, seen, at_least)
+            if any(s >= at_least for _, s in out[before:]):
+                continue  # what makes it big is named inside it
+        out.append((where, size))
+
+
+def pickled_size(value: Any) -> int:
+    """Bytes ``value`` takes to ship (out-of-band buffers counted, not copied); 0 if it cannot be pickled."""
+    buffers: list = []
+    try:
+        blob = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:
+        return 0
+    return len(blob) + sum(b.raw().nbytes for b in buffers)
 
 
 def dumps_params(params: Any) -> tuple:
@@ -126,11 +187,26 @@ def _captured(func: Any) -> list[tuple[str, Any]]:
             closure = None
         if closure is not None:
             items += [(f"the variable {name!r}", v) for name, v in closure.nonlocals.items()]
-            items += [(f"the global {name!r}", v) for name, v in closure.globals.items()]
-        items += [("the default of an argument", v) for v in target.__defaults__ or ()]
+        names = target.__globals__
+        # Names used by nested code too (comprehensions, lambdas, inner functions), as cloudpickle ships them.
+        items += [(f"the global {name!r}", names[name]) for name in _global_names(target.__code__) if name in names]
+        code, defaults = target.__code__, target.__defaults__ or ()
+        argnames = code.co_varnames[: code.co_argcount]
+        items += [(f"the default of argument {name!r}", v)
+                  for name, v in zip(argnames[len(argnames) - len(defaults):], defaults, strict=True)]
+        items += [(f"the default of argument {name!r}", v) for name, v in (target.__kwdefaults__ or {}).items()]
     elif hasattr(target, "__dict__"):
         items += [(f"the attribute {name!r}", v) for name, v in vars(target).items()]
     return items
+
+
+def _global_names(code: types.CodeType) -> dict:
+    """Names ``code`` and the code nested in it look up (in order, once each): its candidate globals."""
+    names = dict.fromkeys(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return names
 
 
 def _find_bad_item(value: Any, depth: int = 0) -> str:
