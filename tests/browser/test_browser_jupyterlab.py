@@ -14,6 +14,7 @@ Without Chromium, Playwright or JupyterLab the test is skipped; under CI
 from __future__ import annotations
 
 import os
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -105,20 +106,36 @@ def test_cluster_widget_and_timeline_render_as_widgets(lab, chromium, playwright
     name = copy_notebook(NOTEBOOK, lab)
     ARTIFACTS.mkdir(exist_ok=True)
     console: list[str] = []
+    outside: list[str] = []
     with playwright_api() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1180, "height": 1800}, timeout=60_000,
         )
         try:
+            context.route("**/*", lambda route: _local_only(route, outside))
             page = context.pages[0] if context.pages else context.new_page()
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
             try:
                 _run_and_check(page, lab, name, console)
             finally:
-                page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
+                try:
+                    page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
+                except Exception as exc:  # a crashed page: keep the test's own error
+                    print(f"no screenshot: {exc}")
         finally:
             context.close()
+    assert not outside, f"the page asked for addresses outside 127.0.0.1 (blocked): {outside}"
+
+
+def _local_only(route, outside: list[str]) -> None:
+    """Let requests to this machine through; block and note any other (nothing may leave 127.0.0.0/8)."""
+    host = urllib.parse.urlsplit(route.request.url).hostname or ""
+    if route.request.url.startswith(("data:", "blob:")) or host.startswith("127.") or host == "localhost":
+        route.continue_()
+    else:
+        outside.append(route.request.url)
+        route.abort()
 
 
 def _run_and_check(page, lab: LabServer, name: str, console: list[str]) -> None:
