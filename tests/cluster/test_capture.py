@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 
 from qjam_nb import CaptureWarning, Cluster
 from qjam_nb.cluster import shipping
@@ -90,8 +89,12 @@ def test_no_warning_for_a_small_closure_and_the_three_biggest_when_none_is_big_a
 
 
 def test_a_notebook_cell_capturing_a_notebook_variable_is_warned_about(cluster):
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "qjam_nb")
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    if "QjamMagics" not in shell.magics_manager.registry:
+        shell.run_line_magic("load_ext", "qjam_nb")
     magics = shell.magics_manager.registry["QjamMagics"]
     magics.cluster = cluster  # the module's cluster, as if %qjam_hosts had started it
     try:
