@@ -1,6 +1,7 @@
 """The notebook magics: parse a line, call the plain API, display the result.
 
-``%qjam_hosts``, ``%%qjam_map``, ``%qjam_status``, ``%qjam_timeline`` and ``%qjam_shutdown``.
+``%qjam_hosts``, ``%%qjam_map``, ``%qjam_status``, ``%qjam_timeline``, ``%qjam_replay`` and
+``%qjam_shutdown``; each one's docstring (``%qjam_map?``) has examples.
 Everything they do can be done from Python with ``Cluster``; mistakes in
 what the user typed raise IPython's ``UsageError`` (a message, no traceback).
 """
@@ -111,9 +112,22 @@ class QjamMagics(Magics):
 
     @line_magic
     def qjam_status(self, line: str = "") -> None:
-        """Show every worker's state, progress and cached slices."""
+        """Show every worker's state, progress and cached slices, the last call's timeline, and the chaos buttons.
+
+        Each row is a worker: its state (hover it for why: "restarted",
+        "killed by chaos" ...), its progress in the current call, and which
+        slices of the last call's dataset it holds in its cache. Outside
+        Jupyter it prints the same as text.
+
+        Examples::
+
+            %qjam_status
+            cluster = %qjam_hosts           # the Cluster, for the same from Python:
+            cluster.cache_info()            # {worker: (cached slices, cached bytes)}
+            cluster.last_call.totals()      # bytes sent and saved, compute vs transfer vs reduce seconds
+        """
         if self.cluster is None:
-            raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
+            raise UsageError("no cluster is running: start one with %qjam_hosts local:2, then %qjam_status")
         self._show_cluster()
         if not self.in_kernel:  # the widget shows it in its "holds slices" column
             print(cache_map_text(self.cluster.last_call, self.cluster.workers))
@@ -157,10 +171,49 @@ class QjamMagics(Magics):
             print(record.summary())
 
     @line_magic
-    def qjam_shutdown(self, line: str = "") -> None:
-        """Stop every worker of the notebook's cluster."""
+    @magic_arguments()
+    @argument("slice", type=int, help="the slice to run again: its index, as the timeline and errors show it")
+    @argument("--call", type=int, default=None,
+              help="which call (default: the last; the last 3 are remembered)")
+    def qjam_replay(self, line: str = "") -> Any:
+        """Run one slice of the last call again here, in the notebook, and return mapfunc's value for it.
+
+        To debug a mapfunc with ordinary tools: the function and params are
+        unpickled from the very bytes the workers got, and the slice is checked
+        to be unchanged since the call, so the value is bit-identical to what
+        the worker returned; if mapfunc raises, it raises here, where
+        ``%debug`` and breakpoints work. It says why when a slice cannot be
+        replayed (no such slice, call no longer remembered, data changed).
+
+        Examples::
+
+            %qjam_replay 3              # slice 3 of the last call
+            %qjam_replay 3 --call 5     # slice 3 of call 5 (one of the last 3 calls)
+            value = %qjam_replay 0      # keep the value
+            %debug                      # after a replay that raised: walk mapfunc's frames
+            cluster.replay(3, call=5)   # the same from Python
+        """
+        if not line.strip():
+            raise UsageError("say which slice: %qjam_replay SLICE [--call N], e.g. %qjam_replay 0")
+        args = parse_argstring(self.qjam_replay, line)
         if self.cluster is None:
-            print("no cluster is running")
+            raise UsageError("no cluster is running: start one with %qjam_hosts local:2 and run a %%qjam_map cell; "
+                             "then %qjam_replay 0 runs its slice 0 here")
+        return self.cluster.replay(args.slice, args.call)
+
+    @line_magic
+    def qjam_shutdown(self, line: str = "") -> None:
+        """Stop every worker of the notebook's cluster (their caches go with them).
+
+        Workers also stop by themselves when the kernel ends or restarts.
+
+        Examples::
+
+            %qjam_shutdown
+            %qjam_hosts local:4             # a new cluster (this also stops the old one first)
+        """
+        if self.cluster is None:
+            print("no cluster is running (start one with %qjam_hosts local:2)")
             return
         n = len(self.cluster.workers)
         self.shutdown()
@@ -180,11 +233,33 @@ class QjamMagics(Magics):
 
         The cell defines ``mapfunc`` (and optionally ``reduce(a, b)``) and may use
         any notebook variable or function. The reduced result is the cell's
-        value. Example::
+        value. The dataset (``-d``) is cut into slices that stay cached on the
+        workers, so the next call over the same data ships only mapfunc and
+        params (``-p``): pass big data that way, not as a variable mapfunc
+        uses (that travels on every call, and a ``CaptureWarning`` says so).
+        Without ``-d`` every worker runs ``mapfunc(params, [])`` once; with no
+        cluster yet, ``local:2`` is started.
+
+        Examples::
 
             %%qjam_map -p theta -d X -o grad
             def mapfunc(theta, xs):
                 return xs.T @ (xs @ theta - 1)
+
+            %%qjam_map -d words --slice-size 1000 -o counts
+            import collections
+            def mapfunc(params, words):
+                return collections.Counter("".join(words))   # the default reduce adds dicts key by key
+
+            %%qjam_map -d list(range(100)) --timeline
+            def mapfunc(params, xs):
+                return [max(xs)]
+            def reduce(a, b):                                # instead of a + b
+                return [max(a[0], b[0])]
+
+        Then ``%qjam_timeline`` shows who ran which slice, ``%qjam_replay 3``
+        runs slice 3 again here (to debug it), and ``cluster.map(mapfunc,
+        theta, X)`` does the same from Python, e.g. in a loop.
         """
         args = parse_argstring(self.qjam_map, line)
         if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
