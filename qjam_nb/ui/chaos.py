@@ -26,11 +26,11 @@ class ChaosControls:
         names = cluster.worker_names
         self.worker = widgets.Dropdown(options=names, value=names[0] if names else None, description="worker",
                                        layout=widgets.Layout(width="16em"))
-        self.after = widgets.IntText(value=0, description="after", min=0,
+        self.after = widgets.BoundedIntText(value=0, description="after", min=0, max=10**9,
                                      tooltip="slices of the next call before it happens (0 = now)",
                                      layout=widgets.Layout(width="10em"))
         self.after_label = widgets.Label("slices (0 = now)")
-        self.seconds = widgets.FloatText(value=0.5, description="delay s", min=0,
+        self.seconds = widgets.BoundedFloatText(value=0.5, description="delay s", min=0, max=3600,
                                          layout=widgets.Layout(width="10em"))
         self.kill_button = widgets.Button(description="kill", button_style="danger",
                                           tooltip="SIGKILL the worker (now, or after N slices of the next call)")
