@@ -41,6 +41,10 @@ def test_kill_armed_for_ten_slices_moves_the_victims_slices_and_it_comes_back(ma
     assert moved and all(done[i] != victim for i in moved)
     after = log.events[log.events.index(death):]
     assert not [e for e in after if isinstance(e, SliceDone) and e.worker == victim]
+    # The call's timeline shows the same: the moved slices, each finished once, on a survivor.
+    timeline = cluster.last_call
+    assert timeline.moved() == sorted(moved)
+    assert {r.index: r.worker for r in timeline.done_slices()} == done
     # It is started again before the next call, which all three workers share.
     log.clear()
     assert cluster.map(slow_sum, None, DATA, slice_size=1) == sum(DATA)
