@@ -40,11 +40,19 @@ GREY = "#93a1a1"
 LANE_HEIGHT, BAR_HEIGHT = 22, 14
 LABEL_WIDTH, RIGHT_MARGIN, TOP = 120, 16, 30
 CSS_CLASS = "qjam-timeline"
+#: Above this many records, adjacent bars of one kind on a lane are drawn as one (10,000 bars would be 4 MB).
+MAX_BARS = 2000
 
 
-def timeline_svg(record: CallRecord, width: int = 760) -> str:
-    """An SVG drawing of one call: lanes, bars (``rect.qjam-slice``, one per record), axis, legend, totals."""
+def timeline_svg(record: CallRecord, width: int = 760, max_bars: int = MAX_BARS) -> str:
+    """An SVG drawing of one call: lanes, bars (``rect.qjam-slice``, one per record), axis, legend, totals.
+
+    A call of more than ``max_bars`` records draws each lane's runs of touching
+    bars of one kind (shipped or cached, same outcome) as one ``rect.qjam-slice.qjam-merged``
+    with ``data-count`` records; lost slices are always drawn one by one.
+    """
     lanes = record.by_worker()
+    merge = len(record.slices) > max_bars
     span = max([record.seconds] + [_end(r, record) for r in record.slices] + [1e-6])
     plot = width - LABEL_WIDTH - RIGHT_MARGIN
 
@@ -61,15 +69,21 @@ def timeline_svg(record: CallRecord, width: int = 760) -> str:
         out.append(f'<text x="{LABEL_WIDTH - 6}" y="{y + 14}" text-anchor="end" font-family="monospace">'
                    f'{html.escape(worker)}</text>')
         top = y + (LANE_HEIGHT - 2 - BAR_HEIGHT) / 2
-        for r in records:  # queue lines first, so the bars cover them where slices ran
-            out.extend(_wait(r, x, top))
-        for r in records:
-            out.extend(_bar(r, record, x, top))
+        if merge:
+            out.extend(_merged_bars(records, record, x, top))
+        else:
+            for r in records:  # queue lines first, so the bars cover them where slices ran
+                out.extend(_wait(r, x, top))
+            for r in records:
+                out.extend(_bar(r, record, x, top))
         out.append("</g>")
         y += LANE_HEIGHT
     y = _axis(out, x, span, y + 4, plot)
     y = _legend(out, y + 8)
-    for line in _totals(record):
+    notes = _totals(record)
+    if merge:
+        notes.append(f"{len(record.slices)} slice records: touching bars of one kind on a lane are drawn as one")
+    for line in notes:
         y += 16
         out.append(f'<text class="qjam-totals" x="4" y="{y}">{html.escape(line)}</text>')
     height = y + 8
@@ -119,9 +133,54 @@ def _bar(r: SliceRecord, record: CallRecord, x: Callable[[float], float], top: f
     return parts
 
 
+def _merged_bars(records: list[SliceRecord], record: CallRecord, x: Callable[[float], float],
+                 top: float) -> list[str]:
+    """One bar per run of touching records of one kind; the compute share shaded at its start."""
+    runs: list[list] = []  # [x0, x1, kind, records, seconds busy]
+    spans = sorted(((_start(r), _end(r, record), r) for r in records), key=lambda span: span[0])
+    for start, end, r in spans:
+        end = max(start, end)
+        x0, x1 = x(start), x(end)
+        kind = (r.cached, r.outcome)
+        last = runs[-1] if runs else None
+        if r.outcome != LOST and last is not None and last[2] == kind and x0 <= last[1] + 1.0:
+            last[1] = max(last[1], x1)
+            last[3].append(r)
+            last[4] += end - start
+        else:
+            runs.append([x0, x1, kind, [r], end - start])
+    parts = []
+    for x0, x1, (cached, outcome), rs, busy in runs:
+        if len(rs) == 1:
+            parts.extend(_bar(rs[0], record, x, top))
+            continue
+        w = max(1.5, x1 - x0)
+        bar, dark = CACHED if cached else SHIPPED
+        stroke = {ERROR: LOST_RED, CANCELLED: GREY, None: RUNNING_BLUE}.get(outcome, "#fff")
+        share = min(1.0, sum(r.compute for r in rs) / busy) if busy > 0 else 0.0
+        indexes = sorted(r.index for r in rs)
+        which = format_ranges(indexes) if len(rs) <= 20 else f"{indexes[0]} to {indexes[-1]}"
+        title = (f"{len(rs)} slices on {rs[0].worker} ({which}): "
+                 f"{'from the cache' if cached else 'shipped'}, {outcome or 'running'}; compute {share:.0%} of the bar")
+        parts.append(
+            f'<rect class="qjam-slice qjam-merged {"cached" if cached else "shipped"} {outcome or "running"}" '
+            f'data-index="{rs[0].index}" data-count="{len(rs)}" data-worker="{_attr(rs[0].worker)}" '
+            f'x="{x0:.1f}" y="{top}" width="{w:.1f}" height="{BAR_HEIGHT}" fill="{bar}" stroke="{stroke}" '
+            f'stroke-width="1"><title>{html.escape(title)}</title></rect>'
+        )
+        if outcome == DONE and share * w >= 0.5:
+            parts.append(f'<rect class="qjam-compute" x="{x0:.1f}" y="{top}" width="{share * w:.1f}" '
+                         f'height="{BAR_HEIGHT}" fill="{dark}" pointer-events="none"/>')
+    return parts
+
+
 def _start(r: SliceRecord) -> float:
     """Where a bar starts: when the worker began the slice, else when it was sent or assigned."""
-    return next(t for t in (r.started, r.sent, r.assigned, 0.0) if t is not None)
+    if r.started is not None:
+        return r.started
+    if r.sent is not None:
+        return r.sent
+    return r.assigned if r.assigned is not None else 0.0
 
 
 def _wait(r: SliceRecord, x: Callable[[float], float], top: float) -> list[str]:
@@ -207,6 +266,9 @@ class TimelineWidget(_View):
     ``call`` draws that call (one of ``cluster.calls``) instead of the last.
     Its DOM carries the CSS class ``qjam-timeline``.
     """
+
+    #: Only the end of a call must draw at once: worker state changes do not show on a timeline.
+    urgent = (ev.CallFinished,)
 
     def __init__(self, cluster: Cluster, min_interval: float = 0.25, clock: Callable[[], float] = time.monotonic,
                  live: bool = True, call: int | None = None) -> None:

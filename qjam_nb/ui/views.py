@@ -40,6 +40,8 @@ class _View:
     """Subscribes to a cluster and redraws from its status model, throttled; displays ``box``."""
 
     box: widgets.Widget
+    #: Events that redraw at once, whatever the throttle says.
+    urgent: tuple = URGENT
 
     def __init__(self, cluster: Cluster, min_interval: float, clock: Callable[[], float]) -> None:
         self.cluster = cluster
@@ -49,7 +51,7 @@ class _View:
         self._unsubscribe = cluster.events.subscribe(self._on_event)
 
     def _on_event(self, event: ev.Event) -> None:
-        if self.throttle(isinstance(event, URGENT)):
+        if self.throttle(isinstance(event, self.urgent)):
             self.redraws += 1
             self.redraw()
 

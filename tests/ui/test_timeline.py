@@ -232,3 +232,24 @@ def test_in_a_kernel_the_magics_display_timeline_widgets(ip, monkeypatch):
     assert isinstance(shown[0], TimelineWidget) and "qjam-timeline" in shown[0].box._dom_classes
     assert isinstance(shown[1], ClusterWidget) and "qjam-cluster" in shown[1].box._dom_classes
     shown[1].close()
+
+
+def test_a_call_of_thousands_of_slices_draws_touching_bars_of_one_kind_as_one():
+    slices = []
+    for i in range(3000):
+        worker, t = ("a", "b")[i % 2], (i // 2) * 0.001
+        slices.append(SliceRecord(1, i, worker, i >= 1500, assigned=0.0, started=t, done=t + 0.001, ended=t + 0.001,
+                                  compute=0.0005, outcome="done"))
+    slices.append(SliceRecord(1, 7, "a", False, assigned=0.0, started=0.5, ended=0.6, outcome="lost"))
+    slices.append(SliceRecord(1, 8, "b", True, assigned=0.0, started=0.0, done=0.001, ended=0.001, outcome="done"))
+    record = CallRecord(1, 3000, ("a", "b"), time.time(), seconds=1.5, ok=True, slices=slices)
+    svg = timeline_svg(record)
+    root = ET.fromstring(svg)
+    bars = elements(root, "rect", "qjam-slice")
+    assert sum(int(b.get("data-count", "1")) for b in bars) == len(slices)
+    assert len(bars) < 20 and len(svg) < 20_000
+    assert [b.get("data-index") for b in bars if "lost" in classes(b)] == ["7"]  # never merged
+    kinds = {(b.get("data-worker"), frozenset(classes(b) & {"cached", "shipped"})) for b in bars}
+    assert len(kinds) == 4  # shipped then cached, on both lanes
+    assert "3002 slice records: touching bars of one kind on a lane are drawn as one" in all_text(svg)
+    assert len(elements(ET.fromstring(timeline_svg(record, max_bars=5000)), "rect", "qjam-slice")) == 3002
