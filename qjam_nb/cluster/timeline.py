@@ -27,13 +27,15 @@ from typing import Any, Protocol
 
 from . import events as ev
 
-#: Calls a cluster remembers (``cluster.calls``).
+#: Calls a cluster remembers (``cluster.calls``), and the slice records they may hold together
+#: (older calls are forgotten first: 200,000 records are about 70 MB).
 KEEP_CALLS = 20
+KEEP_RECORDS = 200_000
 
 DONE, LOST, CANCELLED, ERROR = "done", "lost", "cancelled", "error"
 
 
-@dataclass
+@dataclass(slots=True)  # a call of 10,000 slices keeps 10,000 of these
 class SliceRecord:
     """One slice on one worker. Times are seconds since the call started, None if it never happened."""
 
@@ -152,8 +154,10 @@ class CallRecorder:
     injectable for tests.
     """
 
-    def __init__(self, keep: int = KEEP_CALLS, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, keep: int = KEEP_CALLS, clock: Callable[[], float] = time.perf_counter,
+                 keep_records: int = KEEP_RECORDS) -> None:
         self.calls: deque[CallRecord] = deque(maxlen=keep)
+        self.keep_records = keep_records
         self.clock = clock
         self._t0 = 0.0
         self._open: dict[tuple[int, str], SliceRecord] = {}  # (index, worker) -> its unfinished record
@@ -178,6 +182,8 @@ class CallRecorder:
         if isinstance(event, ev.CallStarted):
             self._t0 = self.clock()
             self._open.clear()
+            while self.calls and sum(len(c.slices) for c in self.calls) + event.n_slices > self.keep_records:
+                self.calls.popleft()
             self.calls.append(CallRecord(event.call, event.n_slices, tuple(event.workers), time.time(),
                                          event.params_hash))
             return

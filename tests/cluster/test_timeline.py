@@ -201,6 +201,17 @@ def test_recorder_follows_a_slice_that_was_cached_then_needed_then_lost_then_don
     assert rec.last.slices == []
 
 
+def test_the_recorder_forgets_old_calls_to_keep_its_records_bounded():
+    rec = CallRecorder(keep=20, clock=FakeClock(), keep_records=10)
+    for call in (1, 2, 3):
+        rec(CallStarted(call, 4, ("a",)))
+        for i in range(4):
+            rec(SliceAssigned(call, i, "a", False))
+    assert [c.call for c in rec.calls] == [2, 3]
+    rec(CallStarted(4, 12, ("a",)))  # bigger than the bound on its own: only it is kept
+    assert [c.call for c in rec.calls] == [4]
+
+
 def test_unfinished_slices_are_cancelled_when_the_call_ends():
     rec = CallRecorder(clock=FakeClock())
     rec(CallStarted(1, 2, ("a",)))
