@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -59,13 +60,20 @@ class Chaos:
     """
 
     def __init__(self, cluster: Any) -> None:
-        self._cluster = cluster
+        self._cluster_ref = weakref.ref(cluster)  # no cycle: a dropped cluster goes at once, as before
         self.armed: list[Armed] = []
         self.delays: dict[str, float] = {}  # worker name -> seconds slept before each slice
         self.log: deque[str] = deque(maxlen=20)  # what chaos did, newest last
 
     def __repr__(self) -> str:
         return f"<Chaos: {self.describe()}>"
+
+    @property
+    def _cluster(self) -> Any:
+        cluster = self._cluster_ref()
+        if cluster is None:
+            raise RuntimeError("this chaos belonged to a cluster that no longer exists")
+        return cluster
 
     # -- what the user calls ---------------------------------------------------------
     def kill(self, worker: str | int, after_slices: int | None = None) -> str:
