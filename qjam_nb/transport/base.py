@@ -44,8 +44,8 @@ class WorkerProcess(Protocol):
     def readinto(self, buffer: memoryview) -> int:
         """Read worker stdout into ``buffer``; 0 means the stream ended."""
 
-    def write(self, data: memoryview) -> None:
-        """Write all of ``data`` to the worker's stdin (blocking)."""
+    def write(self, chunks: list) -> None:
+        """Write all of one message's ``chunks`` to the worker's stdin, in order (blocking)."""
 
     def read_stderr(self) -> bytes:
         """Next bytes of the worker's real stderr; b"" when it closed."""

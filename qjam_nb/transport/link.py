@@ -88,8 +88,7 @@ class Link:
     def _write(self) -> None:
         try:
             while (chunks := self._outbox.get()) is not None:
-                for chunk in chunks:
-                    self.process.write(chunk)
+                self.process.write(chunks)
         except Exception:  # OSError, or the ssh library's own: the stream is broken either way
             pass  # the reader sees the stream end and reports it
         finally:

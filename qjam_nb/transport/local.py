@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from ..worker.pipes import write_all
 from .base import WORKER_PACKAGE, bootstrap_code
 
 
@@ -25,11 +26,8 @@ class LocalProcess:
     def readinto(self, buffer: memoryview) -> int:
         return os.readv(self.popen.stdout.fileno(), [buffer])
 
-    def write(self, data: memoryview) -> None:
-        fd = self.popen.stdin.fileno()
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
+    def write(self, chunks: list) -> None:
+        write_all(self.popen.stdin.fileno(), chunks)
 
     def read_stderr(self) -> bytes:
         return os.read(self.popen.stderr.fileno(), 65536)

@@ -23,6 +23,9 @@ from .base import bootstrap_code
 from .payload import PROBE, UNPACK, payload
 from .sshconnect import PACKET_SIZE, PREFERRED_CIPHERS, WINDOW_SIZE, SshOptions, connect, resolve
 
+#: Messages up to this size are joined into one buffer before sending: one ssh packet, one wake-up.
+JOIN_BELOW = 64 << 10
+
 __all__ = ["PACKET_SIZE", "PREFERRED_CIPHERS", "WINDOW_SIZE", "SshOptions", "SshProcess", "SshTransport", "run"]
 
 
@@ -63,8 +66,12 @@ class SshProcess:
         buffer[: len(data)] = data
         return len(data)
 
-    def write(self, data: memoryview) -> None:
-        self.channel.sendall(memoryview(data).cast("B"))
+    def write(self, chunks: list) -> None:
+        views = [memoryview(c).cast("B") for c in chunks]
+        if sum(v.nbytes for v in views) <= JOIN_BELOW:  # one ssh packet, not one per chunk
+            views = [b"".join(views)]
+        for view in views:
+            self.channel.sendall(view)
 
     def read_stderr(self) -> bytes:
         return self.channel.recv_stderr(65536)

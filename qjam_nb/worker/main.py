@@ -37,6 +37,7 @@ import traceback
 import cloudpickle
 
 from . import protocol, sharedmem
+from .pipes import write_all
 from .protocol import Kind
 
 
@@ -55,10 +56,8 @@ class Channel:
     def write(self, kind: Kind, chunks: list, call: int, index: int) -> None:
         with self.lock:
             protocol.trace("send", self.name, f"{kind.name} call={call} index={index}")
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view:
-                    view = view[os.write(self.fd, view) :]
+            write_all(self.fd, chunks)
+
 
 
 class OutputPump:
