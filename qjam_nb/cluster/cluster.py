@@ -263,11 +263,16 @@ class Cluster:
         body = {"func": pickle.PickleBuffer(func_blob), "params": params_part}
         chunks = protocol.encode(Kind.CALL, body, call=call.id)
         for w in alive:
+            w.link.hold()  # the CALL and the first slices go out together
             call.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, call.id)
             self._pool.set_state(w, states.BUSY, f"call {call.id}")
         ok = False
         try:
-            self._feed(call, sched)
+            try:
+                self._feed(call, sched)
+            finally:
+                for w in alive:
+                    w.link.release()
             if self.chaos.armed:
                 self.chaos.progress(call, sched)
             while not call.fold.complete:
