@@ -20,17 +20,18 @@ from __future__ import annotations
 import hashlib
 import pickle
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import events as ev
 
 #: Calls a cluster remembers (``cluster.calls``), and the slice records they may hold together
-#: (older calls are forgotten first: 200,000 records are about 70 MB).
+#: (older calls are forgotten first; a record takes ~85 bytes, so 100,000 take ~9 MB).
 KEEP_CALLS = 20
-KEEP_RECORDS = 200_000
+KEEP_RECORDS = 100_000
 
 DONE, LOST, CANCELLED, ERROR = "done", "lost", "cancelled", "error"
 
@@ -62,26 +63,154 @@ class SliceRecord:
         return ship + max(0.0, back)
 
 
-@dataclass
-class CallRecord:
-    """One map call: its slices in the order they were assigned, and the call's totals."""
+TIMES = ("assigned", "sent", "started", "done", "ended", "compute")
+OUTCOMES = (None, DONE, LOST, CANCELLED, ERROR)
+_NAN = float("nan")
+_KEY_BYTES = 16  # slice keys are 128-bit hashes, in hex
 
-    call: int
-    n_slices: int
-    workers: tuple
-    started: float  # time.time() when the call started
-    params_hash: str = ""
-    seconds: float = 0.0  # so far, while it runs
-    ok: bool | None = None  # None while the call runs
-    bytes_sent: int = 0
-    slice_bytes_sent: int = 0
-    slice_bytes_cached: int = 0
-    reduce_seconds: float = 0.0
-    slices: list[SliceRecord] = field(default_factory=list)
+
+class _Rows:
+    """A call's slice records as columns: 100,000 records take ~9 MB and a few objects, not 100,000 objects.
+
+    ``SliceRecord`` objects are made on demand (``get``); times are NaN for None.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        """``capacity``: rows to allocate at once (a call's slice count), so the columns are not regrown."""
+        self.n = 0
+        self.index = array("I")
+        self.worker = array("H")
+        self.names: list[str] = []
+        self._ids: dict[str, int] = {}
+        self.cached = bytearray()
+        self.keys = bytearray()  # _KEY_BYTES per row; a key that is not 32 hex digits goes to odd_keys
+        self.odd_keys: dict[int, str | None] = {}
+        self.nbytes = array("q")
+        self.nbytes_sent = array("q")
+        self.times = {name: array("d") for name in TIMES}
+        self.outcome = bytearray()
+        self._grow(capacity)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _grow(self, extra: int) -> None:
+        for column in (self.index, self.worker, self.nbytes, self.nbytes_sent):
+            column.frombytes(bytes(column.itemsize * extra))
+        for column in self.times.values():
+            column.extend(array("d", [_NAN]) * extra)
+        self.cached += bytes(extra)
+        self.outcome += bytes(extra)
+        self.keys += bytes(_KEY_BYTES * extra)
+
+    def append(self, r: SliceRecord) -> int:
+        row = self.n
+        if row == len(self.index):
+            self._grow(max(16, row))
+        self.n += 1
+        if r.worker not in self._ids:
+            self._ids[r.worker] = len(self.names)
+            self.names.append(r.worker)
+        self.index[row] = r.index
+        self.worker[row] = self._ids[r.worker]
+        self.cached[row] = bool(r.cached)
+        self.set_key(row, r.key)
+        self.nbytes[row] = r.nbytes
+        self.nbytes_sent[row] = r.nbytes_sent
+        for name in TIMES:
+            value = getattr(r, name)
+            self.times[name][row] = _NAN if value is None else value
+        self.outcome[row] = OUTCOMES.index(r.outcome)
+        return row
+
+    def set_key(self, row: int, key: str | None) -> None:
+        if key is not None and len(key) == 2 * _KEY_BYTES:
+            try:
+                self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES] = bytes.fromhex(key)
+                self.odd_keys.pop(row, None)
+                return
+            except ValueError:
+                pass
+        self.odd_keys[row] = key
+
+    def key(self, row: int) -> str | None:
+        if row in self.odd_keys:
+            return self.odd_keys[row]
+        return self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES].hex()
+
+    def get(self, row: int) -> SliceRecord:
+        times = {name: self.times[name][row] for name in TIMES}
+        times = {name: (None if t != t else t) for name, t in times.items()}  # NaN is None
+        return SliceRecord(
+            0, self.index[row], self.names[self.worker[row]], bool(self.cached[row]), self.key(row),
+            self.nbytes[row], self.nbytes_sent[row], times["assigned"], times["sent"], times["started"],
+            times["done"], times["ended"], times["compute"] or 0.0, OUTCOMES[self.outcome[row]],
+        )
+
+
+class CallRecord:
+    """One map call: its slices in the order they were assigned, and the call's totals.
+
+    ``slices`` makes a fresh list of ``SliceRecord`` each time (the record
+    keeps them as columns): take it once into a variable when looping.
+    """
+
+    def __init__(
+        self, call: int, n_slices: int, workers: tuple, started: float, params_hash: str = "",
+        seconds: float = 0.0, ok: bool | None = None, bytes_sent: int = 0, slice_bytes_sent: int = 0,
+        slice_bytes_cached: int = 0, reduce_seconds: float = 0.0, slices: Iterable[SliceRecord] = (),
+    ) -> None:
+        self.call = call
+        self.n_slices = n_slices
+        self.workers = tuple(workers)
+        self.started = started  # time.time() when the call started
+        self.params_hash = params_hash  # SHA-256 of the params as shipped
+        self.seconds = seconds  # so far, while it runs
+        self.ok = ok  # None while the call runs
+        self.bytes_sent = bytes_sent
+        self.slice_bytes_sent = slice_bytes_sent
+        self.slice_bytes_cached = slice_bytes_cached
+        self.reduce_seconds = reduce_seconds
+        self.rows = _Rows(n_slices)
+        for r in slices:
+            self.rows.append(r)
+
+    def __repr__(self) -> str:
+        state = "running" if self.ok is None else ("ok" if self.ok else "failed")
+        return (f"<CallRecord call {self.call}: {self.n_slices} slices, {len(self.rows)} records on "
+                f"{len(self.workers)} workers, {state}, {self.seconds:.3f} s>")
+
+    @property
+    def slices(self) -> list[SliceRecord]:
+        """Every record, in the order the slices were assigned (a moved slice has a lost and a done one)."""
+        out = [self.rows.get(row) for row in range(len(self.rows))]
+        for r in out:
+            r.call = self.call
+        return out
+
+    @property
+    def n_records(self) -> int:
+        return len(self.rows)
 
     @property
     def finished(self) -> bool:
         return self.ok is not None
+
+    @property
+    def has_dataset(self) -> bool:
+        """False for calls without a dataset (every worker ran once), whose slices have no keys."""
+        odd = self.rows.odd_keys
+        return len(odd) < len(self.rows) or any(key is not None for key in odd.values())
+
+    def slice_keys(self) -> dict[str, set[int]]:
+        """Content hash -> the slice indexes with that content (equal slices share a key)."""
+        out: dict[str, set[int]] = {}
+        rows = self.rows
+        for row in range(len(rows)):
+            key = rows.key(row)
+            if key is not None:
+                out.setdefault(key, set()).add(rows.index[row])
+        return out
 
     def done_slices(self) -> list[SliceRecord]:
         """One record per finished slice index (the one that finished), by index."""
@@ -89,9 +218,10 @@ class CallRecord:
 
     def moved(self) -> list[int]:
         """Slice indexes that were assigned to more than one worker (their first worker died)."""
-        seen: dict[int, set[str]] = {}
-        for r in self.slices:
-            seen.setdefault(r.index, set()).add(r.worker)
+        seen: dict[int, set[int]] = {}
+        n = len(self.rows)
+        for index, worker in zip(self.rows.index[:n], self.rows.worker[:n], strict=True):
+            seen.setdefault(index, set()).add(worker)
         return sorted(i for i, w in seen.items() if len(w) > 1)
 
     def by_worker(self) -> dict[str, list[SliceRecord]]:
@@ -107,20 +237,21 @@ class CallRecord:
         ``compute_seconds`` and ``transfer_seconds`` add up over slices (workers run
         in parallel, so they can exceed ``seconds``, the call's wall time).
         """
-        done = [r for r in self.slices if r.outcome == DONE]
+        slices = self.slices
+        done = [r for r in slices if r.outcome == DONE]
         return {
             "seconds": self.seconds,
             "slices": self.n_slices,
             "done": len(done),
             "shipped": sum(1 for r in done if not r.cached),
             "cached": sum(1 for r in done if r.cached),
-            "lost": sum(1 for r in self.slices if r.outcome == LOST),
+            "lost": sum(1 for r in slices if r.outcome == LOST),
             "moved": len(self.moved()),
             "bytes_sent": self.bytes_sent,
             "slice_bytes_sent": self.slice_bytes_sent,
             "bytes_saved": self.slice_bytes_cached,
             "compute_seconds": sum(r.compute for r in done),
-            "transfer_seconds": sum(r.transfer for r in self.slices),
+            "transfer_seconds": sum(r.transfer for r in slices),
             "reduce_seconds": self.reduce_seconds,
         }
 
@@ -150,8 +281,9 @@ class CallRecord:
 class CallRecorder:
     """Observer that builds a ``CallRecord`` per call and keeps the last ``keep``.
 
-    ``calls[-1]`` is the call running now, or the last one; ``clock`` is
-    injectable for tests.
+    ``calls[-1]`` is the call running now, or the last one. Older calls are
+    forgotten first when the calls kept would hold more than ``keep_records``
+    slice records. ``clock`` is injectable for tests.
     """
 
     def __init__(self, keep: int = KEEP_CALLS, clock: Callable[[], float] = time.perf_counter,
@@ -160,7 +292,7 @@ class CallRecorder:
         self.keep_records = keep_records
         self.clock = clock
         self._t0 = 0.0
-        self._open: dict[tuple[int, str], SliceRecord] = {}  # (index, worker) -> its unfinished record
+        self._open: dict[tuple[int, str], int] = {}  # (index, worker) -> the row of its unfinished record
 
     @property
     def last(self) -> CallRecord | None:
@@ -173,16 +305,16 @@ class CallRecorder:
         record = self.last
         return record if record is not None and record.call == call and not record.finished else None
 
-    def _close(self, record: SliceRecord, outcome: str) -> None:
-        record.outcome = outcome
-        record.ended = self._now()
-        self._open.pop((record.index, record.worker), None)
+    def _close(self, rows: _Rows, key: tuple[int, str], outcome: str) -> None:
+        row = self._open.pop(key)
+        rows.outcome[row] = OUTCOMES.index(outcome)
+        rows.times["ended"][row] = self._now()
 
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.CallStarted):
             self._t0 = self.clock()
             self._open.clear()
-            while self.calls and sum(len(c.slices) for c in self.calls) + event.n_slices > self.keep_records:
+            while self.calls and sum(c.n_records for c in self.calls) + event.n_slices > self.keep_records:
                 self.calls.popleft()
             self.calls.append(CallRecord(event.call, event.n_slices, tuple(event.workers), time.time(),
                                          event.params_hash))
@@ -191,38 +323,41 @@ class CallRecorder:
         record = self._current(call) if isinstance(call, int) else None
         if record is None:
             return
-        record.seconds = self._now()
+        now = record.seconds = self._now()
+        rows = record.rows
         if isinstance(event, ev.SliceAssigned):
-            r = SliceRecord(event.call, event.index, event.worker, event.cached, event.key, event.nbytes,
-                            assigned=self._now())
-            record.slices.append(r)
-            self._open[(event.index, event.worker)] = r
+            self._open[(event.index, event.worker)] = rows.append(SliceRecord(
+                event.call, event.index, event.worker, event.cached, event.key, event.nbytes, assigned=now))
             return
-        r = self._open.get((getattr(event, "index", -1), getattr(event, "worker", "")))
-        if isinstance(event, ev.SliceSent) and r is not None:
-            r.cached = False  # also when the worker said NEED: it had lost the slice after all
-            r.key = event.key
-            r.nbytes_sent += event.nbytes
-            r.sent = self._now()
-        elif isinstance(event, ev.SliceStarted) and r is not None:
-            r.started = self._now()
-        elif isinstance(event, ev.SliceDone) and r is not None:
-            r.done = self._now()
-            r.compute = event.seconds
-            self._close(r, DONE)
-        elif isinstance(event, ev.SliceLost) and r is not None:
-            self._close(r, LOST)
-        elif isinstance(event, ev.ErrorEvent) and r is not None:
-            self._close(r, ERROR)
-        elif isinstance(event, ev.CallFinished):
-            for r in list(self._open.values()):
-                self._close(r, CANCELLED)
+        if isinstance(event, ev.CallFinished):
+            for key in list(self._open):
+                self._close(rows, key, CANCELLED)
             record.seconds = event.seconds
             record.bytes_sent = event.bytes_sent
             record.slice_bytes_sent = event.slice_bytes_sent
             record.slice_bytes_cached = event.slice_bytes_cached
             record.reduce_seconds = event.reduce_seconds
             record.ok = event.ok
+            return
+        key = (getattr(event, "index", -1), getattr(event, "worker", ""))
+        row = self._open.get(key)
+        if row is None:
+            return
+        if isinstance(event, ev.SliceSent):
+            rows.cached[row] = False  # also when the worker said NEED: it had lost the slice after all
+            rows.set_key(row, event.key)
+            rows.nbytes_sent[row] += event.nbytes
+            rows.times["sent"][row] = now
+        elif isinstance(event, ev.SliceStarted):
+            rows.times["started"][row] = now
+        elif isinstance(event, ev.SliceDone):
+            rows.times["done"][row] = now
+            rows.times["compute"][row] = event.seconds
+            self._close(rows, key, DONE)
+        elif isinstance(event, ev.SliceLost):
+            self._close(rows, key, LOST)
+        elif isinstance(event, ev.ErrorEvent):
+            self._close(rows, key, ERROR)
 
 
 class _HasCache(Protocol):
@@ -236,11 +371,7 @@ def cache_map(record: CallRecord | None, workers: Iterable[_HasCache]) -> dict[s
     Pure: reads the record's slice keys and each worker's ``cache`` (key -> bytes).
     A call without a dataset (or no call yet) holds no slices.
     """
-    keys: dict[str, set[int]] = {}
-    if record is not None:
-        for r in record.slices:
-            if r.key is not None:
-                keys.setdefault(r.key, set()).add(r.index)
+    keys = record.slice_keys() if record is not None else {}
     out = {}
     for w in workers:
         out[w.name] = sorted(i for key in w.cache if key in keys for i in keys[key])
@@ -267,7 +398,7 @@ def format_ranges(indexes: Iterable[int]) -> str:
 def cache_map_text(record: CallRecord | None, workers: Iterable[_HasCache]) -> str:
     """The cache map as lines of text: ``local/0  holds slices 0-12, 14 of call 3``."""
     held = cache_map(record, workers)
-    if record is None or not any(r.key for r in record.slices):
+    if record is None or not record.has_dataset:
         return "cache map: no dataset in the last call"
     return "\n".join([f"cache map (slices of call {record.call}'s dataset, {record.n_slices} slices):"] + [
         f"  {name:<16} {format_ranges(indexes)}" for name, indexes in held.items()

@@ -52,8 +52,8 @@ def timeline_svg(record: CallRecord, width: int = 760, max_bars: int = MAX_BARS)
     with ``data-count`` records; lost slices are always drawn one by one.
     """
     lanes = record.by_worker()
-    merge = len(record.slices) > max_bars
-    span = max([record.seconds] + [_end(r, record) for r in record.slices] + [1e-6])
+    merge = record.n_records > max_bars
+    span = max([record.seconds] + [_end(r, record) for rs in lanes.values() for r in rs] + [1e-6])
     plot = width - LABEL_WIDTH - RIGHT_MARGIN
 
     def x(t: float) -> float:
@@ -82,7 +82,7 @@ def timeline_svg(record: CallRecord, width: int = 760, max_bars: int = MAX_BARS)
     y = _legend(out, y + 8)
     notes = _totals(record)
     if merge:
-        notes.append(f"{len(record.slices)} slice records: touching bars of one kind on a lane are drawn as one")
+        notes.append(f"{record.n_records} slice records: touching bars of one kind on a lane are drawn as one")
     for line in notes:
         y += 16
         out.append(f'<text class="qjam-totals" x="4" y="{y}">{html.escape(line)}</text>')
@@ -293,7 +293,7 @@ class TimelineWidget(_View):
 
     def _on_event(self, event: ev.Event) -> None:
         record = self.cluster.last_call
-        n = len(record.slices) if record is not None else 0
+        n = record.n_records if record is not None else 0
         self.throttle.min_interval = max(self.min_interval, n / 10_000)  # 10,000 bars: once a second
         super()._on_event(event)
 

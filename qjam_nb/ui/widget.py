@@ -143,7 +143,7 @@ class ClusterWidget(_View):
     def redraw(self) -> None:
         call = self.model.call
         record = self.cluster.last_call
-        has_data = record is not None and any(r.key is not None for r in record.slices)
+        has_data = record is not None and record.has_dataset
         held = cache_map(record, self.cluster.workers) if has_data and not call.running else None
         for row in self.model.rows.values():
             cells = row_cells(row)

@@ -116,16 +116,17 @@ def test_a_worker_killed_mid_call_has_lost_records_and_its_slices_done_elsewhere
     check_against_events(call, log)
     lost_events = log.of(SliceLost)
     assert lost_events and {e.worker for e in lost_events} == {victim.name}
-    lost = [r for r in call.slices if r.outcome == "lost"]
+    slices = call.slices  # a fresh list each time: take it once
+    lost = [r for r in slices if r.outcome == "lost"]
     assert sorted((r.index, r.worker) for r in lost) == sorted((e.index, e.worker) for e in lost_events)
     assert call.moved() == sorted(e.index for e in lost_events)
     for r in lost:
         assert r.done is None and r.ended is not None
-        later = [x for x in call.slices if x.index == r.index and x is not r]
+        later = [x for x in slices if x.index == r.index and x is not r]
         assert [x.outcome for x in later] == ["done"] and later[0].worker != victim.name
-        assert call.slices.index(later[0]) > call.slices.index(r)  # assigned again after it was lost
+        assert slices.index(later[0]) > slices.index(r)  # assigned again after it was lost
     assert call.totals()["lost"] == len(lost) and call.totals()["moved"] == len(lost)
-    assert all(r.outcome == "done" for r in call.slices if r.worker != victim.name)
+    assert all(r.outcome == "done" for r in slices if r.worker != victim.name)
 
 
 def test_a_failing_call_records_the_error_and_cancels_the_rest(make_cluster):
@@ -240,3 +241,25 @@ def test_format_ranges():
     assert format_ranges([14, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]) == "0-12, 14"
     assert format_ranges([3]) == "3"
     assert format_ranges([]) == "none"
+
+
+def test_a_call_of_many_slices_is_kept_as_columns_not_as_an_object_per_slice():
+    import gc
+
+    rec = CallRecorder(clock=FakeClock())
+    gc.collect()
+    before = len(gc.get_objects())
+    rec(CallStarted(1, 20_000, ("a", "b")))
+    for i in range(20_000):
+        worker = "ab"[i % 2]
+        rec(SliceAssigned(1, i, worker, False, f"{i:032x}", 8))
+        rec(SliceSent(1, i, worker, f"{i:032x}", 9))
+        rec(SliceDone(1, i, worker, 0.5))
+    rec(CallFinished(1, 1.0, 0, 180_000, 0, True))
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    call = rec.last
+    assert call.n_records == 20_000 and len(call.slice_keys()) == 20_000
+    last = call.slices[-1]
+    assert (last.index, last.worker, last.key, last.nbytes_sent, last.compute, last.outcome, last.started) == (
+        19_999, "b", f"{19_999:032x}", 9, 0.5, "done", None)
