@@ -15,7 +15,7 @@ times:
   process that reads and discards 200 MiB (also: two pipes of 100 MiB at
   once, and one pipe with a 1 MiB buffer instead of Linux's 64 KiB);
 * the pure compute time of the two sums in this process, and the time to
-  hash both slices (qjam_nb names slices by a SHA-256 of their content,
+  hash both slices (qjam_nb names slices by an XXH3-128 hash of their content,
   computed on the master before a call sends anything, cached or not).
 
 Within a repetition the raw reference and qjam_nb run back to back, so a
@@ -416,7 +416,7 @@ def report(r: dict) -> str:
         ("local", "qjam second call (cached)", fmt(loc["second_call_ms"], "ms", 1),
          f"{ra['local_second_vs_compute_plus_1ms']:.1f}x (compute + 1 ms)"),
         ("here", "compute: X[:h].sum() + X[h:].sum()", fmt(r["compute_ms"], "ms", 1), "in this process"),
-        ("here", "slice keys: sha256 of both slices", fmt(r["slice_keys_ms"], "ms", 1),
+        ("here", "slice keys: XXH3 of both slices", fmt(r["slice_keys_ms"], "ms", 1),
          "in this process; every map call pays it"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
