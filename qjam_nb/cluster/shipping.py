@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -84,8 +85,20 @@ def warn_big_captures(func: Any, nbytes: int, role: str = "mapfunc") -> None:
         "Pass big data as the dataset instead (-d NAME in %%qjam_map, dataset= in map: it is sliced, and "
         "cached on the workers) or as params (-p NAME / params=), and take it from the function's arguments.",
         CaptureWarning,
-        stacklevel=4,  # the caller of Cluster.map
+        stacklevel=_user_stacklevel(),
     )
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for the user's own line: ``cluster.map(...)``, or the cell of a ``%%qjam_map``
+    (past this package's frames and IPython's magic machinery)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_globals.get("__name__", "").split(".")[0] in ("qjam_nb", "IPython")
+        or frame.f_code.co_filename.startswith("<decorator-gen")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def big_captures(func: Any, at_least: int = CAPTURE_NAME_BYTES) -> list[tuple[str, int]]:

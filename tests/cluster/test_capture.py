@@ -104,6 +104,7 @@ def test_a_notebook_cell_capturing_a_notebook_variable_is_warned_about(cluster):
             "out", shell.run_cell_magic("qjam_map", "-d [1, 2] --slice-size 1", cell)))
         assert shell.user_ns["out"] == 1600.0
         assert "because it uses the global 'features' (12.2 MiB)" in message
+        assert warned.filename == __file__  # the line that ran the cell, not qjam_nb's or IPython's own
     finally:
         magics.cluster = None
         shell.user_ns.pop("features", None)
