@@ -36,7 +36,7 @@ KEEP_RECORDS = 100_000
 DONE, LOST, CANCELLED, ERROR = "done", "lost", "cancelled", "error"
 
 
-@dataclass(slots=True)  # a call of 10,000 slices keeps 10,000 of these
+@dataclass(slots=True)  # made on demand (CallRecord.slices): ~180 bytes each
 class SliceRecord:
     """One slice on one worker. Times are seconds since the call started, None if it never happened."""
 
@@ -180,26 +180,26 @@ class CallRecord:
         self.slice_bytes_sent = slice_bytes_sent
         self.slice_bytes_cached = slice_bytes_cached
         self.reduce_seconds = reduce_seconds
-        self.rows = _Rows(n_slices)
+        self._rows = _Rows(n_slices)
         for r in slices:
-            self.rows.append(r)
+            self._rows.append(r)
 
     def __repr__(self) -> str:
         state = "running" if self.ok is None else ("ok" if self.ok else "failed")
-        return (f"<CallRecord call {self.call}: {self.n_slices} slices, {len(self.rows)} records on "
+        return (f"<CallRecord call {self.call}: {self.n_slices} slices, {len(self._rows)} records on "
                 f"{len(self.workers)} workers, {state}, {self.seconds:.3f} s>")
 
     @property
     def slices(self) -> list[SliceRecord]:
         """Every record, in the order the slices were assigned (a moved slice has a lost and a done one)."""
-        out = [self.rows.get(row) for row in range(len(self.rows))]
+        out = [self._rows.get(row) for row in range(len(self._rows))]
         for r in out:
             r.call = self.call
         return out
 
     @property
     def n_records(self) -> int:
-        return len(self.rows)
+        return len(self._rows)
 
     @property
     def finished(self) -> bool:
@@ -208,13 +208,13 @@ class CallRecord:
     @property
     def has_dataset(self) -> bool:
         """False for calls without a dataset (every worker ran once), whose slices have no keys."""
-        odd = self.rows.odd_keys
-        return len(odd) < len(self.rows) or any(key is not None for key in odd.values())
+        odd = self._rows.odd_keys
+        return len(odd) < len(self._rows) or any(key is not None for key in odd.values())
 
     def slice_keys(self) -> dict[str, set[int]]:
         """Content hash -> the slice indexes with that content (equal slices share a key)."""
         out: dict[str, set[int]] = {}
-        rows = self.rows
+        rows = self._rows
         for row in range(len(rows)):
             key = rows.key(row)
             if key is not None:
@@ -228,8 +228,8 @@ class CallRecord:
     def moved(self) -> list[int]:
         """Slice indexes that were assigned to more than one worker (their first worker died)."""
         seen: dict[int, set[int]] = {}
-        n = len(self.rows)
-        for index, worker in zip(self.rows.index[:n], self.rows.worker[:n], strict=True):
+        n = len(self._rows)
+        for index, worker in zip(self._rows.index[:n], self._rows.worker[:n], strict=True):
             seen.setdefault(index, set()).add(worker)
         return sorted(i for i, w in seen.items() if len(w) > 1)
 
@@ -325,7 +325,7 @@ class CallRecorder:
         if record is None or event.call != record.call:
             return None
         record.seconds = self.clock() - self._t0
-        return record.rows
+        return record._rows
 
     def _row(self, event: Any) -> tuple[_Rows | None, int]:
         rows = self._rows(event)
@@ -389,8 +389,8 @@ class CallRecorder:
         record.seconds = self.clock() - self._t0
         for key in list(self._open):
             row = self._open.pop(key)
-            record.rows.outcome[row] = _CANCELLED
-            record.rows.times["ended"][row] = record.seconds
+            record._rows.outcome[row] = _CANCELLED
+            record._rows.times["ended"][row] = record.seconds
         record.seconds = event.seconds
         record.bytes_sent = event.bytes_sent
         record.slice_bytes_sent = event.slice_bytes_sent
