@@ -238,7 +238,7 @@ class Cluster:
         pool.current_call = self._call
         call = _Call(self._call, data, keyed, reduce, len(alive), timeout)
         call.mapfunc = mapfunc  # for pointing a remote traceback back at the cell (code_spans)
-        self._replays.remember(call.id, func_blob, params_part, data, keyed, call.fold.n)
+        self._replays.remember(call.id, func_blob, params_part, data, keyed, call.fold.n, mapfunc)
         return self._run(call, alive, func_blob, params_part)
 
     def replay(self, slice: int, call: int | None = None) -> Any:

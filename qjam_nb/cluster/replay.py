@@ -32,6 +32,7 @@ import cloudpickle
 
 from ..dataset import DataSet
 from ..errors import ReplayError
+from .tracebacks import code_spans, point_back
 
 #: Calls remembered for replay.
 KEEP = 3
@@ -51,6 +52,7 @@ class Recording:
     data: DataSet | None
     keyed: list  # per slice: (content key, size), as the call had them (not copied: nobody changes them)
     n_slices: int
+    mapfunc: Any = None  # the function itself, only to point tracebacks back at its source
 
 
 class ReplayLog:
@@ -60,7 +62,7 @@ class ReplayLog:
         self.recordings: deque[Recording] = deque(maxlen=keep)
 
     def remember(self, call: int, func_blob: bytes, params_part: tuple, data: DataSet | None,
-                 keyed: list, n_slices: int) -> None:
+                 keyed: list, n_slices: int, mapfunc: Any = None) -> None:
         """Record a call as it starts (``params_part`` as ``shipping.dumps_params`` made it)."""
         pickled, buffers = params_part
         views = [_view(b) for b in buffers]
@@ -70,7 +72,7 @@ class ReplayLog:
         else:
             kept, digest = list(buffers), _digest(views)
         self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, keyed,
-                                         n_slices))
+                                         n_slices, mapfunc))
 
     def find(self, call: int | None) -> Recording:
         if not self.recordings:
@@ -106,6 +108,8 @@ class ReplayLog:
                                   "call again on the data as it is, then replay.")
             data = _as_worker_sees(rec.data.slice(index))
         func = cloudpickle.loads(rec.func_blob)
+        if rec.mapfunc is not None:  # tracebacks and %debug show the cell's lines, not <dynamic-code>
+            point_back(func, code_spans(rec.mapfunc))
         params = pickle.loads(rec.params_pickle, buffers=[_view(b).toreadonly() for b in rec.params_buffers])
         return func(params, data)
 

@@ -28,26 +28,51 @@ def code_spans(func: Any, limit: int = 200) -> list[CodeSpan]:
     """Where the code ``func`` may run came from: itself, nested code, and the
     functions it reaches through its globals and closure (what cloudpickle ships)."""
     spans: list[CodeSpan] = []
-    seen: set[int] = set()
-    todo = [func]
-    while todo and len(spans) < limit:
-        obj = todo.pop()
-        obj = getattr(obj, "__func__", getattr(obj, "func", obj))
-        if id(obj) in seen or not inspect.isfunction(obj):
-            continue
-        seen.add(id(obj))
+    for obj in _reachable_functions(func, limit):
         codes = [obj.__code__]
         while codes:
             code = codes.pop()
             lines = [line for _, _, line in code.co_lines() if line is not None]
             spans.append(CodeSpan(code.co_name, code.co_filename, code.co_firstlineno, max(lines, default=0)))
             codes.extend(c for c in code.co_consts if inspect.iscode(c))
+    return spans
+
+
+def point_back(func: Any, spans: list[CodeSpan]) -> Any:
+    """Give ``func`` (unpickled from cloudpickle bytes), its nested code and the functions it
+    reaches the file names of the code they were pickled from, so that a traceback, ``%debug``
+    or a breakpoint in it shows the cell's source lines. Returns ``func``."""
+    files = {(s.name, s.first): s.filename for s in spans}
+
+    def fix(code: Any) -> Any:
+        consts = tuple(fix(c) if inspect.iscode(c) else c for c in code.co_consts)
+        filename = code.co_filename
+        if filename == "<dynamic-code>":
+            filename = files.get((code.co_name, code.co_firstlineno), filename)
+        return code.replace(co_filename=filename, co_consts=consts)
+
+    for obj in _reachable_functions(func):
+        obj.__code__ = fix(obj.__code__)
+    return func
+
+
+def _reachable_functions(func: Any, limit: int = 200) -> list:
+    found: list = []
+    seen: set[int] = set()
+    todo = [func]
+    while todo and len(found) < limit:
+        obj = todo.pop()
+        obj = getattr(obj, "__func__", getattr(obj, "func", obj))
+        if id(obj) in seen or not inspect.isfunction(obj):
+            continue
+        seen.add(id(obj))
+        found.append(obj)
         try:
             closure = inspect.getclosurevars(obj)
         except (TypeError, ValueError):
             continue
         todo.extend(v for v in (*closure.nonlocals.values(), *closure.globals.values()) if callable(v))
-    return spans
+    return found
 
 
 def restore(traceback_text: str, spans: list[CodeSpan]) -> str:

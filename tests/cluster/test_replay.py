@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import numpy as np
 import pytest
 
@@ -91,9 +93,27 @@ def test_a_slice_that_failed_on_a_worker_raises_here_for_the_debugger(cluster2):
     with pytest.raises(RemoteError) as info:
         cluster2.map(fail_on_seven, None, list(range(12)), reduce=collect, slice_size=4)
     assert info.value.index == 1
-    with pytest.raises(ValueError, match=r"seven in \[4, 5, 6, 7\]"):
+    with pytest.raises(ValueError, match=r"seven in \[4, 5, 6, 7\]") as replayed:
         cluster2.replay(1)
+    # The failing frame is this file's fail_on_seven, with its source line, as a debugger will show it.
+    frame = traceback.extract_tb(replayed.value.__traceback__)[-1]
+    assert (frame.filename, frame.name) == (__file__, "fail_on_seven") and "raise ValueError" in frame.line
     assert cluster2.replay(2) == [8 + 9 + 10 + 11]
+
+
+def test_a_replayed_function_shipped_by_value_shows_its_source_lines(cluster2):
+    def fail_on_three(params, xs):  # local: cloudpickle ships it by value, as a notebook cell's
+        if 3 in xs:
+            raise ValueError("three")
+        return [sum(xs)]
+
+    with pytest.raises(RemoteError):
+        cluster2.map(fail_on_three, None, list(range(6)), reduce=collect, slice_size=2)
+    with pytest.raises(ValueError, match="three") as replayed:
+        cluster2.replay(1)
+    frame = traceback.extract_tb(replayed.value.__traceback__)[-1]
+    assert (frame.filename, frame.name) == (__file__, "fail_on_three")
+    assert frame.line == 'raise ValueError("three")'
 
 
 def test_replay_gives_mapfunc_a_copy_of_a_list_slice_and_a_read_only_array(cluster2):
