@@ -37,7 +37,7 @@ class CallStarted:
     call: int
     n_slices: int
     workers: tuple
-    params_hash: str = ""  # SHA-256 of the params' pickle, as shipped
+    params_hash: str = ""  # XXH3-128 of the params' pickle, as shipped
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ So a student can debug a mapfunc with ordinary tools (a debugger, prints,
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
+import xxhash
 
 from ..dataset import DataSet
 from ..errors import ReplayError
@@ -48,7 +48,7 @@ class Recording:
     func_blob: bytes
     params_pickle: bytes
     params_buffers: list  # bytes copies, or the shipped buffers themselves when too big to copy
-    params_buffers_hash: str | None  # set when not copied: their SHA-256 at call time
+    params_buffers_hash: str | None  # set when not copied: their XXH3-128 at call time
     data: DataSet | None
     keyed: list  # per slice: (content key, size), as the call had them (not copied: nobody changes them)
     n_slices: int
@@ -126,7 +126,7 @@ def _view(buf: Any) -> memoryview:
 
 
 def _digest(views: list) -> str:
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     for v in views:
         h.update(v)
     return h.hexdigest()

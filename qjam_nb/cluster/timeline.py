@@ -17,7 +17,6 @@ once a call succeeded. Nothing here draws: ``qjam_nb.ui.timeline`` does.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import time
 from array import array
@@ -25,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import xxhash
 
 from . import events as ev
 
@@ -173,7 +174,7 @@ class CallRecord:
         self.n_slices = n_slices
         self.workers = tuple(workers)
         self.started = started  # time.time() when the call started
-        self.params_hash = params_hash  # SHA-256 of the params as shipped
+        self.params_hash = params_hash  # XXH3-128 of the params as shipped
         self.seconds = seconds  # so far, while it runs
         self.ok = ok  # None while the call runs
         self.bytes_sent = bytes_sent
@@ -446,9 +447,10 @@ def cache_map_text(record: CallRecord | None, workers: Iterable[_HasCache]) -> s
 
 
 def params_hash(params_part: tuple) -> str:
-    """SHA-256 of the params as shipped (their pickle and out-of-band buffers), to tell calls' params apart."""
+    """XXH3-128 of the params as shipped (their pickle and out-of-band buffers), to tell calls' params apart
+    (the hash of slice keys: ~15 GB/s, where SHA-256 cost 0.6 ms a call for 1 MiB of params)."""
     data, buffers = params_part
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     for part in (data, *buffers):
         h.update(part.raw() if isinstance(part, pickle.PickleBuffer) else memoryview(part).cast("B"))
     return h.hexdigest()

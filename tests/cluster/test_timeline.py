@@ -78,7 +78,7 @@ def test_records_match_the_events_shipped_on_the_first_call_cached_on_the_second
     assert [(r.index, r.worker, r.key) for r in second.done_slices()] == [
         (r.index, r.worker, r.key) for r in first.done_slices()]
     assert cluster.calls == [first, second]
-    assert first.params_hash != second.params_hash and len(second.params_hash) == 64
+    assert first.params_hash != second.params_hash and len(second.params_hash) == 32
     assert second.moved() == [] and sorted(second.by_worker()) == sorted(cluster.worker_names)
 
     held = cache_map(second, cluster.workers)
