@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 MIN_WINDOW, MAX_WINDOW = 2, 64
 QUEUED_WORK = 0.02
@@ -32,7 +32,7 @@ class Scheduler:
         self,
         workers: Sequence[str],
         keys: Sequence[str | None],
-        holders: dict[str, set[str]],
+        holders: Mapping[str, Collection[str]],
         window: int = 4,
         pinned: bool = False,
     ) -> None:

@@ -50,7 +50,8 @@ class Link:
         self.stderr_tail: deque = deque(maxlen=40)
         self.closed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._held: list | None = None  # chunks kept back by hold()
+        self._holds = 0  # hold() calls not yet released
+        self._held: list = []  # chunks kept back meanwhile
         self._reader_done = threading.Event()
         self._stderr_done = threading.Event()
         for target, label in ((self._read, "reader"), (self._write, "writer"), (self._read_stderr, "stderr")):
@@ -72,25 +73,26 @@ class Link:
         size = sum(memoryview(c).nbytes for c in chunks)
         if not self.closed:
             protocol.trace("send", self.name, f"{kind.name} call={call} index={index} bytes={size}")
-            if self._held is not None:
+            if self._holds:
                 self._held.extend(chunks)
             else:
                 self._outbox.put(chunks)
         return size
 
     def hold(self) -> None:
-        """Keep what is sent from now on until ``release()``, then write it all at once.
+        """Keep what is sent from now on until the matching ``release()``, then write it all at once.
 
-        A call's start (CALL, then the first slices' DATA and TASKs) then wakes
-        the worker once, not once per message.
+        A call's start (CALL, then the first slices' DATA and TASKs), or a slice
+        and its TASK, then wake the worker once, not once per message. Holds nest.
         """
-        if self._held is None:
-            self._held = []
+        self._holds += 1
 
     def release(self) -> None:
-        held, self._held = self._held, None
-        if held and not self.closed:
-            self._outbox.put(held)
+        self._holds -= 1
+        if not self._holds and self._held:
+            held, self._held = self._held, []
+            if not self.closed:
+                self._outbox.put(held)
 
     def join(self, timeout: float) -> bool:
         """Wait for the reader to see the end of the stream; True if it did."""

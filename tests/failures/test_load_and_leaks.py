@@ -28,6 +28,7 @@ Why the bounds are what they are:
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -89,11 +90,21 @@ def children() -> dict[int, str]:
     return out
 
 
+def trim_heap() -> None:
+    """Give glibc's free heap back to the system first, so the master's RSS counts live memory:
+    without it, RSS after a 100,000-slice call keeps ~15 MiB that is free but not returned."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Figures:
     """One moment's figures: the master's, and each worker's (by pid)."""
 
     def __init__(self, label: str, cluster: Cluster | None = None) -> None:
         gc.collect()
+        trim_heap()
         self.label = label
         self.fds = n_fds()
         self.threads = threading.active_count()
