@@ -151,6 +151,20 @@ def record():
 KERNEL = "qjam-test-python"
 
 
+@pytest.fixture(scope="module")
+def ip():
+    """The in-process IPython shell with qjam_nb's magics loaded and no cluster (none left after)."""
+    from IPython.testing import globalipapp
+
+    globalipapp.start_ipython()
+    shell = globalipapp.get_ipython()
+    if "QjamMagics" not in shell.magics_manager.registry:
+        shell.run_cell("%load_ext qjam_nb")
+    shell.run_cell("%qjam_shutdown")
+    yield shell
+    shell.run_cell("%qjam_shutdown")
+
+
 @pytest.fixture(scope="session")
 def kernel_name(tmp_path_factory) -> str:
     """A kernelspec that starts ``sys.executable`` (not whatever ``python`` is on PATH)."""

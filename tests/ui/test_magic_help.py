@@ -9,19 +9,6 @@ from qjam_nb import ReplayError
 MAGICS = ("qjam_hosts", "qjam_status", "qjam_timeline", "qjam_replay", "qjam_shutdown", "qjam_map")
 
 
-@pytest.fixture(scope="module")
-def ip():
-    from IPython.testing import globalipapp
-
-    globalipapp.start_ipython()
-    shell = globalipapp.get_ipython()
-    if "QjamMagics" not in shell.magics_manager.registry:
-        shell.run_cell("%load_ext qjam_nb")
-    shell.run_cell("%qjam_shutdown")
-    yield shell
-    shell.run_cell("%qjam_shutdown")
-
-
 def error_of(ip, cell: str) -> BaseException:
     error = ip.run_cell(cell).error_in_exec
     assert error is not None, cell

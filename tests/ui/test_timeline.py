@@ -167,19 +167,6 @@ def test_holds_cell():
 # -- the magics, in an in-process IPython (no kernel: they print text) ------------------------------
 
 
-@pytest.fixture(scope="module")
-def ip():
-    from IPython.testing import globalipapp
-
-    globalipapp.start_ipython()
-    shell = globalipapp.get_ipython()
-    if "QjamMagics" not in shell.magics_manager.registry:
-        shell.run_cell("%load_ext qjam_nb")
-    shell.run_cell("%qjam_shutdown")
-    yield shell
-    shell.run_cell("%qjam_shutdown")
-
-
 def usage_error(ip, cell: str) -> str:
     from IPython.core.error import UsageError
 
