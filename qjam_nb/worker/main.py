@@ -49,8 +49,8 @@ class Channel:
         self.name = name
         self.lock = threading.Lock()
 
-    def send(self, kind: Kind, body=None, call: int = 0, index: int = -1) -> None:
-        chunks = protocol.encode(kind, body, call=call, index=index, dumps=cloudpickle.dumps)
+    def send(self, kind: Kind, body=None, call: int = 0, index: int = -1, dumps=cloudpickle.dumps) -> None:
+        chunks = protocol.encode(kind, body, call=call, index=index, dumps=dumps)
         self.write(kind, chunks, call, index)
 
     def write(self, kind: Kind, chunks: list, call: int, index: int) -> None:
@@ -227,10 +227,10 @@ class Worker:
         elif key in self.cache:
             data = self.cache[key]
         else:
-            self.channel.send(Kind.NEED, {"key": key}, call, index)
+            self.channel.send(Kind.NEED, {"key": key}, call, index, dumps=pickle.dumps)
             return
         self.pump.start_slice(call, index)
-        self.channel.send(Kind.STARTED, None, call, index)
+        self.channel.send(Kind.STARTED, None, call, index, dumps=pickle.dumps)  # plain data: no cloudpickle
         start = time.perf_counter()
         try:
             self.running = True
