@@ -74,7 +74,19 @@ RESULTS = HERE / "results" / "ssh_transfer.json"
 mapfunc = lambda p, xs: xs.sum()  # noqa: E731
 
 
+def timed_threads(target, args) -> float:
+    """Run ``target(a)`` for every ``a`` in ``args`` on threads of their own; seconds until all are done."""
+    threads = [threading.Thread(target=target, args=(a,), daemon=True) for a in args]
+    start = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - start
+
+
 # -- statistics ---------------------------------------------------------------
+
 def summary(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
@@ -161,13 +173,7 @@ def raw_send(t: paramiko.Transport, payload: memoryview, channels: int) -> float
         except BaseException as exc:  # re-raised on the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=push, args=(c,), daemon=True) for c in chans]
-    start = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    seconds = time.perf_counter() - start
+    seconds = timed_threads(push, chans)
     for chan in chans:
         chan.close()
     if errors:
@@ -220,13 +226,7 @@ def pipe_send(payload: memoryview, pipes: int = 1, pipe_size: int | None = None)
             got.append(int(children[i].stdout.read() or 0))
             children[i].wait()
 
-        threads = [threading.Thread(target=push, args=(i,), daemon=True) for i in range(pipes)]
-        start = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        seconds = time.perf_counter() - start
+        seconds = timed_threads(push, range(pipes))
     finally:
         for w in ends:
             if w >= 0:

@@ -118,3 +118,16 @@ def processes_under(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def processes_running(pid: int, test) -> list[int]:
+    """The descendants of ``pid`` whose command line (NUL-separated bytes) passes ``test``."""
+    found = []
+    for child in processes_under(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if test(cmdline):
+            found.append(child)
+    return found

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 import sshd
@@ -67,15 +66,7 @@ def test_sigkill_of_one_of_three_workers_mid_call_keeps_the_exact_answer(make_cl
 
 def sshd_session_processes(daemon_pid: int) -> list[int]:
     """The per-connection sshd processes under a listening sshd (not the commands they run)."""
-    found = []
-    for pid in sshd.processes_under(daemon_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"sshd"):
-            found.append(pid)
-    return found
+    return sshd.processes_running(daemon_pid, lambda cmdline: cmdline.startswith(b"sshd"))
 
 
 def test_killing_the_sshd_session_of_one_worker_keeps_the_answer_and_reconnects(ssh_world, record):

@@ -25,15 +25,7 @@ MASTER = textwrap.dedent("""
 
 
 def worker_processes_under(pid: int) -> list[int]:
-    found = []
-    for child in sshd.processes_under(pid):
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qjam_worker" in cmdline:
-            found.append(child)
-    return found
+    return sshd.processes_running(pid, lambda cmdline: b"qjam_worker" in cmdline)
 
 
 def test_sigkill_of_the_master_leaves_no_worker_behind_local_or_remote(ssh_world):
