@@ -24,7 +24,9 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..dataset import DataSet
+import cloudpickle
+
+from ..dataset import DataSet, pickles_plainly
 from ..errors import (
     CallTimeoutError,
     ClusterClosedError,
@@ -347,7 +349,8 @@ class Cluster:
             if handle is not None:
                 body = {"key": key, "shared": handle}
                 call.shared.append(handle)
-        nbytes = worker.link.send(Kind.DATA, body, call.id, index)
+        dumps = pickle.dumps if pickles_plainly(data) else cloudpickle.dumps
+        nbytes = worker.link.send(Kind.DATA, body, call.id, index, dumps=dumps)
         if "shared" in body:
             nbytes += body["shared"]["nbytes"]  # shipped all the same, only faster
         call.bytes_sent += nbytes

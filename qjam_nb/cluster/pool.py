@@ -2,8 +2,8 @@
 
 The pool owns every ``WorkerHandle`` and every host's transport, and is the
 only code that changes a worker's state (always along ``states``' table, and
-always with an event). It runs on the cluster's thread; the links' threads
-only put items in ``inbox``.
+always with an event). It runs on the cluster's thread, which also reads
+the workers' streams, in ``inbox.get``.
 
 A worker that died is started again before the next call (``revive``), on
 the same transport if its host is still connected, else on a new
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
-from ..transport.link import Link, LinkClosed, StderrOutput
+from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
 from ..transport.ssh import SshOptions, SshTransport
 from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
@@ -69,7 +69,7 @@ class WorkerPool:
     def __init__(self, events: ev.EventBus, plan: Sequence[tuple[str, int]], ssh_options: SshOptions) -> None:
         self.events = events
         self.ssh_options = ssh_options
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox = Inbox()
         self.transports: dict[str, Any] = {}
         self.versions = master_versions()
         self.workers: list[WorkerHandle] = []
@@ -289,6 +289,7 @@ class WorkerPool:
                     proc.kill()
                     proc.wait(1)
                 w.link.join(2.0)
+                w.link.detach()
                 proc.release()
             if w.state != states.STOPPED:
                 self.set_state(w, states.STOPPED, "shut down")

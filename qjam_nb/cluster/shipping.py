@@ -59,7 +59,70 @@ def check_signature(func: Any, role: str = "mapfunc") -> None:
 
 
 def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) -> bytes:
-    """cloudpickle ``func`` (by value for ``__main__`` and the given modules)."""
+    """cloudpickle ``func`` (by value for ``__main__`` and the given modules).
+
+    A function that reaches only things that cannot change in place (numbers,
+    strings, tuples of them, modules, other such functions) pickles the same
+    until one of them is replaced: its last pickle is reused while they are
+    all the very same objects (``_fingerprint``), saving ~40 µs a call.
+    """
+    fingerprint = None if by_value else _fingerprint(func)
+    if fingerprint is not None:
+        known = _PICKLED.get(id(func))
+        if known is not None and known[0] is func and _same(known[1], fingerprint):
+            return known[2]
+    blob = _dumps_function(func, role, by_value)
+    if fingerprint is not None and len(blob) <= _PICKLED_MAX_BYTES:
+        if len(_PICKLED) >= 32:
+            _PICKLED.clear()
+        _PICKLED[id(func)] = (func, fingerprint, blob)
+    return blob
+
+
+#: id(function) -> (function, fingerprint, pickle), for functions whose pickle cannot change in place.
+_PICKLED: dict[int, tuple] = {}
+_PICKLED_MAX_BYTES = 1 << 20
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), types.BuiltinFunctionType)
+
+
+def _fingerprint(func: Any) -> list | None:
+    """Every object ``func``'s pickle is made of, if none can change in place; else None."""
+    if not inspect.isfunction(func) or cloudpickle.list_registry_pickle_by_value():
+        return None
+    out: list = []
+    return out if _reach(func, out, set(), 0) else None
+
+
+def _reach(value: Any, out: list, seen: set, depth: int) -> bool:
+    out.append(value)
+    if isinstance(value, _ATOMS):
+        return True
+    if isinstance(value, (tuple, frozenset)):
+        return depth < 8 and all(_reach(v, out, seen, depth + 1) for v in value)
+    if isinstance(value, types.ModuleType):
+        return value.__name__ != "__main__"  # by reference: "import it there"
+    if not inspect.isfunction(value) or depth > 8:
+        return False
+    if id(value) in seen:
+        return True
+    seen.add(id(value))
+    if value.__dict__ or value.__annotations__ or value.__kwdefaults__:
+        return False
+    out += (value.__code__, value.__name__, value.__qualname__, value.__module__, value.__doc__)
+    try:
+        parts = [*(value.__defaults__ or ()), *(c.cell_contents for c in value.__closure__ or ())]
+    except ValueError:  # an empty cell (a variable assigned later)
+        return False
+    names = value.__globals__
+    parts += [names[name] for name in _global_names(value.__code__) if name in names]
+    return all(_reach(v, out, seen, depth + 1) for v in parts)
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _dumps_function(func: Callable, role: str, by_value: tuple) -> bytes:
     for module in by_value:
         cloudpickle.register_pickle_by_value(module)
     try:

@@ -2,8 +2,8 @@
 
 A transport knows how to reach one host (a child process here, later an ssh
 channel) and nothing about frames, slices or calls. Each started worker is a
-``WorkerProcess``: a blocking byte stream (stdin/stdout of the worker), its
-stderr, and process control. ``qjam_nb.transport.link`` adds framing on top.
+``WorkerProcess``: a byte stream (stdin/stdout of the worker) read without
+waiting once polled, its stderr, and process control. ``qjam_nb.transport.link`` adds framing on top.
 """
 
 from __future__ import annotations
@@ -41,14 +41,20 @@ class WorkerProcess(Protocol):
     name: str
     shares_memory: bool  # on this machine: slices may be handed over in shared memory
 
-    def readinto(self, buffer: memoryview) -> int:
-        """Read worker stdout into ``buffer``; 0 means the stream ended."""
+    def poll_fds(self) -> tuple[int, ...]:
+        """File descriptors that poll readable when stdout or stderr has something (or ended)."""
+
+    def read_ready(self, buffer: memoryview) -> int | None:
+        """Read what worker stdout has into ``buffer``, without waiting: bytes read, 0 at the end, None if none yet."""
+
+    def read_stderr_ready(self) -> bytes | None:
+        """What the worker's real stderr has, without waiting: b"" once it closed, None if nothing yet."""
 
     def write(self, chunks: list) -> None:
         """Write all of one message's ``chunks`` to the worker's stdin, in order (blocking)."""
 
-    def read_stderr(self) -> bytes:
-        """Next bytes of the worker's real stderr; b"" when it closed."""
+    def write_ready(self, chunks: list) -> int:
+        """Write what can go without blocking of one small message's ``chunks``; returns the bytes written."""
 
     def close(self) -> None:
         """Close the worker's stdin: the worker exits when it sees that."""

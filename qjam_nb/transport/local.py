@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from ..worker.pipes import write_all
+from ..worker.pipes import write_all, write_some
 from .base import WORKER_PACKAGE, bootstrap_code
 
 
@@ -22,15 +22,30 @@ class LocalProcess:
         self.name = name
         self.popen = popen
         self.pid = popen.pid
+        self._fds = (popen.stdout.fileno(), popen.stderr.fileno())
+        for pipe in (popen.stdin, popen.stdout, popen.stderr):  # only this process uses these ends
+            os.set_blocking(pipe.fileno(), False)
 
-    def readinto(self, buffer: memoryview) -> int:
-        return os.readv(self.popen.stdout.fileno(), [buffer])
+    def poll_fds(self) -> tuple[int, ...]:
+        return self._fds
+
+    def read_ready(self, buffer: memoryview) -> int | None:
+        try:
+            return os.readv(self._fds[0], [buffer])
+        except BlockingIOError:
+            return None
+
+    def read_stderr_ready(self) -> bytes | None:
+        try:
+            return os.read(self._fds[1], 65536)
+        except BlockingIOError:
+            return None
 
     def write(self, chunks: list) -> None:
         write_all(self.popen.stdin.fileno(), chunks)
 
-    def read_stderr(self) -> bytes:
-        return os.read(self.popen.stderr.fileno(), 65536)
+    def write_ready(self, chunks: list) -> int:
+        return write_some(self.popen.stdin.fileno(), chunks)
 
     def close(self) -> None:
         try:

@@ -61,10 +61,22 @@ class SshProcess:
         self.host = host
         self.pid: int | None = None  # the remote pid, learnt from the worker's hello
 
-    def readinto(self, buffer: memoryview) -> int:
-        data = self.channel.recv(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    def poll_fds(self) -> tuple[int, ...]:
+        return (self.channel.fileno(),)  # paramiko's pipe: readable while stdout or stderr data waits
+
+    def read_ready(self, buffer: memoryview) -> int | None:
+        ended = self.channel.eof_received or self.channel.closed  # before looking: no data comes after it
+        if self.channel.recv_ready():
+            data = self.channel.recv(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        return 0 if ended else None
+
+    def read_stderr_ready(self) -> bytes | None:
+        ended = self.channel.eof_received or self.channel.closed
+        if self.channel.recv_stderr_ready():
+            return self.channel.recv_stderr(65536)
+        return b"" if ended else None
 
     def write(self, chunks: list) -> None:
         views = [memoryview(c).cast("B") for c in chunks]
@@ -73,8 +85,12 @@ class SshProcess:
         for view in views:
             self.channel.sendall(view)
 
-    def read_stderr(self) -> bytes:
-        return self.channel.recv_stderr(65536)
+    def write_ready(self, chunks: list) -> int:
+        """A small message while the channel's window is open: written now (0 otherwise, for the writer)."""
+        if not self.channel.send_ready():
+            return 0
+        self.write(chunks)
+        return sum(memoryview(c).nbytes for c in chunks)
 
     def close(self) -> None:
         try:

@@ -25,7 +25,6 @@ import faulthandler
 import os
 import pickle
 import platform
-import queue
 import select
 import signal
 import socket
@@ -33,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 
 import cloudpickle
 
@@ -139,7 +139,19 @@ class OutputPump:
 
 
 class Worker:
-    """The worker's state: its cache, the current call, and what was cancelled."""
+    """The worker's state: its cache, the current call, and what was cancelled.
+
+    Input is read by whichever thread is free, so that a message from an idle
+    worker's master wakes one thread, not two: the main thread reads the
+    stream itself whenever it waits for work; while mapfunc runs, the
+    ``watch`` thread reads instead (slices arriving meanwhile are read during
+    the computation, CANCELs are noted, and the end of the stream ends the
+    process at once). Decoded frames wait in ``frames`` for the main thread.
+
+    Waking the watcher costs as much as a short slice, so it sleeps until a
+    slice has run for ``WATCH_AFTER`` seconds: each slice arms a one-shot
+    kernel timer (``SliceTimer``) that the watcher waits on.
+    """
 
     def __init__(self, name: str, fd_in: int, channel: Channel) -> None:
         self.name = name
@@ -147,7 +159,11 @@ class Worker:
         self.channel = channel
         self.cache: dict = {}
         self.cancelled: set = set()
-        self.inbox: queue.Queue = queue.Queue()
+        self.frames: deque = deque()  # decoded, for the main thread, in order
+        self.decoder = protocol.FrameDecoder()
+        self.read_lock = threading.Lock()  # whoever holds it may read fd_in
+        self.computing = False  # the main thread is in mapfunc: the watcher reads
+        self.timer = SliceTimer(WATCH_AFTER)
         self.call = 0
         self.func = None
         self.params = None
@@ -155,21 +171,26 @@ class Worker:
         self.running = False  # inside mapfunc: only then does SIGINT interrupt
         self.pump: OutputPump | None = None
 
-    # -- reader thread ---------------------------------------------------
-    def read_forever(self) -> None:
-        decoder = protocol.FrameDecoder()
+    # -- reading (either thread, holding read_lock) ------------------------
+    def read_once(self) -> None:
+        """One read of the stream (blocking until bytes come), its whole frames dispatched."""
         try:
-            while True:
-                buf = decoder.get_buffer()
-                n = os.readv(self.fd_in, [buf])
-                if n == 0:
-                    decoder.eof()
-                    os._exit(0)  # the master is gone: so are we
-                decoder.buffer_updated(n)
-                while (frame := decoder.next_frame()) is not None:
-                    self.dispatch(frame)
+            buf = self.decoder.get_buffer()
+            n = os.readv(self.fd_in, [buf])
+            if n == 0:
+                self.decoder.eof()
+                os._exit(0)  # the master is gone: so are we
+            self.decoder.buffer_updated(n)
+            while (frame := self.decoder.next_frame()) is not None:
+                self.dispatch(frame)
         except BaseException as exc:  # a broken stream leaves nothing to do
             fatal(f"worker {self.name}: {type(exc).__name__}: {exc}")
+
+    def read_ready(self) -> None:
+        """Read what has already arrived, without waiting (CANCELs sent after a TASK count before it runs)."""
+        with self.read_lock:
+            while select.select([self.fd_in], [], [], 0)[0]:
+                self.read_once()
 
     def dispatch(self, frame: protocol.Frame) -> None:
         protocol.trace("recv", self.name, frame)
@@ -179,12 +200,36 @@ class Worker:
         elif kind is Kind.BYE:
             os._exit(0)
         else:
-            self.inbox.put(frame)
+            self.frames.append(frame)
+
+    def next_frame(self) -> protocol.Frame:
+        while not self.frames:
+            with self.read_lock:
+                if not self.frames:
+                    self.read_once()
+        return self.frames.popleft()
+
+    def watch(self) -> None:
+        """The reader while a long mapfunc runs (a thread; SIGALRM blocked): asleep the rest of the time."""
+        poller = select.poll()
+        poller.register(self.fd_in, select.POLLIN)
+        while True:
+            self.timer.wait()
+            while self.computing:
+                if not poller.poll(50):  # ms: a finished slice is noticed within this, at worst
+                    continue
+                with self.read_lock:
+                    if not self.computing:
+                        break
+                    # Again, holding the lock: the main thread may have read it all meanwhile,
+                    # and a read that blocks here would keep it from its next TASK.
+                    if poller.poll(0):
+                        self.read_once()
 
     # -- main thread -----------------------------------------------------
     def serve(self) -> None:
         while True:
-            frame = self.inbox.get()
+            frame = self.next_frame()
             try:
                 self.handle(frame)
             except Exception as exc:  # e.g. a slice of objects whose class cannot be imported here
@@ -218,6 +263,7 @@ class Worker:
 
     def run_task(self, frame: protocol.Frame) -> None:
         call, index = frame.call, frame.index
+        self.read_ready()
         if call != self.call or call in self.cancelled or self.call_failed:
             return
         task = frame.body()
@@ -233,13 +279,15 @@ class Worker:
         self.channel.send(Kind.STARTED, None, call, index, dumps=pickle.dumps)  # plain data: no cloudpickle
         start = time.perf_counter()
         try:
-            self.running = True
+            self.running = self.computing = True
+            self.timer.arm()
             try:
                 if "delay" in task:  # a straggler, made by the master's chaos: inside the slice's time
                     time.sleep(task["delay"])
                 value = self.func(self.params, data)
             finally:
-                self.running = False
+                self.running = self.computing = False
+                self.timer.disarm()
         except SystemExit as exc:  # mapfunc asked the process to exit: it does, as it would anywhere
             self.pump.drain()
             code = exc.code
@@ -288,6 +336,55 @@ class Worker:
         self.channel.send(Kind.ERROR, body, call, index)
 
 
+class SliceTimer:
+    """A one-shot timer that one thread arms and disarms and another waits on.
+
+    On Linux a ``timerfd`` (through ctypes): arming and disarming are a system
+    call each, and nothing wakes unless a slice outlasts ``seconds``.
+    Elsewhere an ``Event``, set as each slice starts (a wake-up per slice).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.fd = -1
+        self.event = threading.Event()
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            spec = ctypes.c_long * 4  # struct itimerspec: interval (sec, nsec), value (sec, nsec)
+            self._arm = spec(0, 0, int(seconds), int(seconds % 1 * 1e9))
+            self._disarm = spec(0, 0, 0, 0)
+            self._settime = libc.timerfd_settime
+            fd = libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)  # CLOCK_MONOTONIC
+            if fd < 0 or self._settime(fd, 0, self._disarm, None) != 0:
+                raise OSError(ctypes.get_errno(), "timerfd")
+            self.fd = fd
+        except (OSError, AttributeError, ImportError):
+            self.fd = -1
+
+    def arm(self) -> None:
+        if self.fd >= 0:
+            self._settime(self.fd, 0, self._arm, None)
+        else:
+            self.event.set()
+
+    def disarm(self) -> None:
+        if self.fd >= 0:
+            self._settime(self.fd, 0, self._disarm, None)
+
+    def wait(self) -> None:
+        """Until the timer fires (the ``Event`` is set)."""
+        if self.fd < 0:
+            self.event.wait()
+            self.event.clear()
+            return
+        select.select([self.fd], [], [])
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:  # disarmed after it fired, before we read it
+            pass
+
+
 def versions() -> dict:
     try:
         from importlib.metadata import version
@@ -330,6 +427,8 @@ def fatal(message: str) -> None:
 
 
 STDERR_FD = 2
+#: A slice running this long (seconds) wakes the watcher, which reads the stream while it runs.
+WATCH_AFTER = 0.003
 
 
 def main(name: str | None = None) -> None:
@@ -354,5 +453,5 @@ def main(name: str | None = None) -> None:
     signal.signal(signal.SIGINT, worker.interrupt)
     hello = {"worker": name, "pid": os.getpid(), "host": socket.gethostname(), **versions()}
     channel.send(Kind.HELLO, hello)
-    threading.Thread(target=worker.read_forever, name="qjam-reader", daemon=True).start()
+    threading.Thread(target=worker.watch, name="qjam-watch", daemon=True).start()
     worker.serve()

@@ -10,20 +10,55 @@ machine each wake-up can cost a context switch (a worker round trip took
 from __future__ import annotations
 
 import os
+import select
 
 #: At most this many buffers per writev (Linux's limit, UIO_MAXIOV, is 1024).
 IOV_MAX = 512
 
 
 def write_all(fd: int, chunks: list) -> None:
-    """Write every byte of ``chunks`` (bytes-like objects), in order, to ``fd`` (blocking)."""
-    views = [v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes]
+    """Write every byte of ``chunks`` (bytes-like objects), in order, to ``fd``, waiting as needed
+    (also when ``fd`` is non-blocking)."""
+    views = _views(chunks)
     while views:
-        n = os.writev(fd, views[:IOV_MAX])
-        done = 0
-        while done < len(views) and n >= views[done].nbytes:
-            n -= views[done].nbytes
-            done += 1
-        del views[:done]
-        if n:
-            views[0] = views[0][n:]
+        try:
+            n = os.writev(fd, views[:IOV_MAX])
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        _advance(views, n)
+
+
+def write_some(fd: int, chunks: list) -> int:
+    """Write what a non-blocking ``fd`` takes now of ``chunks``, in order; returns the bytes written."""
+    views = _views(chunks)
+    total = 0
+    while views:
+        try:
+            n = os.writev(fd, views[:IOV_MAX])
+        except BlockingIOError:
+            break
+        total += n
+        _advance(views, n)
+    return total
+
+
+def remainder(chunks: list, written: int) -> list:
+    """What is left of ``chunks`` once their first ``written`` bytes went out."""
+    views = _views(chunks)
+    _advance(views, written)
+    return views
+
+
+def _views(chunks: list) -> list:
+    return [v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes]
+
+
+def _advance(views: list, n: int) -> None:
+    done = 0
+    while done < len(views) and n >= views[done].nbytes:
+        n -= views[done].nbytes
+        done += 1
+    del views[:done]
+    if n:
+        views[0] = views[0][n:]
