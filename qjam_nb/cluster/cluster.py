@@ -401,7 +401,10 @@ class Cluster:
         """A worker died mid-call: blame the slice it was running, and give its slices to the others."""
         running = worker.running
         self._pool.lose(worker, closed)
-        blamed = running[1] if running and running[0] == call.id else None
+        if running and running[0] == call.id:
+            blamed = running[1]
+        else:  # no STARTED (a slice under 3 ms): it ran its tasks in order, so the oldest unfinished one
+            blamed = min(sched.in_flight.get(worker.name, ()), default=None)
         what = f"{worker.name} died running slice {blamed}" if blamed is not None else f"{worker.name} died"
         call.deaths.append(f"{what}: {self._pool.obituary(worker).split(': ', 1)[1]}")
         if blamed is not None:

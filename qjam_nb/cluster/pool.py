@@ -45,7 +45,7 @@ class WorkerHandle:
         self.hello: dict = {}
         self.cache: dict[str, int] = {}  # slice key -> bytes; change it through remember/forget
         self.cached_bytes = 0
-        self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED and not finished
+        self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED (after 3 ms) and not finished
         self.refused = False  # refused by the handshake: not started again
         self.starts = 0
 
@@ -254,12 +254,14 @@ class WorkerPool:
         Returns once every worker finished (or was killed in) the slice it was
         running, within about ``grace`` seconds per step.
         """
-        for w in workers:
-            if w.state == states.BUSY:
-                w.link.send(Kind.CANCEL, call=call)
-        running = [w for w in workers if w.state == states.BUSY and w.running and w.running[0] == call]
-        for w in running:
+        busy = [w for w in workers if w.state == states.BUSY]
+        for w in busy:
+            w.link.send(Kind.CANCEL, call=call)
+        # Every busy worker: one may be in a slice too young to have said STARTED (it does at 3 ms).
+        # A worker between slices ignores SIGINT.
+        for w in busy:
             w.link.process.interrupt()
+        running = [w for w in busy if w.running and w.running[0] == call]
         self._wait(lambda: not any(w.running and w.state == states.BUSY for w in running), grace)
         for w in running:
             if w.running and w.state == states.BUSY:

@@ -369,8 +369,12 @@ class CallRecorder:
     def _done(self, event: ev.SliceDone) -> None:
         rows, row = self._row(event)
         if row >= 0:
-            rows.times["done"][row] = self._record.seconds
+            done = rows.times["done"][row] = self._record.seconds
             rows.times["compute"][row] = event.seconds
+            times = rows.times
+            if times["started"][row] != times["started"][row]:  # NaN: a short slice, no STARTED came
+                before = max(t for t in (times["assigned"][row], times["sent"][row]) if t == t)
+                times["started"][row] = max(before, done - event.seconds)
             self._close(rows, event, _DONE)
 
     def _lost(self, event: ev.SliceLost) -> None:

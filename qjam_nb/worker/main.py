@@ -150,7 +150,8 @@ class Worker:
 
     Waking the watcher costs as much as a short slice, so it sleeps until a
     slice has run for ``WATCH_AFTER`` seconds: each slice arms a one-shot
-    kernel timer (``SliceTimer``) that the watcher waits on.
+    kernel timer (``SliceTimer``) that the watcher waits on. The watcher then
+    also sends the slice's STARTED (``announce``).
     """
 
     def __init__(self, name: str, fd_in: int, channel: Channel) -> None:
@@ -164,6 +165,8 @@ class Worker:
         self.read_lock = threading.Lock()  # whoever holds it may read fd_in
         self.computing = False  # the main thread is in mapfunc: the watcher reads
         self.timer = SliceTimer(WATCH_AFTER)
+        self.unannounced: tuple | None = None  # (call, slice) running, its STARTED not sent yet
+        self.announce_lock = threading.Lock()
         self.call = 0
         self.func = None
         self.params = None
@@ -215,6 +218,7 @@ class Worker:
         poller.register(self.fd_in, select.POLLIN)
         while True:
             self.timer.wait()
+            self.announce()
             while self.computing:
                 if not poller.poll(50):  # ms: a finished slice is noticed within this, at worst
                     continue
@@ -225,6 +229,19 @@ class Worker:
                     # and a read that blocks here would keep it from its next TASK.
                     if poller.poll(0):
                         self.read_once()
+
+    def announce(self) -> None:
+        """STARTED for the running slice, once it has run ``WATCH_AFTER`` s (the watcher, then).
+
+        The master learns which slice a worker runs, to blame it if the worker
+        dies and to interrupt it on cancel; a slice shorter than that is over
+        before it matters, and skipping its STARTED spares a message each way.
+        """
+        with self.announce_lock:
+            if self.unannounced is not None:
+                call, index = self.unannounced
+                self.unannounced = None
+                self.channel.send(Kind.STARTED, None, call, index, dumps=pickle.dumps)  # plain data
 
     # -- main thread -----------------------------------------------------
     def serve(self) -> None:
@@ -276,7 +293,7 @@ class Worker:
             self.channel.send(Kind.NEED, {"key": key}, call, index, dumps=pickle.dumps)
             return
         self.pump.start_slice(call, index)
-        self.channel.send(Kind.STARTED, None, call, index, dumps=pickle.dumps)  # plain data: no cloudpickle
+        self.unannounced = (call, index)
         start = time.perf_counter()
         try:
             self.running = self.computing = True
@@ -288,6 +305,8 @@ class Worker:
             finally:
                 self.running = self.computing = False
                 self.timer.disarm()
+                with self.announce_lock:  # a STARTED the watcher sends goes before what follows
+                    self.unannounced = None
         except SystemExit as exc:  # mapfunc asked the process to exit: it does, as it would anywhere
             self.pump.drain()
             code = exc.code

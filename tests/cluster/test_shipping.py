@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import cloudpickle
 import pytest
 
 from qjam_nb import CallStarted, MapFuncError, QjamError, ShippingError, SliceSent
@@ -181,3 +182,54 @@ def test_callables_that_take_two_arguments_are_accepted(cluster2):
     assert cluster2.map(Scaled(2), None, data, slice_size=2) == 20
     assert cluster2.map(with_default, None, data, slice_size=2) == 30
     assert cluster2.map(with_varargs, None, data, slice_size=2) == 4
+
+
+# -- a function's pickle, reused while nothing it reaches can have changed ---------------
+
+CELL_SOURCE = """
+SCALE = 3
+TABLE = [1, 2, 3]
+
+def scaled(params, xs):
+    return [x * SCALE for x in xs]
+
+def looked_up(params, xs):
+    return [TABLE[x] for x in xs]
+"""
+
+
+@pytest.fixture
+def cell():
+    """Functions as a notebook cell makes them: in a module no worker can import, so shipped by value."""
+    namespace = {"__name__": "qjam_test_cell_shipping"}
+    exec(compile(CELL_SOURCE, "<cell>", "exec"), namespace)
+    return namespace
+
+
+def test_an_unchanged_function_reuses_its_pickle_until_a_global_it_uses_is_rebound(cell):
+    from qjam_nb.cluster.shipping import dumps_function
+
+    first = dumps_function(cell["scaled"])
+    assert dumps_function(cell["scaled"]) is first
+    cell["SCALE"] = 4
+    again = dumps_function(cell["scaled"])
+    assert again is not first and cloudpickle.loads(again)(None, [1]) == [4]
+
+
+def test_a_function_reaching_a_mutable_object_is_pickled_again_every_call(cell):
+    from qjam_nb.cluster.shipping import dumps_function
+
+    first = dumps_function(cell["looked_up"])
+    assert dumps_function(cell["looked_up"]) is not first
+
+
+def test_globals_changed_between_calls_reach_the_workers(cluster2, cell):
+    def run(name, data):
+        return cluster2.map(cell[name], None, data, lambda a, b: a + b)  # concatenated in slice order
+
+    assert run("looked_up", [0, 1, 2]) == [1, 2, 3]
+    cell["TABLE"][0] = 10  # in place
+    assert run("looked_up", [0, 1, 2]) == [10, 2, 3]
+    assert run("scaled", [1, 2]) == [3, 6]
+    cell["SCALE"] = 5  # rebound
+    assert run("scaled", [1, 2]) == [5, 10]

@@ -6,6 +6,7 @@ No workers here: slicing and hashing are pure master-side code.
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -255,3 +256,15 @@ def test_bad_slice_size_is_refused(slice_size, says):
 def test_numpy_integer_slice_size_is_accepted():
     ds = DataSet([1, 2, 3], slice_size=np.int32(2))
     assert ds.slice_size == 2 and type(ds.slice_size) is int
+
+
+def test_plain_list_slices_are_keyed_as_cloudpickle_would_and_others_still_by_cloudpickle():
+    import cloudpickle
+
+    from qjam_nb.dataset import pickles_plainly
+
+    plain = [1, 2.5, "a", None, True, b"x", 1j]
+    assert pickles_plainly(plain) and pickles_plainly(tuple(plain))
+    assert pickle.dumps(plain, protocol=5) == cloudpickle.dumps(plain, protocol=5)  # so keys did not change
+    assert not pickles_plainly([lambda: 1]) and not pickles_plainly([[1]]) and not pickles_plainly(np.arange(3))
+    assert DataSet([lambda: 1, lambda: 2], 1).key(0) != DataSet([lambda: 2, lambda: 2], 1).key(0)

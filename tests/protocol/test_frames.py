@@ -586,3 +586,23 @@ def test_body_can_be_decoded_twice():
     (frame,) = decode_whole(encoded(Kind.DATA, {"data": arr}))
     a, b = frame.body()["data"], frame.body()["data"]
     assert np.array_equal(a, arr) and np.array_equal(b, arr)
+
+
+def test_a_part_buffer_is_reused_once_nothing_built_on_it_is_left_and_never_before():
+    """A 1 MiB result each call lands in the buffer of an earlier one only when that one is gone."""
+    d = FrameDecoder()
+    first, second = np.arange(1 << 17, dtype=np.float64), -np.arange(1 << 17, dtype=np.float64)
+
+    def receive(array):
+        d.feed(protocol.frame_bytes(protocol.encode(Kind.RESULT, {"value": array}, call=1, index=0)))
+        return d.next_frame().body()["value"]
+
+    kept = receive(first)
+    other = receive(second)  # the first is still alive: a buffer of its own
+    assert np.array_equal(kept, first) and np.array_equal(other, second)
+    assert not np.shares_memory(kept, other)
+    address = other.__array_interface__["data"][0]
+    del other
+    again = receive(first)  # the second's buffer is free now: written over, not allocated
+    assert again.__array_interface__["data"][0] == address
+    assert np.array_equal(again, first) and np.array_equal(kept, first)

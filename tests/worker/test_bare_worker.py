@@ -195,12 +195,10 @@ def test_the_interpreter_really_is_bare(worker):
     assert env["data"] == []  # a TASK without a key runs on an empty slice
 
 
-def test_call_data_task_gives_started_then_result(worker):
+def test_call_data_task_gives_the_result_and_a_short_slice_no_started(worker):
     worker.call(1, FUNCS["total"], {"scale": 10})
     worker.send(Kind.DATA, {"key": "k", "data": [1, 2, 3]}, call=1, index=0)
     worker.send(Kind.TASK, {"key": "k"}, call=1, index=0)
-    started = worker.next()
-    assert (started.kind, started.call, started.index) == (Kind.STARTED, 1, 0)
     result = worker.next()
     assert (result.kind, result.call, result.index) == (Kind.RESULT, 1, 0)
     body = result.body()
@@ -214,7 +212,18 @@ def test_call_data_task_gives_started_then_result(worker):
     worker.send(Kind.TASK, {"key": "k"}, call=2, index=0)
     result, before = worker.until(Kind.RESULT)
     assert result.call == 2 and result.body()["value"] == -6
-    assert [f.kind for f in before] == [Kind.STARTED]
+    assert before == []
+
+
+def test_a_slice_running_3_ms_says_started_then_its_result(worker):
+    worker.call(1, FUNCS["slow"])
+    worker.send(Kind.DATA, {"key": "k", "data": [0.05]}, call=1, index=4)
+    worker.send(Kind.TASK, {"key": "k"}, call=1, index=4)
+    started = worker.next()
+    assert (started.kind, started.call, started.index) == (Kind.STARTED, 1, 4)
+    result = worker.next()
+    assert (result.kind, result.call, result.index) == (Kind.RESULT, 1, 4)
+    assert result.body()["seconds"] >= 0.05
 
 
 def test_task_for_an_uncached_slice_gets_need(worker):
@@ -254,7 +263,7 @@ def test_output_travels_as_stream_messages_before_the_result(worker):
     assert "hello from print 2\n" in text["stdout"]
     assert "raw bytes on fd 1\n" in text["stdout"]
     assert "to stderr\n" in text["stderr"]
-    assert [f.kind for f in before if f.kind is not Kind.STREAM] == [Kind.STARTED]
+    assert [f.kind for f in before if f.kind is not Kind.STREAM] in ([], [Kind.STARTED])  # STARTED only if 3 ms
 
     # the stream is still sound afterwards: the next task decodes normally
     worker.call(4, FUNCS["total"], {"scale": 2})
@@ -269,7 +278,7 @@ def test_mapfunc_exception_becomes_error_with_traceback(worker):
     worker.send(Kind.DATA, {"key": "k", "data": [9]}, call=1, index=2)
     worker.send(Kind.TASK, {"key": "k"}, call=1, index=2)
     error, before = worker.until(Kind.ERROR)
-    assert [f.kind for f in before] == [Kind.STARTED]
+    assert before == []  # it failed at once: no STARTED
     assert (error.call, error.index) == (1, 2)
     body = error.body()
     assert body["type"] == "ValueError"
