@@ -72,11 +72,12 @@ class Inbox:
             self._poller.register(fd, select.POLLIN)
             self._links[fd] = link
 
-    def unregister(self, link: Link) -> None:
-        for fd, owner in list(self._links.items()):
-            if owner is link:
-                self._poller.unregister(fd)
-                del self._links[fd]
+    def unregister(self, link: Link, fd: int | None = None) -> None:
+        """Stop polling ``link`` (or only its ``fd``)."""
+        for polled, owner in list(self._links.items()):
+            if owner is link and fd in (None, polled):
+                self._poller.unregister(polled)
+                del self._links[polled]
 
     def put(self, item: tuple) -> None:
         self._items.append(item)
@@ -107,7 +108,7 @@ class Inbox:
         for fd, _ in self._poller.poll(ms):
             link = self._links.get(fd)
             if link is not None:
-                link.pump()
+                link.pump(fd)
 
 
 class Link:
@@ -205,11 +206,19 @@ class Link:
             self._outbox.put(None)
 
     # -- reading (the inbox's thread) ----------------------------------------
-    def pump(self) -> None:
-        """Read what has arrived, without waiting: frames and stderr text go to the inbox."""
+    def pump(self, fd: int | None = None) -> None:
+        """Read what has arrived, without waiting: frames and stderr text go to the inbox.
+
+        ``fd``, the one that polled readable, saves a system call: a local worker's
+        stderr is read only when it has something (an ssh channel has one fd for both).
+        """
         if self.ended:
             return
-        self._read_stderr()
+        fds = self.process.poll_fds()
+        if fd is None or len(fds) == 1 or fd == fds[-1]:
+            self._read_stderr()
+            if fd is not None and len(fds) > 1:
+                return
         decoder = self._decoder
         try:
             for _ in range(READS_PER_PUMP):
@@ -226,6 +235,8 @@ class Link:
                 while (frame := decoder.next_frame()) is not None:
                     protocol.trace("recv", self.name, frame)
                     self.inbox.put((self, frame))
+                if n < len(buf):  # the pipe is most likely empty now: poll says when it is not
+                    return
         except ProtocolError as exc:
             self.process.kill()
             # Whole frames read in the same chunk as the bad one still count (a STARTED says which
@@ -246,6 +257,9 @@ class Link:
                 return
             if not data:
                 self._stderr_open = False
+                fds = self.process.poll_fds()
+                if len(fds) > 1:  # its own fd would poll readable for ever
+                    self.inbox.unregister(self, fds[-1])
                 return
             text = data.decode(errors="replace")
             self.stderr_tail.extend(text.splitlines())
