@@ -114,11 +114,29 @@ class DataSet:
         """
         token = self._frozen_token()
         if token is None:
-            return [self.key_and_size(i) for i in range(len(self))]
+            keyed = [self.key_and_size(i) for i in range(len(self))]
+            if self._guessable():
+                _GUESSED_KEYS[_ArrayToken(self.data, self.slice_size, _GUESSED_KEYS)] = keyed
+            return keyed
         known = _FROZEN_KEYS.get(token)
         if known is None:
             known = _FROZEN_KEYS[token] = [self.key_and_size(i) for i in range(len(self))]
         return known
+
+    def guessed_keys(self) -> list[tuple[str, int]] | None:
+        """What ``keys_and_sizes`` gave last time for this very (writable) array, or None.
+
+        A big writable array may have changed in place, so its slices are hashed
+        again every call; but usually it has not. A call can start on these keys
+        (the workers compute on their cached slices) while the slices are hashed,
+        and redo the slices whose key turns out different.
+        """
+        if not self._guessable() or self._frozen_token() is not None:
+            return None
+        return _GUESSED_KEYS.get(_ArrayToken(self.data, self.slice_size, _GUESSED_KEYS))
+
+    def _guessable(self) -> bool:
+        return self.kind == "array" and self.data.nbytes >= GUESS_KEYS_FROM
 
     def _frozen_token(self) -> object | None:
         if self.kind == "npy":
@@ -177,10 +195,11 @@ def _read_only(array: np.ndarray) -> bool:
 
 
 class _ArrayToken:
-    """Names a read-only array by identity for the key cache, and lets go when the array dies."""
+    """Names an array by identity for a key cache (``store``), and lets go when the array dies."""
 
-    def __init__(self, array: np.ndarray, slice_size: int) -> None:
-        self.ref = weakref.ref(array, lambda _: _FROZEN_KEYS.pop(self, None))
+    def __init__(self, array: np.ndarray, slice_size: int, store: dict | None = None) -> None:
+        store = _FROZEN_KEYS if store is None else store
+        self.ref = weakref.ref(array, lambda _: store.pop(self, None))
         self.ident = (id(array), array.shape, array.strides, array.dtype.str, slice_size)
 
     def __hash__(self) -> int:
@@ -205,6 +224,10 @@ class _Bounded(OrderedDict):
 
 #: Keys of data that cannot change, by ``DataSet._frozen_token``.
 _FROZEN_KEYS = _Bounded(64)
+#: The last keys of big writable arrays, by identity: guesses, checked by hashing again (``guessed_keys``).
+_GUESSED_KEYS = _Bounded(16)
+#: Arrays from this size up are worth starting a call on guessed keys (hashing takes ~1 ms per 15 MB).
+GUESS_KEYS_FROM = 4 << 20
 
 
 def _wrap(data: Any) -> tuple[str, Any]:

@@ -213,7 +213,8 @@ class Cluster:
         data = _as_dataset(dataset, slice_size)
         func_blob = dumps_function(mapfunc)
         params_part = dumps_params(params)
-        keyed = data.keys_and_sizes() if data else []
+        guessed = data.guessed_keys() if data else None  # a big writable array: checked while workers compute
+        keyed = guessed if guessed is not None else (data.keys_and_sizes() if data else [])
         for index, (_, size) in enumerate(keyed):
             if size > protocol.MAX_FRAME:
                 raise DataSetError(
@@ -240,7 +241,7 @@ class Cluster:
         pool.current_call = self._call
         call = _Call(self._call, data, keyed, reduce, len(alive), timeout)
         call.mapfunc = mapfunc  # for pointing a remote traceback back at the cell (code_spans)
-        self._replays.remember(call.id, func_blob, params_part, data, keyed, call.fold.n, mapfunc)
+        call.guessed = guessed is not None
         return self._run(call, alive, func_blob, params_part)
 
     def replay(self, slice: int, call: int | None = None) -> Any:
@@ -276,6 +277,10 @@ class Cluster:
             finally:
                 for w in alive:
                     w.link.release()
+            # While the workers start: check guessed keys, and copy params for replay (true keys only).
+            if call.guessed:
+                self._check_guess(call, sched)
+            self._replays.remember(call.id, func_blob, params_part, call.data, call.keyed, call.fold.n, call.mapfunc)
             if self.chaos.armed:
                 self.chaos.progress(call, sched)
             while not call.fold.complete:
@@ -324,6 +329,28 @@ class Cluster:
             else:
                 self._ship_and_task(worker, call, index)
 
+    def _check_guess(self, call: _Call, sched: Scheduler) -> None:
+        """Hash the slices (the workers compute meanwhile) and redo those whose guessed key was wrong.
+
+        A slice that changed in place since the last call was handed out under
+        its old key: its worker computes on the old content. If that task is
+        still queued here, it is placed again by its true key; if it went out,
+        the worker's answer to it is dropped when it comes (``call.stale``) and
+        the slice, reported lost, is handed out again (its new data shipped).
+        """
+        true = call.data.keys_and_sizes()
+        for index, ((guess, _), (key, size)) in enumerate(zip(call.keyed, true, strict=True)):
+            if guess == key:
+                continue
+            holder = next((w for w, held in sched.in_flight.items() if index in held), None)
+            sched.rekey(index, key, holder)
+            if holder is not None:
+                call.stale[(holder, index)] = call.stale.get((holder, index), 0) + 1
+                call.slice_bytes_cached -= size
+                self.events.emit(ev.SliceLost(call.id, index, holder))
+        call.keyed = true
+        self._feed(call, sched)
+
     def _task(self, worker: WorkerHandle, call: _Call, index: int, key: str | None) -> None:
         call.bytes_sent += worker.link.send(Kind.TASK, self.chaos.task_body(worker.name, key), call.id, index,
                                            dumps=pickle.dumps)
@@ -365,6 +392,9 @@ class Cluster:
         worker = self._pool.worker_of(link)
         if worker is not None and isinstance(msg, Frame) and msg.call == call.id and worker.state != states.DEAD:
             kind, index = msg.kind, msg.index
+            if call.stale and kind in (Kind.RESULT, Kind.ERROR, Kind.NEED) and (worker.name, index) in call.stale:
+                self._drop_stale(worker, kind, index, call)
+                return
             if kind is Kind.STARTED:
                 worker.running = (call.id, index)
                 self.events.emit(ev.SliceStarted(call.id, index, worker.name))
@@ -396,6 +426,14 @@ class Cluster:
             self._lost_in_call(worker, msg, call, sched)
             return
         self._pool.handle(item)
+
+    def _drop_stale(self, worker: WorkerHandle, kind: Kind, index: int, call: _Call) -> None:
+        """The answer to a task sent under a wrongly guessed key: of old data, so of no use."""
+        left = call.stale.pop((worker.name, index)) - 1
+        if left:
+            call.stale[(worker.name, index)] = left
+        if kind is not Kind.NEED and worker.running == (call.id, index):
+            worker.running = None
 
     def _lost_in_call(self, worker: WorkerHandle, closed: LinkClosed, call: _Call, sched: Scheduler) -> None:
         """A worker died mid-call: blame the slice it was running, and give its slices to the others."""
@@ -447,6 +485,8 @@ class _Call:
         self.deaths: list[str] = []
         self.blame: dict[int, int] = {}  # slice -> workers that died running it
         self.shared: list[dict] = []  # slices handed over in shared memory
+        self.guessed = False  # keyed holds guessed keys until _check_guess
+        self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
 
 
 def _hint(error: dict) -> str:

@@ -94,6 +94,29 @@ class Scheduler:
         self.done_count += 1
         return True
 
+    def rekey(self, index: int, key: str | None, worker_running_it: str | None = None) -> None:
+        """Slice ``index`` is really ``key`` (a guessed key was wrong): place it again.
+
+        Not yet handed out: it leaves the queue its old key put it in. In flight
+        on ``worker_running_it`` (whose result will be of the old content): it
+        is taken back, to be handed out again.
+        """
+        self.keys[index] = key
+        if worker_running_it is not None:
+            self.in_flight[worker_running_it].discard(index)
+        else:
+            for queue in self.own.values():
+                if index in queue:
+                    queue.remove(index)
+                    break
+            else:
+                if index in self.pool:
+                    self.pool.remove(index)
+                    heapq.heapify(self.pool)
+                else:
+                    return  # already done, or not in this scheduler
+        self._place(index)
+
     def lost(self, worker: str) -> list[int]:
         """Forget a dead worker; its unfinished slices go back to be placed again."""
         if worker not in self.alive:

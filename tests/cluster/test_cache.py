@@ -177,3 +177,32 @@ def test_cache_info_and_events_report_slice_counts_and_bytes(make_cluster, recor
     log.clear()
     cluster.map(column_sums(), None, ds)
     assert log.of(CacheChanged) == [] and cluster.cache_info() == grown
+
+
+def test_a_writable_array_changed_in_place_is_caught_although_the_call_starts_on_its_old_keys(make_cluster, record):
+    """A big writable array's call starts on last call's keys while its slices are hashed again: a slice
+    that changed is redone, whether its task had gone out (its old answer is dropped) or not."""
+    from qjam_nb import SliceLost
+    from qjam_nb.dataset import GUESS_KEYS_FROM
+
+    cluster = make_cluster(["local:2"])
+    log = record(cluster)
+    X = np.random.default_rng(2).random((512, 2048))  # 8 MiB in 64 slices of 8 rows
+    assert X.nbytes >= GUESS_KEYS_FROM and X.flags.writeable
+    ds = DataSet(X, 8)
+    first = cluster.map(column_sums(), None, ds)
+    log.clear()
+    assert cluster.map(column_sums(), None, ds).tobytes() == first.tobytes()
+    assert log.of(SliceSent) == [] and log.of(SliceLost) == []
+
+    X[3, 7] += 1.0  # slice 0: among the first tasks each worker gets
+    X[500, 9] -= 1.0  # slice 62: still waiting here when the keys are checked
+    log.clear()
+    after = cluster.map(column_sums(), None, ds)
+    assert after.tobytes() == expected_column_sums(X, ds).tobytes()
+    assert sorted(e.index for e in log.of(SliceSent)) == [0, 62]
+    assert [e.index for e in log.of(SliceLost)] == [0]  # handed out under its old key, then again
+    (finished,) = log.of(CallFinished)
+    assert finished.slice_bytes_cached == X.nbytes - 2 * X[:8].nbytes
+    record_ = cluster.last_call
+    assert sorted(r.index for r in record_.done_slices()) == list(range(64))
