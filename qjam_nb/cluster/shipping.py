@@ -9,6 +9,7 @@ variables; the search for them runs only then, so normal calls pay nothing.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import pickle
 import sys
@@ -202,7 +203,8 @@ def dumps_params(params: Any) -> tuple:
     """Pickle params once per call: (pickle, out-of-band buffers), reused for every worker."""
     buffers: list = []
     try:
-        data = cloudpickle.dumps(params, protocol=5, buffer_callback=buffers.append)
+        dumps = pickle.dumps if _plain(params) else cloudpickle.dumps
+        data = dumps(params, protocol=5, buffer_callback=buffers.append)
     except Exception as exc:
         where = _find_bad_item(params)
         at = f" (at params{where})" if where else ""
@@ -211,6 +213,25 @@ def dumps_params(params: Any) -> tuple:
             "Pass plain data (numbers, arrays, lists, dicts) as params."
         ) from exc
     return pickle.PickleBuffer(data), buffers
+
+
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Data that ``pickle`` writes exactly as cloudpickle does (~5x faster): numbers, strings, numpy
+    arrays of numbers, and lists, tuples and dicts of them. Not functions or classes: ``pickle`` would
+    name them by reference (``__main__.f``), which a worker cannot look up."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return True
+    if depth > 2:
+        return False
+    if kind in (list, tuple):
+        return len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
+    if kind is dict:
+        return len(value) <= 64 and all(_plain(k, 3) and _plain(v, depth + 1) for k, v in value.items())
+    return kind.__module__ == "numpy" and kind.__name__ == "ndarray" and not value.dtype.hasobject
 
 
 def explain_unpicklable(func: Any, role: str, exc: Exception) -> str:
@@ -276,6 +297,7 @@ def _captured(func: Any) -> list[tuple[str, Any]]:
     return items
 
 
+@functools.lru_cache(maxsize=512)
 def _global_names(code: types.CodeType) -> dict:
     """Names ``code`` and the code nested in it look up (in order, once each): its candidate globals."""
     names = dict.fromkeys(code.co_names)

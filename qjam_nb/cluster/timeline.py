@@ -341,8 +341,9 @@ class CallRecorder:
     def _call_started(self, event: ev.CallStarted) -> None:
         self._t0 = self.clock()
         self._open.clear()
-        while self.calls and sum(c.n_records for c in self.calls) + event.n_slices > self.keep_records:
-            self.calls.popleft()
+        kept = sum(c.n_records for c in self.calls)
+        while self.calls and kept + event.n_slices > self.keep_records:
+            kept -= self.calls.popleft().n_records
         self._record = CallRecord(event.call, event.n_slices, tuple(event.workers), time.time(), event.params_hash)
         self.calls.append(self._record)
 
