@@ -86,8 +86,10 @@ class SshProcess:
             self.channel.sendall(view)
 
     def write_ready(self, chunks: list) -> int:
-        """A small message while the channel's window is open: written now (0 otherwise, for the writer)."""
-        if not self.channel.send_ready():
+        """A small message while the channel's window is open: written now (0 otherwise, for the writer:
+        a big one is encrypted there, in parallel with the other workers' writers)."""
+        views = [memoryview(c).cast("B") for c in chunks]
+        if sum(v.nbytes for v in views) > JOIN_BELOW or not self.channel.send_ready():
             return 0
         self.write(chunks)
         return sum(memoryview(c).nbytes for c in chunks)
