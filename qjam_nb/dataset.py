@@ -76,10 +76,11 @@ class DataSet:
             raise DataSetError(f"slice_size must be at least 1, not {slice_size}")
         self.slice_size = int(slice_size)
         self.n_items = n
+        self.n_slices = math.ceil(n / self.slice_size)
 
     def __len__(self) -> int:
         """The number of slices."""
-        return math.ceil(self.n_items / self.slice_size)
+        return self.n_slices
 
     def __repr__(self) -> str:
         return f"DataSet({self.kind}, {self.n_items} items, {len(self)} slices of {self.slice_size})"

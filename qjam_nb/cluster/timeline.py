@@ -304,6 +304,7 @@ class CallRecorder:
         self.clock = clock
         self._t0 = 0.0
         self._record: CallRecord | None = None  # the call running now
+        self._kept = 0  # records of the calls kept before it
         self._open: dict[tuple[int, str], int] = {}  # (index, worker) -> the row of its unfinished record
         self._handlers: dict[type, Callable[[Any], None]] = {
             ev.CallStarted: self._call_started, ev.SliceAssigned: self._assigned, ev.SliceSent: self._sent,
@@ -341,9 +342,11 @@ class CallRecorder:
     def _call_started(self, event: ev.CallStarted) -> None:
         self._t0 = self.clock()
         self._open.clear()
-        kept = sum(c.n_records for c in self.calls)
-        while self.calls and kept + event.n_slices > self.keep_records:
-            kept -= self.calls.popleft().n_records
+        if self._record is not None:  # the last call never finished: its records are all there now
+            self._kept += self._record.n_records
+        while self.calls and (len(self.calls) == self.calls.maxlen
+                              or self._kept + event.n_slices > self.keep_records):
+            self._kept -= self.calls.popleft().n_records
         self._record = CallRecord(event.call, event.n_slices, tuple(event.workers), time.time(), event.params_hash)
         self.calls.append(self._record)
 
@@ -403,6 +406,7 @@ class CallRecorder:
         record.slice_bytes_cached = event.slice_bytes_cached
         record.reduce_seconds = event.reduce_seconds
         record.ok = event.ok
+        self._kept += record.n_records
         self._record = None
 
 

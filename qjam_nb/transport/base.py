@@ -53,8 +53,8 @@ class WorkerProcess(Protocol):
     def write(self, chunks: list) -> None:
         """Write all of one message's ``chunks`` to the worker's stdin, in order (blocking)."""
 
-    def write_ready(self, chunks: list) -> int:
-        """Write what can go without blocking of one small message's ``chunks``; returns the bytes written."""
+    def write_ready(self, chunks: list, size: int) -> int:
+        """Write what goes without blocking of one message's ``chunks`` (``size`` bytes); returns the bytes written."""
 
     def close(self) -> None:
         """Close the worker's stdin: the worker exits when it sees that."""

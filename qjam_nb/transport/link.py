@@ -131,6 +131,7 @@ class Link:
         self._lock = threading.Lock()
         self._holds = 0  # hold() calls not yet released
         self._held: list = []  # chunks kept back meanwhile
+        self._held_bytes = 0
         inbox.register(self)
         threading.Thread(target=self._write, name=f"qjam-writer-{self.name}", daemon=True).start()
 
@@ -147,11 +148,13 @@ class Link:
         return self.send_chunks(protocol.encode(kind, body, call=call, index=index, dumps=dumps), kind, call, index)
 
     def send_chunks(self, chunks: list, kind: Kind, call: int = 0, index: int = -1) -> int:
-        size = sum(memoryview(c).nbytes for c in chunks)
+        """Queue one frame's chunks, as ``protocol.encode`` made them; returns its size on the wire."""
+        size = protocol.frame_size(chunks)
         if not self.closed:
             protocol.trace("send", self.name, f"{kind.name} call={call} index={index} bytes={size}")
             if self._holds:
                 self._held.extend(chunks)
+                self._held_bytes += size
             else:
                 self._deliver(chunks, size)
         return size
@@ -168,15 +171,16 @@ class Link:
         self._holds -= 1
         if not self._holds and self._held:
             held, self._held = self._held, []
+            size, self._held_bytes = self._held_bytes, 0
             if not self.closed:
-                self._deliver(held, sum(memoryview(c).nbytes for c in held))
+                self._deliver(held, size)
 
     def _deliver(self, chunks: list, size: int) -> None:
         """Write now if the writer has nothing queued and the process takes it whole without blocking."""
         with self._lock:
             if not self._queued and size <= DIRECT_WRITE:
                 try:
-                    written = self.process.write_ready(chunks)
+                    written = self.process.write_ready(chunks, size)
                 except Exception:  # broken: the reader sees the stream end and reports it
                     written = size
                 if written == size:

@@ -44,8 +44,8 @@ class LocalProcess:
     def write(self, chunks: list) -> None:
         write_all(self.popen.stdin.fileno(), chunks)
 
-    def write_ready(self, chunks: list) -> int:
-        return write_some(self.popen.stdin.fileno(), chunks)
+    def write_ready(self, chunks: list, size: int) -> int:
+        return write_some(self.popen.stdin.fileno(), chunks, size)
 
     def close(self) -> None:
         try:

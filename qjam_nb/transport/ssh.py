@@ -85,14 +85,13 @@ class SshProcess:
         for view in views:
             self.channel.sendall(view)
 
-    def write_ready(self, chunks: list) -> int:
+    def write_ready(self, chunks: list, size: int) -> int:
         """A small message while the channel's window is open: written now (0 otherwise, for the writer:
         a big one is encrypted there, in parallel with the other workers' writers)."""
-        views = [memoryview(c).cast("B") for c in chunks]
-        if sum(v.nbytes for v in views) > JOIN_BELOW or not self.channel.send_ready():
+        if size > JOIN_BELOW or not self.channel.send_ready():
             return 0
         self.write(chunks)
-        return sum(memoryview(c).nbytes for c in chunks)
+        return size
 
     def close(self) -> None:
         try:

@@ -351,7 +351,7 @@ class Worker:
         try:
             chunks = protocol.encode(
                 Kind.RESULT, {"value": value, "seconds": seconds},
-                call=call, index=index, dumps=cloudpickle.dumps,
+                call=call, index=index, dumps=dumps_plain_first,
             )
         except BaseException as exc:
             self.report(exc, call, index, "pickling the result")
@@ -421,6 +421,25 @@ class SliceTimer:
             os.read(self.fd, 8)
         except BlockingIOError:  # armed again after it fired, before we read it
             pass
+
+
+def dumps_plain_first(obj, protocol: int = 5, buffer_callback=None) -> bytes:
+    """``pickle`` if it can (~5x less work for a small result), else cloudpickle.
+
+    Both write what they can both write the same way; ``pickle`` fails (and
+    cloudpickle then ships by value) on what only cloudpickle can carry: the
+    functions and classes of a notebook, which ``pickle`` would name by a
+    reference this worker cannot resolve.
+    """
+    buffers: list = []
+    try:
+        data = pickle.dumps(obj, protocol=protocol, buffer_callback=buffers.append)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=protocol, buffer_callback=buffer_callback)
+    if buffer_callback is not None:
+        for buf in buffers:
+            buffer_callback(buf)
+    return data
 
 
 def versions() -> dict:

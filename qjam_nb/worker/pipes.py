@@ -29,8 +29,22 @@ def write_all(fd: int, chunks: list) -> None:
         _advance(views, n)
 
 
-def write_some(fd: int, chunks: list) -> int:
-    """Write what a non-blocking ``fd`` takes now of ``chunks``, in order; returns the bytes written."""
+def write_some(fd: int, chunks: list, size: int | None = None) -> int:
+    """Write what a non-blocking ``fd`` takes now of ``chunks``, in order; returns the bytes written.
+
+    With ``size`` (their bytes: chunks of bytes or byte-format memoryviews) the usual case, all of it
+    at once, costs one ``writev`` and no views.
+    """
+    if size is not None and len(chunks) <= IOV_MAX:
+        try:
+            n = os.writev(fd, chunks)
+        except BlockingIOError:
+            return 0
+        if n == size:
+            return n
+        views = _views(chunks)
+        _advance(views, n)
+        return n + write_some(fd, views)
     views = _views(chunks)
     total = 0
     while views:

@@ -156,6 +156,11 @@ def header(kind: int, call: int, index: int, lengths: list) -> bytes:
     return head + b"".join(LENGTH.pack(n) for n in lengths)
 
 
+def frame_size(chunks: list) -> int:
+    """Bytes on the wire of one frame as ``encode`` made it (read from its header, not counted)."""
+    return len(chunks[0]) + HEADER.unpack_from(chunks[0])[6]
+
+
 def frame_bytes(chunks: Iterable) -> bytes:
     """Join encoded chunks into one bytes object (tests and small frames)."""
     return b"".join(bytes(c) for c in chunks)

@@ -348,3 +348,20 @@ def test_map_after_shutdown_raises_cluster_closed(make_cluster):
         cluster.map(lambda p, xs: 1)
     with pytest.raises(ClusterClosedError):
         cluster.map(lambda p, xs: 1, None, [1, 2, 3])
+
+
+def test_results_of_a_class_defined_in_the_notebook_come_back(cluster2):
+    """A worker pickles results with plain pickle when it can: a notebook's own class is the case
+    where it cannot (pickle would name it by a reference the worker cannot resolve), so cloudpickle
+    ships it by value instead."""
+    namespace = {"__name__": "qjam_test_cell_results"}
+    exec(compile(
+        "class Box:\n"
+        "    def __init__(self, n):\n"
+        "        self.n = n\n"
+        "def boxed(params, xs):\n"
+        "    return [Box(x) for x in xs]\n",
+        "<cell>", "exec"), namespace)
+    out = cluster2.map(namespace["boxed"], None, [1, 2, 3], lambda a, b: a + b)
+    assert [box.n for box in out] == [1, 2, 3]
+    assert type(out[0]).__name__ == "Box"
