@@ -134,6 +134,7 @@ class EventBus:
         # A tuple, replaced on (un)subscribe: emit (five times a slice) iterates it without copying,
         # and an observer that unsubscribes during an emit does not disturb that emit.
         self._observers: tuple[Observer, ...] = ()
+        self._held: list | None = None  # events kept back by hold()
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Add ``observer``; returns a function that removes it again."""
@@ -146,7 +147,21 @@ class EventBus:
             observers.remove(observer)
             self._observers = tuple(observers)
 
+    def hold(self) -> None:
+        """Keep the events emitted from now on, in order, until ``release()``."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Deliver what ``hold()`` kept (nothing if not holding)."""
+        held, self._held = self._held, None
+        for event in held or ():
+            self.emit(event)
+
     def emit(self, event: Event) -> None:
+        if self._held is not None:
+            self._held.append(event)
+            return
         for observer in self._observers:
             try:
                 observer(event)

@@ -397,3 +397,18 @@ def test_import_checker_catches_foreign_imports(tmp_path):
         "sample.py:6: import qjam_nb.dataset",
         "sample.py:7: relative import outside the package (..)",
     ]
+
+
+def test_a_mapfunc_that_keeps_state_in_a_global_starts_from_what_was_shipped_each_call(worker):
+    """The worker reuses a mapfunc loaded for the last call only when it cannot carry state across
+    calls; one that assigns a global gets a fresh copy, as shipped, every call."""
+    namespace = by_value("COUNT = 0\n"
+                         "def counting(params, data):\n"
+                         "    global COUNT\n"
+                         "    COUNT += 1\n"
+                         "    return COUNT\n")
+    for call in (1, 2):
+        worker.call(call, namespace["counting"])
+        worker.send(Kind.TASK, {"key": None}, call=call, index=0)
+        result, _ = worker.until(Kind.RESULT)
+        assert result.body()["value"] == 1
