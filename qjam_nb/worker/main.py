@@ -151,9 +151,9 @@ class Worker:
     process at once). Decoded frames wait in ``frames`` for the main thread.
 
     Waking the watcher costs as much as a short slice, so it sleeps until a
-    slice has run for ``WATCH_AFTER`` seconds: each slice arms a one-shot
-    kernel timer (``SliceTimer``) that the watcher waits on. The watcher then
-    also sends the slice's STARTED (``announce``).
+    slice has run for ``WATCH_AFTER`` seconds, on a one-shot kernel timer
+    (``SliceTimer``) that a slice arms when it finds it idle (see ``watch``).
+    The watcher then also sends the slice's STARTED (``announce``).
     """
 
     def __init__(self, name: str, fd_in: int, channel: Channel) -> None:
