@@ -292,8 +292,20 @@ class Cluster:
             self._replays.remember(call.id, func_blob, params_part, call.data, call.keyed, call.fold.n, call.mapfunc)
             if self.chaos.armed:
                 self.chaos.progress(call, sched)
+            inbox = self._pool.inbox
             while not call.fold.complete:
-                self._handle(self._next(call), call, sched)
+                item = self._next(call)
+                # Everything one read brought is handled before anything is written back, so the
+                # next slices for a worker leave in one write (one wake-up), not one per result.
+                for w in alive:
+                    w.link.hold()
+                try:
+                    self._handle(item, call, sched)
+                    while not call.fold.complete and (item := inbox.get_read()) is not None:
+                        self._handle(item, call, sched)
+                finally:
+                    for w in alive:
+                        w.link.release()
             ok = True
             return call.fold.value
         except BaseException:

@@ -97,6 +97,10 @@ class Inbox:
                 self._pump(left)
         return self._items.popleft()
 
+    def get_read(self) -> tuple | None:
+        """The oldest item already read, or None: no system call."""
+        return self._items.popleft() if self._items else None
+
     def get_nowait(self) -> tuple:
         if not self._items:
             self._pump(0)
