@@ -1,8 +1,9 @@
 """``Cluster``: start workers, run ``map`` calls over cached slices, shut down.
 
 Everything happens on one thread: the one that calls ``map`` (or creates the
-cluster). Links put what they hear in one inbox; ``map`` takes items from it,
-tells the scheduler, folds results and emits events. Worker lifecycles
+cluster). It takes what the workers said from the pool's inbox (reading their
+streams itself, ``transport.link.Inbox``), tells the scheduler, folds results
+and emits events. Worker lifecycles
 (start, revive, lose, cancel, stop) live in ``pool``. Nothing here touches a
 socket, a pipe or IPython directly.
 
