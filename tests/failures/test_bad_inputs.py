@@ -444,9 +444,9 @@ def test_an_oversized_frame_from_a_worker(make_cluster, monkeypatch):
     """A RESULT over the master's frame limit kills its worker; after two workers, the slice is given up.
 
     The limit is lowered before the cluster starts: each Link reads ``protocol.MAX_FRAME`` when it is made,
-    so lowering it later would not reach the links already running. The mapfunc waits a moment before
-    returning so that its STARTED frame reaches the master in a read of its own: a frame decoded in the
-    same read as a bad one is dropped today (Link._read), and the slice would then not be blamed.
+    so lowering it later would not reach the links already running. The mapfunc runs 0.2 s, so that it
+    says STARTED (a slice does at 3 ms) and that frame reaches the master in a read of its own, before
+    the bad RESULT: the blame then comes from the worker's own word, not from the order of its tasks.
     """
     monkeypatch.setattr(protocol, "MAX_FRAME", 256 << 10)
     cluster = make_cluster(["local:2"])
