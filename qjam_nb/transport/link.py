@@ -180,7 +180,8 @@ class Link:
                 self._deliver(held, size)
 
     def _deliver(self, chunks: list, size: int) -> None:
-        """Write now if the writer has nothing queued and the process takes it whole without blocking."""
+        """Write now, as far as the process takes it without blocking, if the writer has nothing queued;
+        the writer takes the rest (and everything while it has something queued: order is kept)."""
         with self._lock:
             if not self._queued and size <= DIRECT_WRITE:
                 try:

@@ -288,7 +288,6 @@ class FrameDecoder:
         for buf in spare:
             if len(buf) == size and sys.getrefcount(buf) <= 3:  # spare, buf, getrefcount's argument
                 return buf
-            del buf
         buf = bytearray(size)
         spare.append(buf)
         while sum(len(b) for b in spare) > REUSE_BYTES and len(spare) > 1:
