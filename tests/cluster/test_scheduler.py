@@ -158,3 +158,20 @@ def test_the_window_follows_how_long_slices_take():
     for _ in range(100):
         sched.observe(0.002)
     assert sched.window == 10  # 20 ms of work queued
+
+
+def test_a_queued_slice_whose_key_was_guessed_wrong_is_placed_by_its_true_key():
+    s = Scheduler(["a", "b"], ["k0", "k1", "k2"], {"k0": ("a",), "k1": ("a",), "k2": ("b",)}, window=1)
+    assert s.assign() == [("a", 0), ("b", 2)]  # slice 1 waits in a's queue
+    s.rekey(1, "new", None)  # cached nowhere under its true key: any worker may take it
+    assert s.done("b", 2)
+    assert s.assign() == [("b", 1)]
+
+
+def test_a_slice_in_flight_under_a_wrong_key_is_taken_back_and_handed_out_again():
+    s = Scheduler(["a", "b"], ["k0", "k1"], {"k0": ("a",), "k1": ("b",)}, window=4)
+    assert sorted(s.assign()) == [("a", 0), ("b", 1)]
+    s.rekey(0, "new", "a")
+    assert not s.done("a", 0)  # the answer under the old key no longer counts
+    assert s.assign() == [("a", 0)]  # out again (a is the least busy, and lowest)
+    assert s.done("a", 0)

@@ -53,3 +53,18 @@ def test_status_model_folds_events_into_rows_and_a_table():
     assert "call 1: 1/3 slices, running" in table
     model(ev.CallFinished(1, 0.5, 10, 3 << 20, 0, True))
     assert "done in 0.500 s; 3.00 MiB of slices shipped" in model.text()
+
+
+def test_events_held_reach_observers_in_order_once_released():
+    bus = ev.EventBus()
+    seen = []
+    bus.subscribe(seen.append)
+    bus.hold()
+    bus.emit(ev.CallStarted(1, 2, ("a",)))
+    bus.emit(ev.SliceAssigned(1, 0, "a", True))
+    assert seen == []
+    bus.release()
+    assert [type(e) for e in seen] == [ev.CallStarted, ev.SliceAssigned]
+    bus.release()  # nothing held: nothing again
+    bus.emit(ev.SliceDone(1, 0, "a", 0.1))
+    assert len(seen) == 3
