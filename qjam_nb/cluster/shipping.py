@@ -20,6 +20,7 @@ from typing import Any
 
 import cloudpickle
 
+from ..dataset import PLAIN_TYPES
 from ..errors import CaptureWarning, MapFuncError, ShippingError
 
 #: A pickled mapfunc over this size gets a CaptureWarning naming the big variables it captures.
@@ -83,7 +84,7 @@ def dumps_function(func: Callable, role: str = "mapfunc", by_value: tuple = ()) 
 #: id(function) -> (function, fingerprint, pickle), for functions whose pickle cannot change in place.
 _PICKLED: dict[int, tuple] = {}
 _PICKLED_MAX_BYTES = 1 << 20
-_ATOMS = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis), types.BuiltinFunctionType)
+_ATOMS = (*PLAIN_TYPES, type(Ellipsis), types.BuiltinFunctionType)
 
 
 def _fingerprint(func: Any) -> list | None:
@@ -215,15 +216,12 @@ def dumps_params(params: Any) -> tuple:
     return pickle.PickleBuffer(data), buffers
 
 
-_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
-
-
 def _plain(value: Any, depth: int = 0) -> bool:
     """Data that ``pickle`` writes exactly as cloudpickle does (~5x faster): numbers, strings, numpy
     arrays of numbers, and lists, tuples and dicts of them. Not functions or classes: ``pickle`` would
     name them by reference (``__main__.f``), which a worker cannot look up."""
     kind = type(value)
-    if kind in _PLAIN_TYPES:
+    if kind in PLAIN_TYPES:
         return True
     if depth > 2:
         return False

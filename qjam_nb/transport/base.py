@@ -42,7 +42,8 @@ class WorkerProcess(Protocol):
     shares_memory: bool  # on this machine: slices may be handed over in shared memory
 
     def poll_fds(self) -> tuple[int, ...]:
-        """File descriptors that poll readable when stdout or stderr has something (or ended)."""
+        """File descriptors that poll readable when stdout or stderr has something (or ended):
+        stdout's first, and stderr's last when it has one of its own."""
 
     def read_ready(self, buffer: memoryview) -> int | None:
         """Read what worker stdout has into ``buffer``, without waiting: bytes read, 0 at the end, None if none yet."""

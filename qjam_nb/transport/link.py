@@ -8,8 +8,8 @@ here). Between calls nobody reads; what workers say waits in their pipes.
 
 Writing is done by one writer thread per link, which drains a queue of
 encoded frames, so the caller never blocks on a slow pipe and several
-workers are fed at once; a small message to an idle link is written at once
-by the caller instead, when the process can take it without blocking.
+workers are fed at once; to a link whose writer is idle the caller writes
+itself, as far as the process takes it without blocking (``Link._deliver``).
 
 Everything that happens to a link reaches the cluster as an inbox item:
 frames, stderr text, and ``LinkClosed`` once.
@@ -279,9 +279,13 @@ class Link:
         self.ended = True
         # Let the worker's last words (its stderr, until it closes) arrive before we report.
         deadline = time.monotonic() + LAST_WORDS
+        fds = self.process.poll_fds()
         self._read_stderr()
         while self._stderr_open and (left := deadline - time.monotonic()) > 0:
-            select.select(self.process.poll_fds(), [], [], left)
+            if len(fds) > 1:  # stderr's own fd (stdout's, at its end, would poll readable at once)
+                select.select(fds[-1:], [], [], left)
+            else:  # one fd for both, readable since the stream ended: look again shortly
+                time.sleep(min(left, 0.01))
             self._read_stderr()
         self.inbox.unregister(self)
         self.closed = True

@@ -439,15 +439,15 @@ class FunctionCache:
     ATOMS = (type(None), bool, int, float, complex, str, bytes, type(sys), type(len))
 
     def __init__(self) -> None:
-        self.blob: bytes | None = None
-        self.func = None
+        self.blob: bytes | None = None  # the last pickle loaded
+        self.func = None  # its function, if reusable (judged once per pickle, not every call)
 
     def load(self, blob) -> object:
         data = bytes(blob)
-        if self.func is not None and data == self.blob:
-            return self.func
+        if data == self.blob:
+            return self.func if self.func is not None else cloudpickle.loads(data)
         func = cloudpickle.loads(data)
-        self.blob, self.func = (data, func) if self.reusable(func) else (None, None)
+        self.blob, self.func = data, (func if self.reusable(func) else None)
         return func
 
     def reusable(self, func) -> bool:
