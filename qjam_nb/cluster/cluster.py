@@ -17,6 +17,7 @@ dead workers are started again before the next call.
 from __future__ import annotations
 
 import atexit
+import os
 import pickle
 import queue
 import sys
@@ -114,6 +115,7 @@ class Cluster:
         self._call = 0
         self.chaos = Chaos(self)  # kill, slow down or disconnect workers, for teaching
         self._replays = ReplayLog()
+        self._params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
@@ -139,6 +141,8 @@ class Cluster:
             return
         self._closed = True
         self._pool.stop()
+        if self._params_arena is not None:
+            self._params_arena.close()
         _live_clusters.discard(self)
 
     def __enter__(self) -> Cluster:
@@ -270,11 +274,11 @@ class Cluster:
         try:
             self.events.emit(ev.CallStarted(call.id, len(keys), tuple(w.name for w in alive),
                                             params_hash(params_part)))
-            body = {"func": pickle.PickleBuffer(func_blob), "params": params_part}
-            chunks = protocol.encode(Kind.CALL, body, call=call.id)
+            calls = self._call_frames(call, alive, func_blob, params_part)
             for w in alive:
                 w.link.hold()  # the CALL and the first slices go out together
-                call.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, call.id)
+                chunks, beside = calls[w.link.process.shares_memory]
+                call.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, call.id) + beside
                 self._pool.set_state(w, states.BUSY, f"call {call.id}")
         except BaseException:
             self.events.release()
@@ -323,6 +327,31 @@ class Cluster:
                 call.id, time.perf_counter() - call.started, call.bytes_sent,
                 call.slice_bytes_sent, call.slice_bytes_cached, ok, call.fold.seconds,
             ))
+
+    def _call_frames(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes,
+                     params_part: tuple) -> dict[bool, tuple[list, int]]:
+        """The CALL frame for workers on other machines and for local ones (by ``shares_memory``),
+        with the bytes each gets beside the pipe. Local workers read big params from the
+        cluster's params arena, written once for all of them, and may answer through theirs."""
+        func = pickle.PickleBuffer(func_blob)
+        frames = {}
+        for w in alive:  # before a worker may write its arena again: is its last result still in use?
+            if w.link.process.shares_memory and w.results.retained():
+                w.retire_arena = True
+        if not all(w.link.process.shares_memory for w in alive):
+            frames[False] = protocol.encode(Kind.CALL, {"func": func, "params": params_part}, call=call.id), 0
+        if any(w.link.process.shares_memory for w in alive):
+            body, beside = {"func": func, "params": params_part, "share": True}, 0
+            views = sharedmem.byte_views(params_part[1])
+            if views is not None:
+                beside = sum(v.nbytes for v in views)
+                try:
+                    self._params_arena = sharedmem.arena_for(self._params_arena, beside, f"qjam-params-{os.getpid()}-")
+                    body.update(params=(params_part[0], []), params_arena=self._params_arena.write(views))
+                except OSError:  # /dev/shm full: the pipe it is
+                    beside = 0
+            frames[True] = protocol.encode(Kind.CALL, body, call=call.id), beside
+        return frames
 
     def _next(self, call: _Call) -> tuple:
         if call.deadline is None:
@@ -374,8 +403,10 @@ class Cluster:
         self._feed(call, sched)
 
     def _task(self, worker: WorkerHandle, call: _Call, index: int, key: str | None) -> None:
-        call.bytes_sent += worker.link.send(Kind.TASK, self.chaos.task_body(worker.name, key), call.id, index,
-                                           dumps=pickle.dumps)
+        body = self.chaos.task_body(worker.name, key)
+        if worker.retire_arena:
+            body["retire"], worker.retire_arena = True, False
+        call.bytes_sent += worker.link.send(Kind.TASK, body, call.id, index, dumps=pickle.dumps)
 
     def _ship_and_task(self, worker: WorkerHandle, call: _Call, index: int) -> None:
         """Send slice ``index`` and its TASK in one write (one wake-up of the worker)."""
@@ -424,11 +455,11 @@ class Cluster:
             if kind in (Kind.RESULT, Kind.ERROR) and worker.running == (call.id, index):
                 worker.running = None
             if kind is Kind.RESULT:
-                body = self._pool.body(worker, msg, f"the result of slice {index}")
+                value, seconds = self._pool.result(worker, msg)
                 if sched.done(worker.name, index):
-                    self.events.emit(ev.SliceDone(call.id, index, worker.name, body["seconds"]))
-                    sched.observe(body["seconds"])
-                    call.fold.add(index, body["value"])
+                    self.events.emit(ev.SliceDone(call.id, index, worker.name, seconds))
+                    sched.observe(seconds)
+                    call.fold.add(index, value)
                     self._feed(call, sched)
                     if self.chaos.armed:
                         self.chaos.progress(call, sched)

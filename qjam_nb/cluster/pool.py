@@ -15,6 +15,7 @@ handshake stays dead: starting it again would only be refused again.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import queue
 import signal
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
 from ..transport.ssh import SshOptions, SshTransport
+from ..worker import sharedmem
 from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
@@ -48,6 +50,8 @@ class WorkerHandle:
         self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED (after 3 ms) and not finished
         self.refused = False  # refused by the handshake: not started again
         self.starts = 0
+        self.results = sharedmem.LentResults()  # its big results, in its arena (local workers)
+        self.retire_arena = False  # something still uses its arena: its next TASK says to make a new one
 
     def __repr__(self) -> str:
         return f"<worker {self.name} {self.state}>"
@@ -230,6 +234,26 @@ class WorkerPool:
                 "Return values built from modules the notebook can import too."
             ) from exc
 
+    def result(self, worker: WorkerHandle, frame: Frame) -> tuple[Any, float]:
+        """A RESULT's value and the seconds its slice took; a big local result is built on the
+        worker's arena, where it lies (see ``sharedmem.LentResults``)."""
+        body = self.body(worker, frame, f"the result of slice {frame.index}")
+        if "pickled" not in body:
+            return body["value"], body["seconds"]
+        try:
+            buffers = worker.results.read(body["arena"])
+        except OSError as exc:
+            raise WorkerError(f"the result of slice {frame.index} from worker {worker.name} could not be read "
+                              f"from its shared memory in {sharedmem.DIRECTORY}: {exc}. Call again; if it "
+                              "happens again, see what removes files there") from exc
+        try:
+            return pickle.loads(body["pickled"], buffers=buffers), body["seconds"]
+        except Exception as exc:
+            raise ShippingError(
+                f"the result of slice {frame.index} from worker {worker.name} could not be unpickled here: "
+                f"{type(exc).__name__}: {exc}. Return values built from modules the notebook can import too."
+            ) from exc
+
     # -- losing and stopping -------------------------------------------------------
     def lose(self, worker: WorkerHandle, closed: LinkClosed | None = None, reason: str = "") -> None:
         """Mark a worker dead, with why (its exit status, or what broke), and forget its cache."""
@@ -237,6 +261,9 @@ class WorkerPool:
             status = worker.link.process.wait(0.5)
             reason = (closed.error if closed and closed.error else None) or exit_reason(status)
         worker.running = None
+        if worker.link.process.shares_memory and worker.hello.get("pid"):
+            sharedmem.discard_results_of(worker.hello["pid"])
+            worker.results.close()
         self.set_state(worker, states.DEAD, reason)
         self.events.emit(ev.ErrorEvent(worker.name, self.current_call, -1, f"worker {worker.name} died: {reason}"))
         if worker.cache:

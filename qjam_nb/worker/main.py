@@ -175,6 +175,10 @@ class Worker:
         self.func = None
         self.params = None
         self.call_failed = False
+        self.share_results = False  # the master said: big results may go through /dev/shm
+        self.params_reader = sharedmem.ArenaReader()  # the master's params arena
+        self.result_arena: sharedmem.Arena | None = None
+        self.result_arena_free = True  # no result of this call in it yet
         self.running = False  # inside mapfunc: only then does SIGINT interrupt
         self.pump: OutputPump | None = None
         self.functions = FunctionCache()
@@ -186,6 +190,7 @@ class Worker:
             buf = self.decoder.get_buffer()
             n = os.readv(self.fd_in, [buf])
             if n == 0:
+                self.drop_result_arena()
                 self.decoder.eof()
                 os._exit(0)  # the master is gone: so are we
             self.decoder.buffer_updated(n)
@@ -206,6 +211,7 @@ class Worker:
         if kind is Kind.CANCEL:
             self.cancelled.add(frame.call)
         elif kind is Kind.BYE:
+            self.drop_result_arena()
             os._exit(0)
         else:
             self.frames.append(frame)
@@ -291,21 +297,56 @@ class Worker:
 
     def start_call(self, frame: protocol.Frame) -> None:
         self.call, self.func, self.params, self.call_failed = frame.call, None, None, False
+        self.result_arena_free = True
         try:
             body = frame.body()
+            self.share_results = body.get("share", False)
             self.func = self.functions.load(body["func"])
             data, buffers = body["params"]
+            if "params_arena" in body:
+                try:
+                    buffers = self.params_reader.read(body["params_arena"])
+                except FileNotFoundError:  # the master has moved on to a bigger arena: this call is over
+                    self.call_failed = True
+                    return
             self.params = pickle.loads(data, buffers=buffers)
         except BaseException as exc:
             self.call_failed = True
             self.report(exc, frame.call, -1, "loading mapfunc and params")
 
+    def result_chunks(self, value, seconds: float, call: int, index: int) -> list:
+        """A RESULT frame. A local worker's first big result of a call leaves its buffers in its
+        arena, where the master reads them; it is written again in a later call only, unless the
+        master said the last result is still in use (``retire``): see ``sharedmem``."""
+        body = {"value": value, "seconds": seconds}
+        if self.share_results and self.result_arena_free:
+            buffers: list = []
+            pickled = dumps_plain_first(value, buffer_callback=buffers.append)
+            views = sharedmem.byte_views(buffers)
+            if views is not None:
+                try:
+                    self.result_arena = sharedmem.arena_for(
+                        self.result_arena, sum(v.nbytes for v in views), f"{sharedmem.RESULT_PREFIX}{os.getpid()}-")
+                except OSError:  # /dev/shm full: the pipe it is
+                    return protocol.encode(Kind.RESULT, body, call=call, index=index, dumps=dumps_plain_first)
+                body = {"pickled": pickle.PickleBuffer(pickled), "arena": self.result_arena.write(views),
+                        "seconds": seconds}
+                self.result_arena_free = False
+        return protocol.encode(Kind.RESULT, body, call=call, index=index, dumps=dumps_plain_first)
+
+    def drop_result_arena(self) -> None:
+        if self.result_arena is not None:
+            self.result_arena.close()
+            self.result_arena = None
+
     def run_task(self, frame: protocol.Frame) -> None:
         call, index = frame.call, frame.index
         self.read_ready()
+        task = frame.body()
+        if "retire" in task:  # the master still uses a result in our arena: leave it that one
+            self.drop_result_arena()
         if call != self.call or call in self.cancelled or self.call_failed:
             return
-        task = frame.body()
         key = task["key"]
         if key is None:
             data = []
@@ -351,10 +392,7 @@ class Worker:
         seconds = time.perf_counter() - start
         self.pump.drain()
         try:
-            chunks = protocol.encode(
-                Kind.RESULT, {"value": value, "seconds": seconds},
-                call=call, index=index, dumps=dumps_plain_first,
-            )
+            chunks = self.result_chunks(value, seconds, call, index)
         except BaseException as exc:
             self.report(exc, call, index, "pickling the result")
             return

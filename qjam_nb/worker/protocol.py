@@ -188,7 +188,7 @@ class FrameDecoder:
         self._lengths: list = []
         self._parts: list = []
         self._direct = False
-        self._spare: list[bytearray] = []  # part buffers handed out, for _reuse
+        self._spare = SpareBuffers()  # part buffers handed out, reused once let go
         self.failed: ProtocolError | None = None
 
     # -- input ---------------------------------------------------------
@@ -273,26 +273,8 @@ class FrameDecoder:
             raise ProtocolError(f"the stream is unusable after an earlier error: {self.failed}")
 
     def _expect(self, size: int) -> None:
-        self._target = memoryview(self._reuse(size) if REUSE_MIN <= size < BIG_PART else allocate(size))
+        self._target = memoryview(self._spare.get(size) if REUSE_MIN <= size < BIG_PART else allocate(size))
         self._filled = 0
-
-    def _reuse(self, size: int) -> bytearray:
-        """A buffer of ``size`` bytes: one handed out before and since let go, if any.
-
-        A 1 MiB params vector or result arrives every call; a fresh ``bytearray``
-        costs zero-filling it and, in a process without tuned malloc, faulting its
-        pages in again (~0.1-0.3 ms a MiB here). A buffer that only this list
-        still refers to (everything built on it is gone) is overwritten instead.
-        """
-        spare = self._spare
-        for buf in spare:
-            if len(buf) == size and sys.getrefcount(buf) <= 3:  # spare, buf, getrefcount's argument
-                return buf
-        buf = bytearray(size)
-        spare.append(buf)
-        while sum(len(b) for b in spare) > REUSE_BYTES and len(spare) > 1:
-            spare.pop(0)
-        return buf
 
     def _advance(self) -> None:
         if self._stage == "header":
@@ -350,6 +332,31 @@ class FrameDecoder:
                 "use smaller slices (slice_size=) or raise QJAM_MAX_FRAME on both sides"
             )
         return head
+
+
+class SpareBuffers:
+    """Buffers of a few sizes, handed out again once nothing built on them is alive.
+
+    A 1 MiB params vector or result arrives every call; a fresh ``bytearray``
+    costs zero-filling it and, in a process without tuned malloc, faulting its
+    pages in again (~0.1-0.3 ms a MiB here). A buffer that only this list
+    still refers to (everything built on it is gone) is overwritten instead.
+    At most ``REUSE_BYTES`` are kept, the oldest let go first.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[bytearray] = []
+
+    def get(self, size: int) -> bytearray:
+        spare = self.buffers
+        for buf in spare:
+            if len(buf) == size and sys.getrefcount(buf) <= 3:  # spare, buf, getrefcount's argument
+                return buf
+        buf = bytearray(size)
+        spare.append(buf)
+        while sum(len(b) for b in spare) > REUSE_BYTES and len(spare) > 1:
+            spare.pop(0)
+        return buf
 
 
 def allocate(size: int):

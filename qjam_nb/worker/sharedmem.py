@@ -1,4 +1,4 @@
-"""Slices handed to local workers through shared memory instead of the pipe.
+"""Slices, big params and big results handed between the master and local workers in shared memory.
 
 A worker on this machine does not need a slice's bytes pushed through a pipe
 (about 1 GB/s here): the master writes the slice once into a file in
@@ -11,18 +11,43 @@ It travels with the worker and uses the standard library only: the array's
 pickle (protocol 5) goes in the message and its one out-of-band buffer, the
 data, goes in the file; the worker unpickles with the mapped file as that
 buffer, so numpy rebuilds the array around the shared memory by itself.
+
+Big params and big results go through ``Arena``s instead: shared-memory files
+written again on every call (a pickle's out-of-band buffers, one after the
+other), since a fresh file costs the kernel a zeroed page per 4 KiB written.
+Through the pipe, a 1 MiB vector to each of two workers and one back from each
+costs the master four kernel copies (~0.15 ms each here) while the workers wait
+on it; this way it makes one copy into its params arena for all workers (each
+worker copies its params out: they are its own for the call) and reads each
+result where it lies, in the worker's arena (``LentResults``). Reuse is safe by
+the order of calls: the master writes call N+1's params only after call N has
+ended, and a worker writes at most one result a call into its arena, which the
+master reads while that call runs (an answer that comes after its call ended is
+dropped unread); if something still uses it when the next call starts, the
+worker is told to leave it and make a new one.
 """
 
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import pickle
 import tempfile
 
+from .protocol import SpareBuffers
+
 #: Slices smaller than this go through the pipe: a file costs more than it saves.
 MIN_BYTES = 1 << 20
 DIRECTORY = "/dev/shm" if os.path.isdir("/dev/shm") else None
+#: Params and results whose buffers are smaller than this take the pipe.
+MESSAGE_MIN_BYTES = 1 << 20
+#: ... and bigger than this too: an arena keeps its memory for the next call.
+MESSAGE_MAX_BYTES = 64 << 20
+RESULT_PREFIX = "qjam-result-"
+#: Arenas need /dev/shm and posix_fallocate (Linux); elsewhere big params and results take the pipe.
+ARENAS = DIRECTORY is not None and hasattr(os, "posix_fallocate")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one fault at a time
 
 
 def export(array: object) -> dict | None:
@@ -64,3 +89,156 @@ def discard(handle: dict) -> None:
         os.unlink(handle["path"])
     except FileNotFoundError:
         pass
+
+
+
+class Arena:
+    """A shared-memory file that its owner writes messages' buffers into, call after call.
+
+    Its pages are allocated once: a fresh file costs the kernel a zeroed page
+    for every 4 KiB written (slower than the pipe), a reused one only the copy.
+    Peers map it by name: ``ArenaReader`` copies out, ``LentResults`` reads in place.
+    """
+
+    def __init__(self, nbytes: int, prefix: str) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=prefix, dir=DIRECTORY)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # the pages now, or ENOSPC now: never SIGBUS on a full /dev/shm
+            self.memory = mmap.mmap(fd, nbytes)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.size = nbytes
+        self.view = memoryview(self.memory)
+
+    def write(self, views: list) -> dict:
+        """Copy byte views one after the other from the start; returns what a reader needs."""
+        start = 0
+        for v in views:
+            self.view[start : start + v.nbytes] = v
+            start += v.nbytes
+        return {"path": self.path, "sizes": [v.nbytes for v in views]}
+
+    def close(self) -> None:
+        """Delete its name (if the reader has not) and let its mapping go."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.view.release()
+        self.memory.close()
+
+
+def arena_for(arena: Arena | None, nbytes: int, prefix: str) -> Arena:
+    """``arena`` if ``nbytes`` fit in it, else a new one with room to grow (the old one closed once
+    the new one exists: if making it fails, ``arena`` is still good)."""
+    if arena is not None and nbytes <= arena.size:
+        return arena
+    new = Arena(max(nbytes + nbytes // 4, MESSAGE_MIN_BYTES), prefix)
+    if arena is not None:
+        arena.close()
+    return new
+
+
+def byte_views(buffers: list) -> list | None:
+    """The raw bytes of a pickle's out-of-band buffers, if they are for an arena (between
+    ``MESSAGE_MIN_BYTES`` and ``MESSAGE_MAX_BYTES`` together, all contiguous, /dev/shm there);
+    else None: they take the pipe."""
+    if not ARENAS or not buffers:
+        return None
+    try:
+        views = [b.raw() for b in buffers]
+    except BufferError:
+        return None
+    return views if MESSAGE_MIN_BYTES <= sum(v.nbytes for v in views) <= MESSAGE_MAX_BYTES else None
+
+
+class ArenaReader:
+    """Copies messages' buffers out of the master's params arena (the worker's own copy: the master
+    writes the next call's params there). Only the latest arena stays mapped: a master that
+    outgrew one has moved on."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.view: memoryview | None = None
+        self.spare = SpareBuffers()  # what is copied out goes into these, once let go
+
+    def read(self, handle: dict) -> list:
+        path = handle["path"]
+        if path != self.path:
+            self._map(path)
+        out, start = [], 0
+        for size in handle["sizes"]:
+            buf = self.spare.get(size)
+            buf[:] = self.view[start : start + size]
+            out.append(memoryview(buf).toreadonly())  # as read-only as what comes through the pipe
+            start += size
+        return out
+
+    def _map(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            memory = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.path, self.view = path, memoryview(memory)
+
+
+class LentResults:
+    """A local worker's big results, handed out where they lie: in its arena, mapped read-only.
+
+    No copy: the arrays the master reduces are built on the worker's pages.
+    The worker writes its arena again in a later call; before that, at each
+    call's start, ``retained`` says whether anything built on the last result
+    still lives (the user kept it, a reduce held on to it). Then the worker
+    is told to leave that arena to its readers and make a new one.
+    """
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.fd: int | None = None
+        self.lent: list = []  # this call's mappings
+
+    def read(self, handle: dict) -> list:
+        path, sizes = handle["path"], handle["sizes"]
+        if path != self.path:
+            fd = os.open(path, os.O_RDONLY)
+            os.unlink(path)  # the master is its only reader: nothing is left behind if either dies
+            self.close()
+            self.path, self.fd = path, fd
+        memory = mmap.mmap(self.fd, sum(sizes), flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+        self.lent.append(memory)
+        view, out, start = memoryview(memory), [], 0
+        for size in sizes:
+            out.append(view[start : start + size].toreadonly())
+            start += size
+        view.release()
+        return out
+
+    def retained(self) -> bool:
+        """True if something built on a result handed out since the last call is still alive."""
+        lent, self.lent = self.lent, []
+        kept = False
+        for memory in lent:
+            try:
+                memory.close()
+            except BufferError:  # exported: an array still uses it (and keeps it mapped)
+                kept = True
+        return kept
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.path = self.fd = None
+
+
+def discard_results_of(pid: int) -> None:
+    """Delete the result arena a dead local worker (process ``pid``) left behind, if the master never mapped it."""
+    if DIRECTORY is not None:
+        for path in glob.glob(os.path.join(DIRECTORY, f"{RESULT_PREFIX}{pid}-*")):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
