@@ -319,7 +319,7 @@ class Worker:
         arena, where the master reads them; it is written again in a later call only, unless the
         master said the last result is still in use (``retire``): see ``sharedmem``."""
         body = {"value": value, "seconds": seconds}
-        if self.share_results and self.result_arena_free:
+        if self.share_results and self.result_arena_free and sharedmem.may_be_big(value):
             buffers: list = []
             pickled = dumps_plain_first(value, buffer_callback=buffers.append)
             views = sharedmem.byte_views(buffers)

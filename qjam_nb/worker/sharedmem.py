@@ -155,6 +155,23 @@ def byte_views(buffers: list) -> list | None:
     return views if MESSAGE_MIN_BYTES <= sum(v.nbytes for v in views) <= MESSAGE_MAX_BYTES else None
 
 
+def may_be_big(value: object) -> bool:
+    """Whether ``value`` may carry ``MESSAGE_MIN_BYTES`` of buffers: an array (anything with an int
+    ``nbytes``) that big, or such arrays in a list, tuple or dict. Only then is it worth pickling
+    a result once just to see; the rest goes through the pipe as always."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes >= MESSAGE_MIN_BYTES
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    total = 0
+    for item in items:
+        size = getattr(item, "nbytes", 0)
+        total += size if isinstance(size, int) else 0
+        if total >= MESSAGE_MIN_BYTES:
+            return True
+    return False
+
+
 class ArenaReader:
     """Copies messages' buffers out of the master's params arena (the worker's own copy: the master
     writes the next call's params there). Only the latest arena stays mapped: a master that

@@ -140,3 +140,10 @@ def test_a_dead_workers_result_arena_is_deleted():
         for path in (left, other):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_only_results_that_may_hold_a_mebibyte_are_pickled_to_see():
+    big, small = np.zeros(FLOATS_PER_MIB), np.zeros(10)
+    assert sharedmem.may_be_big(big) and sharedmem.may_be_big([small, big]) and sharedmem.may_be_big({"g": big})
+    assert sharedmem.may_be_big((np.zeros(FLOATS_PER_MIB // 2), np.zeros(FLOATS_PER_MIB // 2)))
+    assert not any(sharedmem.may_be_big(v) for v in (small, [small] * 3, 3.0, "x" * (2 << 20), None, {"a": 1}))
