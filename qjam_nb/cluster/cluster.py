@@ -335,12 +335,13 @@ class Cluster:
         cluster's params arena, written once for all of them, and may answer through theirs."""
         func = pickle.PickleBuffer(func_blob)
         frames = {}
-        for w in alive:  # before a worker may write its arena again: is its last result still in use?
-            if w.link.process.shares_memory and w.results.retained():
+        local = [w for w in alive if w.link.process.shares_memory]
+        for w in local:  # before a worker may write its arena again: is its last result still in use?
+            if w.results.lent and w.results.retained():
                 w.retire_arena = True
-        if not all(w.link.process.shares_memory for w in alive):
+        if len(local) < len(alive):
             frames[False] = protocol.encode(Kind.CALL, {"func": func, "params": params_part}, call=call.id), 0
-        if any(w.link.process.shares_memory for w in alive):
+        if local:
             body, beside = {"func": func, "params": params_part, "share": True}, 0
             views = sharedmem.byte_views(params_part[1])
             if views is not None:

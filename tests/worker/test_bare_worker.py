@@ -24,7 +24,7 @@ import cloudpickle
 import pytest
 
 from qjam_nb.transport.base import bootstrap_code
-from qjam_nb.worker import protocol
+from qjam_nb.worker import protocol, sharedmem
 from qjam_nb.worker.protocol import FrameDecoder, Kind
 
 WORKER_SOURCES = Path(protocol.__file__).resolve().parent
@@ -310,6 +310,45 @@ def test_unloadable_call_reports_error_and_skips_its_tasks(worker):
     result, before = worker.until(Kind.RESULT)
     assert result.call == 2 and result.body()["value"] == 5
     assert all(f.call == 2 for f in before)
+
+
+def arena_call(worker, call: int, payload: bytes, path_override: str | None = None):
+    """A CALL whose params' buffer lies in a params arena, as the master sends local workers."""
+    buffers: list = []
+    data = pickle.dumps(pickle.PickleBuffer(payload), protocol=5, buffer_callback=buffers.append)
+    arena = sharedmem.Arena(len(payload), "qjam-params-test-")
+    handle = arena.write([b.raw() for b in buffers])
+    if path_override:
+        handle["path"] = path_override
+    func = by_value("def head(params, data):\n    return bytes(params[:5]), len(params)\n")["head"]
+    body = {"func": pickle.PickleBuffer(cloudpickle.dumps(func, protocol=5)),
+            "params": (pickle.PickleBuffer(data), []), "params_arena": handle, "share": True}
+    worker.send(Kind.CALL, body, call=call)
+    return arena
+
+
+@pytest.mark.skipif(not sharedmem.ARENAS, reason="no /dev/shm here")
+def test_params_from_the_masters_arena_are_the_workers_own_copy(worker):
+    arena = arena_call(worker, 1, b"hello" + bytes(1 << 20))
+    try:
+        worker.send(Kind.TASK, {"key": None}, call=1, index=0)
+        result, _ = worker.until(Kind.RESULT)
+        assert result.body()["value"] == (b"hello", 5 + (1 << 20))
+        arena.write([memoryview(b"HELLO")])  # the next call's params, written over: the worker copied its own
+    finally:
+        arena.close()
+
+
+@pytest.mark.skipif(not sharedmem.ARENAS, reason="no /dev/shm here")
+def test_a_call_whose_params_arena_is_gone_is_over_quietly(worker):
+    arena_call(worker, 1, bytes(1 << 20), path_override="/dev/shm/qjam-params-test-gone").close()
+    worker.send(Kind.TASK, {"key": None}, call=1, index=0)  # skipped: that call has ended for the master
+    worker.call(2, FUNCS["total"], {"scale": 1})
+    worker.send(Kind.DATA, {"key": "k", "data": [5]}, call=2, index=0)
+    worker.send(Kind.TASK, {"key": "k"}, call=2, index=0)
+    result, before = worker.until(Kind.RESULT)
+    assert result.call == 2 and result.body()["value"] == 5
+    assert [f for f in before if f.call == 1] == []  # no ERROR for the ended call
 
 
 def test_cancel_drops_queued_tasks_of_the_call(worker):
