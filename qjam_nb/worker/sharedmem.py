@@ -29,10 +29,12 @@ worker is told to leave it and make a new one.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import mmap
 import os
 import pickle
+import sys
 import tempfile
 
 from .protocol import SpareBuffers
@@ -47,7 +49,6 @@ MESSAGE_MAX_BYTES = 64 << 20
 RESULT_PREFIX = "qjam-result-"
 #: Arenas need /dev/shm and posix_fallocate (Linux); elsewhere big params and results take the pipe.
 ARENAS = DIRECTORY is not None and hasattr(os, "posix_fallocate")
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once, not one fault at a time
 
 
 def export(array: object) -> dict | None:
@@ -204,51 +205,51 @@ class ArenaReader:
 
 
 class LentResults:
-    """A local worker's big results, handed out where they lie: in its arena, mapped read-only.
+    """A local worker's big results, handed out where they lie: in its arena, mapped here once.
 
     No copy: the arrays the master reduces are built on the worker's pages.
     The worker writes its arena again in a later call; before that, at each
     call's start, ``retained`` says whether anything built on the last result
-    still lives (the user kept it, a reduce held on to it). Then the worker
-    is told to leave that arena to its readers and make a new one.
+    still lives (the user kept it, a reduce held on to it). Then the worker is
+    told to leave that arena to this mapping and make a new one. Each buffer
+    is lent through its own ctypes array over the mapping: whatever is built
+    on it holds a reference to that array, so its reference count tells.
     """
 
     def __init__(self) -> None:
         self.path: str | None = None
-        self.fd: int | None = None
-        self.lent: list = []  # this call's mappings
+        self.memory: mmap.mmap | None = None
+        self.lent: list = []  # this call's ctypes arrays
 
     def read(self, handle: dict) -> list:
         path, sizes = handle["path"], handle["sizes"]
         if path != self.path:
-            fd = os.open(path, os.O_RDONLY)
-            os.unlink(path)  # the master is its only reader: nothing is left behind if either dies
-            self.close()
-            self.path, self.fd = path, fd
-        memory = mmap.mmap(self.fd, sum(sizes), flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-        self.lent.append(memory)
-        view, out, start = memoryview(memory), [], 0
+            fd = os.open(path, os.O_RDWR)  # ctypes lends writable memory only; what it lends here is read-only
+            try:
+                self.memory = mmap.mmap(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+                os.unlink(path)  # the master is its only reader: nothing is left behind if either dies
+            self.path = path
+        out, start = [], 0
         for size in sizes:
-            out.append(view[start : start + size].toreadonly())
+            exporter = (ctypes.c_char * size).from_buffer(self.memory, start)
+            self.lent.append(exporter)
+            out.append(memoryview(exporter).cast("B").toreadonly())
             start += size
-        view.release()
         return out
 
     def retained(self) -> bool:
         """True if something built on a result handed out since the last call is still alive."""
         lent, self.lent = self.lent, []
-        kept = False
-        for memory in lent:
-            try:
-                memory.close()
-            except BufferError:  # exported: an array still uses it (and keeps it mapped)
-                kept = True
-        return kept
+        for exporter in lent:
+            if sys.getrefcount(exporter) > 3:  # lent, exporter, getrefcount's argument
+                return True
+        return False
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.path = self.fd = None
+        """Forget the mapping (what is still built on it keeps it)."""
+        self.path = self.memory = None
 
 
 def discard_results_of(pid: int) -> None:
