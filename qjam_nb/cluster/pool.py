@@ -242,7 +242,8 @@ class WorkerPool:
             return body["value"], body["seconds"]
         try:
             buffers = worker.results.read(body["arena"])
-        except OSError as exc:
+        except OSError as exc:  # its file was removed under us: the worker makes a new one next time
+            worker.retire_arena = True
             raise WorkerError(f"the result of slice {frame.index} from worker {worker.name} could not be read "
                               f"from its shared memory in {sharedmem.DIRECTORY}: {exc}. Call again; if it "
                               "happens again, see what removes files there") from exc

@@ -92,7 +92,6 @@ def discard(handle: dict) -> None:
         pass
 
 
-
 class Arena:
     """A shared-memory file that its owner writes messages' buffers into, call after call.
 

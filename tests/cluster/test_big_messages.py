@@ -11,6 +11,7 @@ import pytest
 
 from qjam_nb import Cluster
 from qjam_nb.cluster import cluster as cluster_module
+from qjam_nb.errors import WorkerError
 from qjam_nb.worker import sharedmem
 
 FLOATS_PER_MIB = (1 << 20) // 8
@@ -147,3 +148,27 @@ def test_only_results_that_may_hold_a_mebibyte_are_pickled_to_see():
     assert sharedmem.may_be_big(big) and sharedmem.may_be_big([small, big]) and sharedmem.may_be_big({"g": big})
     assert sharedmem.may_be_big((np.zeros(FLOATS_PER_MIB // 2), np.zeros(FLOATS_PER_MIB // 2)))
     assert not any(sharedmem.may_be_big(v) for v in (small, [small] * 3, 3.0, "x" * (2 << 20), None, {"a": 1}))
+
+
+def test_a_result_arena_removed_under_the_cluster_is_a_clear_error_and_the_next_call_works():
+    if not sharedmem.ARENAS:
+        pytest.skip("result arenas are for local workers on Linux")
+    with Cluster(["local:1"], echo=False) as cluster:
+        (worker,) = cluster.workers
+        f = lambda t, xs: t * 3.0  # noqa: E731
+        theta = np.ones(FLOATS_PER_MIB)
+        np.testing.assert_array_equal(cluster.map(f, theta), 3.0)
+        pid = worker.hello["pid"]
+        real_read = worker.results.read
+
+        def removed(handle):  # as if something cleaned /dev/shm between the worker's write and our read
+            os.unlink(handle["path"])
+            return real_read(handle)
+
+        worker.results.path = None  # map it again by name
+        worker.results.read = removed
+        with pytest.raises(WorkerError, match=r"slice 0 from worker local/0 .* shared memory .* Call again"):
+            cluster.map(f, theta)
+        worker.results.read = real_read
+        np.testing.assert_array_equal(cluster.map(f, theta * 2), 6.0)  # a new arena
+        assert worker.hello["pid"] == pid  # the same worker: nothing was lost
