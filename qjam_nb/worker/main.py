@@ -323,15 +323,15 @@ class Worker:
             buffers: list = []
             pickled = dumps_plain_first(value, buffer_callback=buffers.append)
             views = sharedmem.byte_views(buffers)
-            if views is not None:
-                try:
+            try:
+                if views is not None:
                     self.result_arena = sharedmem.arena_for(
                         self.result_arena, sum(v.nbytes for v in views), f"{sharedmem.RESULT_PREFIX}{os.getpid()}-")
-                except OSError:  # /dev/shm full: the pipe it is
-                    return protocol.encode(Kind.RESULT, body, call=call, index=index, dumps=dumps_plain_first)
-                body = {"pickled": pickle.PickleBuffer(pickled), "arena": self.result_arena.write(views),
-                        "seconds": seconds}
-                self.result_arena_free = False
+                    body = {"pickled": pickle.PickleBuffer(pickled), "arena": self.result_arena.write(views),
+                            "seconds": seconds}
+                    self.result_arena_free = False
+            except OSError:  # /dev/shm full: the pipe it is
+                pass
         return protocol.encode(Kind.RESULT, body, call=call, index=index, dumps=dumps_plain_first)
 
     def drop_result_arena(self) -> None:
