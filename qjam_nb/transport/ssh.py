@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -48,6 +49,22 @@ def run(transport: paramiko.Transport, command: str, stdin: bytes = b"", timeout
     status = channel.recv_exit_status()
     channel.close()
     return status, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def close_channel(channel: paramiko.Channel) -> None:
+    """Close a channel whose ``fileno()`` was polled, without killing the host's connection.
+
+    paramiko's ``Channel.close`` closes the pipe behind ``fileno()`` while the
+    transport thread may be setting it for data just arrived, unlocked: its
+    write then meets a closed fd (or another one reusing the number) and the
+    ``EBADF`` ends the transport, every worker of the host with it (paramiko
+    issues 1700 and 2271). A worker killed while it still prints hits that
+    window. Detaching the pipe from the channel's buffers first, under their
+    own locks, leaves the transport thread nothing of it to touch.
+    """
+    for buffer in (channel.in_buffer, channel.in_stderr_buffer):
+        buffer.set_event(threading.Event())
+    channel.close()
 
 
 class SshProcess:
@@ -101,13 +118,13 @@ class SshProcess:
 
     def kill(self) -> None:
         self._signal("KILL")
-        self.channel.close()
+        close_channel(self.channel)
 
     def interrupt(self) -> None:
         self._signal("INT")
 
     def release(self) -> None:
-        self.channel.close()
+        close_channel(self.channel)
 
     def _signal(self, name: str) -> None:
         if self.pid is not None and self.host.alive:

@@ -1,4 +1,5 @@
-"""Remote workers never outlive their master, and never listen on a port."""
+"""Remote workers never outlive their master, never listen on a port, and one that is killed never
+takes the host's connection down with it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import sshd
 
 from qjam_nb import Cluster
+from qjam_nb.transport.ssh import SshProcess, SshTransport, run
 
 MASTER = textwrap.dedent("""
     import json, sys, time, threading
@@ -91,3 +94,42 @@ def test_no_worker_holds_a_listening_socket(ssh_world):
         for worker in cluster.workers:
             pid = worker.hello["pid"]
             assert not socket_inodes(pid) & listening, f"{worker.name} (pid {pid}) listens on a TCP port"
+
+
+def test_closing_a_worker_channel_while_it_prints_keeps_the_connection(ssh_world):
+    """paramiko closes the fd behind ``fileno()``, which the inbox polls, while its transport thread
+    may be signalling data on it (paramiko issues 1700, 2271): now and then the EBADF ended the
+    connection of a host whose worker was killed while it printed, and its other workers with it."""
+    host = SshTransport("sshhost")
+    try:
+        for i in range(200):
+            channel = host.transport.open_session()
+            channel.exec_command("yes qjam >&2 & yes qjam")
+            process = SshProcess(f"printer{i}", channel, host)
+            process.poll_fds()
+            reader = threading.Thread(target=read_until_closed, args=(channel,))
+            reader.start()  # keeps the window open: data arrives right up to the close
+            time.sleep(0.002)
+            process.release()
+            reader.join(10)
+            assert host.alive, f"the connection died when channel {i} was closed while data came in"
+        assert run_on(host, "echo still here") == "still here\n"
+    finally:
+        host.close()
+
+
+def read_until_closed(channel) -> None:
+    try:
+        while not channel.closed:
+            if channel.recv_stderr_ready():
+                channel.recv_stderr(1 << 16)
+            if channel.recv_ready():
+                channel.recv(1 << 16)
+    except Exception:  # closed under us: done
+        pass
+
+
+def run_on(host: SshTransport, command: str) -> str:
+    status, out, _ = run(host.transport, command)
+    assert status == 0
+    return out
