@@ -1230,6 +1230,9 @@ class Bench:
             for name, st in cells.items():
                 if name in (baseline, "numpy"):
                     kind, label, note = "ref", "one process, numpy (default threads)", "cost_and_grad in this process"
+                elif name == getattr(module, "RAW_PIPES", None):
+                    kind, label, note = "info", "raw pipes, 2 processes (the floor)", \
+                        "slice_sums in 2 children fed bytes over pipes, no framework"
                 elif name.endswith(("worker", "workers")):
                     kind = "qjam" if name == "2 workers" else "qjam+"
                     label, note = f"{QJAM} local, {name}", "one cluster.map per evaluation, BLAS 1 thread per worker"

@@ -47,6 +47,8 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -393,6 +395,88 @@ def train(fun: Callable[[np.ndarray], tuple], theta0: np.ndarray, maxiter: int =
                     options={"maxiter": maxiter}, callback=callback)
 
 
+# -- the floor: the same work in two processes, bytes over pipes, no framework ---------------------
+
+_RAW_CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import sparse_autoencoder as sa
+
+def read(n):
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = os.readv(0, [view[got:]])
+        if not k:
+            sys.exit(0)
+        got += k
+    return buf
+
+rows, size = np.frombuffer(read(16), dtype=np.int64)
+xs = np.frombuffer(read(int(rows) * sa.VISIBLE * 8)).reshape(-1, sa.VISIBLE)
+slices = [xs[i:i + int(size)] for i in range(0, int(rows), int(size))]
+while True:
+    theta = np.frombuffer(read(sa.N_PARAMS * 8))
+    os.write(1, b"".join(sa.slice_sums(theta, part).tobytes() for part in slices))
+"""
+
+
+class RawPipeWorkers:
+    """``slice_sums`` in ``n`` child processes fed raw bytes over pipes: the floor of any design with
+    separate worker processes (what ``cluster.map`` costs above it is framing, bookkeeping and
+    Python on both sides). Each child holds a run of whole slices (the same slices as the clusters',
+    one BLAS thread); theta goes to each as 31 KB of bytes, each slice's sums come back as bytes,
+    and they are added in slice order, as qjam_nb reduces: bit-identical to the clusters."""
+
+    def __init__(self, X: np.ndarray, n: int = 2, slice_size: int | None = None) -> None:
+        size = slice_size or slice_size_for(len(X))
+        starts = list(range(0, len(X), size))
+        per = math.ceil(len(starts) / n)
+        env = dict(os.environ, **{name: "1" for name in ONE_THREAD_ENV})
+        self.children = []
+        self.counts = []
+        for k in range(n):
+            mine = starts[k * per:(k + 1) * per]
+            if not mine:
+                continue
+            rows = np.ascontiguousarray(X[mine[0]:min(len(X), mine[-1] + size)], dtype=np.float64)
+            child = subprocess.Popen([sys.executable, "-c", _RAW_CHILD, str(Path(__file__).resolve().parent)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env)
+            child.stdin.write(np.array([len(rows), size], dtype=np.int64).tobytes() + rows.tobytes())
+            self.children.append(child)
+            self.counts.append(len(mine))
+        self.n_rows = len(X)
+
+    def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        data = theta.tobytes()
+        for child in self.children:
+            child.stdin.write(data)
+        total = None
+        for child, count in zip(self.children, self.counts, strict=True):
+            parts = np.frombuffer(_read_exactly(child.stdout, count * SUMS_SIZE * 8)).reshape(count, SUMS_SIZE)
+            for part in parts:
+                total = part.copy() if total is None else total + part
+        return combine(total, theta, self.n_rows)
+
+    def close(self) -> None:
+        for child in self.children:
+            child.stdin.close()
+            child.wait(10)
+
+
+def _read_exactly(stream: Any, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            raise RuntimeError("a raw-pipe child died: see its stderr above")
+        got += k
+    return buf
+
+
 # -- timing ------------------------------------------------------------------------------------
 
 @contextmanager
@@ -426,11 +510,12 @@ def _stats(samples: list[float]) -> dict:
 
 #: The variants ``measure`` times, in the order it runs them within a round.
 ONE_PROCESS, ONE_THREAD, ONE_PROCESS_SLICED = "one process", "one process, 1 thread", "one process, sliced"
+RAW_PIPES = "raw pipes, 2 processes"
 
 
 def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence[int] = (1000, 10000, 100000),
             evals: int = 15, workers: Sequence[int] = (1, 2), seed: int = 0, settle: float = 0.2,
-            bursts: int = 3, verbose: bool = True) -> dict:
+            bursts: int = 3, verbose: bool = True, raw: bool = True) -> dict:
     """Seconds per function evaluation: one process versus 1 and 2 workers, at each size.
 
     Variants, each a function theta -> (cost, grad) on the same patches:
@@ -443,6 +528,8 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
     * ``"one process, sliced"``: ``sliced_cost_and_grad`` here, the workers' code and slices
       run one after the other (shows what slicing alone does to the time, e.g. cache effects);
     * ``"1 worker"``, ``"2 workers"``: ``evaluate_with(cluster, X)``, one ``cluster.map`` each.
+    * ``"raw pipes, 2 processes"`` (``raw=True``): ``RawPipeWorkers``, the same slices in two child
+      processes fed bytes over pipes, no framework: the floor of any multi-process design.
 
     ``cluster_factory(n)`` returns a started cluster of ``n`` workers (default ``local_cluster``:
     ``Cluster(["local:n"], echo=False)``). It is called inside ``one_blas_thread()``, so local
@@ -458,7 +545,7 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
     each call, and more than double the clusters' time at 1k patches. After a one-process
     variant it sleeps ``settle`` seconds: OpenBLAS's idle threads spin for about 0.1 s after
     a call and would otherwise take a core from the workers. The variants must agree (relative
-    1e-9) and the clusters' costs and gradients must be bit-identical, on the first and the
+    1e-9) and the clusters' (and the raw pipes') costs and gradients must be bit-identical, on the first and the
     last evaluation of every burst.
 
     Returns ``{"sizes": [...], "rows": {N: {variant: {"median", "min", "max", "samples"}}},
@@ -473,6 +560,7 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
         limit_blas = None
     labels = {k: f"{k} worker{'s' if k > 1 else ''}" for k in workers}
     clusters: dict[int, Any] = {}
+    raw_workers: RawPipeWorkers | None = None
     result: dict = {"sizes": list(sizes), "rows": {}, "slices": {}, "qjam": QJAM_REPORTED, "evals": evals,
                     "blas": _blas_summary(), "bit_identical": True, "cpus": os.cpu_count(),
                     "busy_before": _busy_cores(), "others_busy": {}}
@@ -491,6 +579,10 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
             variants[ONE_PROCESS_SLICED] = lambda t, X=X: sliced_cost_and_grad(t, X)
             for k in workers:
                 variants[labels[k]] = evaluate_with(clusters[k], X)
+            if raw:
+                with one_blas_thread():
+                    raw_workers = RawPipeWorkers(X, 2)
+                variants[RAW_PIPES] = raw_workers
             times: dict[str, list[float]] = {name: [] for name in variants}
             rng = np.random.default_rng(seed)
             thetas = [init_theta(seed) + rng.normal(0, 0.01, N_PARAMS) for _ in range(evals + bursts)]
@@ -515,6 +607,9 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
                         time.sleep(settle)
             for k in range(len(answers[names[0]])):
                 _check_agreement(n, {name: answers[name][k] for name in names}, [labels[w] for w in workers])
+            if raw:
+                raw_workers.close()
+                raw_workers = None
             result["rows"][n] = {name: _stats(samples) for name, samples in times.items()}
             result["others_busy"][n] = meter.read()
             if verbose:
@@ -522,6 +617,8 @@ def measure(cluster_factory: Callable[[int], Any] | None = None, sizes: Sequence
     finally:
         for cluster in clusters.values():
             cluster.shutdown()
+        if raw_workers is not None:
+            raw_workers.close()
     if verbose:
         print(format_table(result))
     return result
@@ -595,7 +692,7 @@ def _check_agreement(n: int, answers: dict, cluster_labels: list[str]) -> None:
         if not (np.isclose(cost, ref_cost, rtol=1e-9, atol=0) and np.allclose(grad, ref_grad, rtol=1e-7, atol=1e-12)):
             raise AssertionError(f"N={n}: {name} disagrees with the one-process reference ({cost} vs {ref_cost})")
     first = answers[cluster_labels[0]]
-    for name in cluster_labels[1:]:
+    for name in cluster_labels[1:] + ([RAW_PIPES] if RAW_PIPES in answers else []):
         cost, grad = answers[name]
         if cost != first[0] or not np.array_equal(grad, first[1]):
             raise AssertionError(f"N={n}: {name} and {cluster_labels[0]} are not bit-identical")
@@ -618,7 +715,7 @@ def format_table(result: dict) -> str:
     """The measured medians (min-max), in seconds, next to qjam's reported seconds per evaluation."""
     names = list(next(iter(result["rows"].values())).keys()) if result["rows"] else []
     head = f"{'N':>7} | {'slices':>9} | " + " | ".join(f"{name:>21}" for name in names) \
-        + f" | {'speed-up':>8} | {'others':>6} | {'qjam 1w':>7} | {'qjam 2w':>7} | {'qjam x':>6}"
+        + f" | {'speed-up':>8} | {'2w/raw':>6} | {'others':>6} | {'qjam 1w':>7} | {'qjam 2w':>7} | {'qjam x':>6}"
     lines = [f"Sparse autoencoder 64-30-64, seconds per L-BFGS function evaluation, median (min-max) of "
              f"{result['evals']}; patches: {result.get('patches')}; BLAS here: {result.get('blas')}; "
              f"cores busy with other programs just before: {result.get('busy_before')}",
@@ -628,12 +725,15 @@ def format_table(result: dict) -> str:
         cells = [f"{row[name]['median']:.4f} ({row[name]['min']:.4f}-{row[name]['max']:.4f})" for name in names]
         two = row.get("2 workers")
         speedup = f"{row[ONE_PROCESS]['median'] / two['median']:.2f}x" if two else "-"
+        floor = row.get(RAW_PIPES)
+        above = f"{two['median'] / floor['median']:.2f}x" if two and floor else "-"
         q1, q2 = result["qjam"].get(n, (None, None))
         lines.append(f"{n:>7} | {f'{count}x{size}':>9} | " + " | ".join(f"{c:>21}" for c in cells)
-                     + f" | {speedup:>8} | {str(result.get('others_busy', {}).get(n, '-')):>6} | "
+                     + f" | {speedup:>8} | {above:>6} | {str(result.get('others_busy', {}).get(n, '-')):>6} | "
                      + f"{q1 or '-':>7} | {q2 or '-':>7} | "
                      + (f"{q1 / q2:.2f}x" if q1 else "-").rjust(6))
     lines.append("speed-up = one process / 2 workers (targets: >= 1.7x at 100k, >= 1.5x at 10k, >= 1x at 1k); "
+                 "2w/raw = 2 workers / the raw-pipes floor (same slices, bytes over pipes, no framework); "
                  "others = cores other programs kept busy meanwhile (read the row only when near 0); "
                  "qjam x = qjam's 1 worker / its 2 workers (its report, 2010 hardware)")
     return "\n".join(lines)

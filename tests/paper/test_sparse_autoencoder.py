@@ -138,6 +138,24 @@ def test_cluster_evaluation_is_exact_and_bit_identical_on_1_and_2_workers(cluste
     assert all(slices > 0 for slices, _ in two.cache_info().values())
 
 
+@pytest.mark.parametrize("slice_size", [None, 250], ids=["2 slices", "8 slices"])
+def test_the_raw_pipe_floor_computes_what_the_cluster_does(clusters, patches, slice_size):
+    """The benchmark's floor does the clusters' very work (so its time is a fair floor): bit-identical."""
+    _, two = clusters
+    theta = some_theta()
+    raw = sae.RawPipeWorkers(patches, 2, slice_size)
+    try:
+        assert len(raw.children) == 2
+        cost, grad = raw(theta)
+        again = raw(theta + 1e-3)
+    finally:
+        raw.close()
+    on_two = sae.evaluate_with(two, patches, slice_size)(theta)
+    assert cost == on_two[0] and np.array_equal(grad, on_two[1])
+    assert again[0] == sae.evaluate_with(two, patches, slice_size)(theta + 1e-3)[0]
+    assert all(child.returncode == 0 for child in raw.children)
+
+
 def test_lbfgs_path_is_bit_identical_on_1_and_2_workers(clusters, patches):
     one, two = clusters
     theta0 = sae.init_theta(0)
@@ -167,11 +185,11 @@ def test_measure_reports_every_variant_per_size(clusters):
     result = sae.measure(lambda k: {1: _Borrowed(one), 2: _Borrowed(two)}[k], sizes=(200,), evals=2,
                          settle=0, verbose=False)
     row = result["rows"][200]
-    assert {sae.ONE_PROCESS, sae.ONE_PROCESS_SLICED, "1 worker", "2 workers"} <= set(row)
+    assert {sae.ONE_PROCESS, sae.ONE_PROCESS_SLICED, "1 worker", "2 workers", sae.RAW_PIPES} <= set(row)
     assert all(len(stats["samples"]) == 2 and stats["min"] <= stats["median"] <= stats["max"]
                for stats in row.values())
     assert result["slices"][200] == [2, 100] and result["bit_identical"]
-    assert "qjam 2w" in sae.format_table(result)
+    assert "qjam 2w" in sae.format_table(result) and "2w/raw" in sae.format_table(result)
 
 
 class _Borrowed:
