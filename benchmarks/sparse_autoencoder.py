@@ -414,7 +414,7 @@ def read(n):
     return buf
 
 rows, size = np.frombuffer(read(16), dtype=np.int64)
-xs = np.frombuffer(read(int(rows) * sa.VISIBLE * 8)).reshape(-1, sa.VISIBLE)
+xs = np.frombuffer(read(int(rows) * sa.VISIBLE * 8)).reshape(-1, sa.VISIBLE).copy()
 slices = [xs[i:i + int(size)] for i in range(0, int(rows), int(size))]
 while True:
     theta = np.frombuffer(read(sa.N_PARAMS * 8))
