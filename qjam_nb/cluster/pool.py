@@ -229,10 +229,7 @@ class WorkerPool:
         try:
             return frame.body()
         except ProtocolError as exc:
-            raise ShippingError(
-                f"{what} from worker {worker.name} could not be unpickled here: {exc.__cause__ or exc}. "
-                "Return values built from modules the notebook can import too."
-            ) from exc
+            raise _unpickling_failed(worker, what, exc.__cause__ or exc) from exc
 
     def result(self, worker: WorkerHandle, frame: Frame) -> tuple[Any, float]:
         """A RESULT's value and the seconds its slice took; a big local result is built on the
@@ -250,10 +247,8 @@ class WorkerPool:
         try:
             return pickle.loads(body["pickled"], buffers=buffers), body["seconds"]
         except Exception as exc:
-            raise ShippingError(
-                f"the result of slice {frame.index} from worker {worker.name} could not be unpickled here: "
-                f"{type(exc).__name__}: {exc}. Return values built from modules the notebook can import too."
-            ) from exc
+            cause = f"{type(exc).__name__}: {exc}"
+            raise _unpickling_failed(worker, f"the result of slice {frame.index}", cause) from exc
 
     # -- losing and stopping -------------------------------------------------------
     def lose(self, worker: WorkerHandle, closed: LinkClosed | None = None, reason: str = "") -> None:
@@ -379,3 +374,8 @@ def describe(transport: Any) -> str:
     upload = f"uploaded {transport.uploaded / 1024:.0f} KiB to" if transport.uploaded else "found the worker in"
     return (f"{t.user}@{t.hostname}:{t.port} ({transport.cipher}); {upload} {transport.directory}; "
             f"Python {transport.python}")
+
+
+def _unpickling_failed(worker: WorkerHandle, what: str, cause: object) -> ShippingError:
+    return ShippingError(f"{what} from worker {worker.name} could not be unpickled here: {cause}. "
+                         "Return values built from modules the notebook can import too.")

@@ -195,12 +195,7 @@ class ArenaReader:
         return out
 
     def _map(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            memory = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self.path, self.view = path, memoryview(memory)
+        self.path, self.view = path, memoryview(map_whole(path, writable=False))
 
 
 class LentResults:
@@ -223,11 +218,9 @@ class LentResults:
     def read(self, handle: dict) -> list:
         path, sizes = handle["path"], handle["sizes"]
         if path != self.path:
-            fd = os.open(path, os.O_RDWR)  # ctypes lends writable memory only; what it lends here is read-only
             try:
-                self.memory = mmap.mmap(fd, os.fstat(fd).st_size)
+                self.memory = map_whole(path, writable=True)  # ctypes lends writable memory only; it is lent read-only
             finally:
-                os.close(fd)
                 os.unlink(path)  # the master is its only reader: nothing is left behind if either dies
             self.path = path
         out, start = [], 0
@@ -249,6 +242,15 @@ class LentResults:
     def close(self) -> None:
         """Forget the mapping (what is still built on it keeps it)."""
         self.path = self.memory = None
+
+
+def map_whole(path: str, writable: bool) -> mmap.mmap:
+    """All of a shared-memory file, mapped (the mapping outlives the fd and the name)."""
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    finally:
+        os.close(fd)
 
 
 def discard_results_of(pid: int) -> None:
