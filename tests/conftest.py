@@ -148,6 +148,32 @@ def record():
         unsubscribe()
 
 
+@pytest.fixture
+def hashes(monkeypatch):
+    """Counts the slices hashed (``DataSet.key_and_size`` calls); forgets the keys of read-only data."""
+    from qjam_nb import DataSet
+    from qjam_nb.dataset import _FROZEN_KEYS
+
+    count = [0]
+    original = DataSet.key_and_size
+
+    def counting(self, index):
+        count[0] += 1
+        return original(self, index)
+
+    monkeypatch.setattr(DataSet, "key_and_size", counting)
+    _FROZEN_KEYS.clear()
+    return count
+
+
+@pytest.fixture
+def no_write_watch(monkeypatch):
+    """Big writable arrays are hashed every call, as where the kernel cannot say which pages were written."""
+    from qjam_nb import writewatch
+
+    monkeypatch.setattr(writewatch, "enabled", False)
+
+
 KERNEL = "qjam-test-python"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 
 import numpy as np
+import pytest
+from arrays import page_aligned
 
 from qjam_nb import CacheChanged, CallFinished, DataSet, SliceAssigned, SliceSent
 
@@ -179,9 +181,12 @@ def test_cache_info_and_events_report_slice_counts_and_bytes(make_cluster, recor
     assert log.of(CacheChanged) == [] and cluster.cache_info() == grown
 
 
-def test_a_writable_array_changed_in_place_is_caught_although_the_call_starts_on_its_old_keys(make_cluster, record):
-    """A big writable array's call starts on last call's keys while its slices are hashed again: a slice
-    that changed is redone, whether its task had gone out (its old answer is dropped) or not."""
+def test_a_writable_array_changed_in_place_is_caught_although_the_call_starts_on_its_old_keys(
+    make_cluster, record, no_write_watch
+):
+    """Where the kernel cannot say which pages were written, a big writable array's call starts on last
+    call's keys while its slices are hashed again: a slice that changed is redone, whether its task had
+    gone out (its old answer is dropped) or not."""
     from qjam_nb import SliceLost
     from qjam_nb.dataset import GUESS_KEYS_FROM
 
@@ -206,3 +211,33 @@ def test_a_writable_array_changed_in_place_is_caught_although_the_call_starts_on
     assert finished.slice_bytes_cached == X.nbytes - 2 * X[:8].nbytes
     record_ = cluster.last_call
     assert sorted(r.index for r in record_.done_slices()) == list(range(64))
+
+
+def test_a_watched_array_changed_in_place_ships_only_the_slices_written(make_cluster, record, hashes):
+    """Where the kernel says which pages were written, a call on a big writable array hashes only
+    those slices, before any task goes out: no guess, nothing redone."""
+    from qjam_nb import SliceLost
+    from qjam_nb.writewatch import WriteWatch
+
+    cluster = make_cluster(["local:2"])
+    log = record(cluster)
+    X = page_aligned(np.random.default_rng(3).random((512, 2048)))  # 8 MiB in 64 slices of 8 rows
+    try:
+        WriteWatch(X.ctypes.data, X.nbytes)
+    except OSError as e:
+        pytest.skip(f"this kernel cannot say which pages were written: {e}")
+    ds = DataSet(X, 8)
+    first = cluster.map(column_sums(), None, ds)
+    hashes[0] = 0
+    log.clear()
+    assert cluster.map(column_sums(), None, ds).tobytes() == first.tobytes()
+    assert hashes[0] == 0 and log.of(SliceSent) == []
+
+    X[3, 7] += 1.0
+    X[500, 9] -= 1.0
+    log.clear()
+    after = cluster.map(column_sums(), None, ds)
+    assert after.tobytes() == expected_column_sums(X, ds).tobytes()
+    assert sorted(e.index for e in log.of(SliceSent)) == [0, 62]
+    assert log.of(SliceLost) == []
+    assert 2 <= hashes[0] <= 4  # 0 and 62, and a neighbour each where a page straddles two slices

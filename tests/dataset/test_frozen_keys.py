@@ -6,25 +6,9 @@ import os
 import time
 
 import numpy as np
-import pytest
 
 from qjam_nb import DataSet
 from qjam_nb.dataset import _FROZEN_KEYS
-
-
-@pytest.fixture
-def hashes(monkeypatch):
-    """Counts slices hashed."""
-    count = [0]
-    original = DataSet.key_and_size
-
-    def counting(self, index):
-        count[0] += 1
-        return original(self, index)
-
-    monkeypatch.setattr(DataSet, "key_and_size", counting)
-    _FROZEN_KEYS.clear()
-    return count
 
 
 def test_a_read_only_array_is_hashed_once(hashes):
