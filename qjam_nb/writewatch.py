@@ -26,6 +26,7 @@ import ctypes
 import fcntl
 import os
 import threading
+import weakref
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -35,7 +36,7 @@ _UFFD_API = 0xAA
 _UFFD_FEATURE_WP_UNPOPULATED = 1 << 13  # pages not yet faulted in are protected too
 _UFFD_FEATURE_WP_ASYNC = 1 << 15  # the kernel resolves write faults itself and marks the page written
 _UFFDIO_REGISTER_MODE_WP = 1 << 1
-_UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+_PM_SCAN_WP_MATCHING = 1 << 0  # write-protect the pages reported, in the same walk
 _PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail (EPERM) on memory that is not registered as above
 _PAGE_IS_WRITTEN = 1 << 1
 _PAGE_IS_PRESENT = 1 << 3
@@ -52,10 +53,6 @@ class _Api(ctypes.Structure):
 
 class _Register(ctypes.Structure):
     _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
-
-
-class _WriteProtect(ctypes.Structure):
-    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
 
 
 class _ScanArg(ctypes.Structure):
@@ -75,7 +72,6 @@ def _iowr(kind: int, nr: int, struct: type) -> int:
 
 _UFFDIO_API = _iowr(_UFFD_API, 0x3F, _Api)
 _UFFDIO_REGISTER = _iowr(_UFFD_API, 0x00, _Register)
-_UFFDIO_WRITEPROTECT = _iowr(_UFFD_API, 0x06, _WriteProtect)
 _PAGEMAP_SCAN = _iowr(ord("f"), 16, _ScanArg)
 
 #: Off switch (tests of the hashing path turn it off).
@@ -107,15 +103,12 @@ class _Kernel:
     def register(self, start: int, end: int) -> None:
         fcntl.ioctl(self.uffd, _UFFDIO_REGISTER, _Register(_Range(start, end - start), _UFFDIO_REGISTER_MODE_WP, 0))
 
-    def protect(self, start: int, end: int) -> None:
-        protect = _WriteProtect(_Range(start, end - start), _UFFDIO_WRITEPROTECT_MODE_WP)
-        fcntl.ioctl(self.uffd, _UFFDIO_WRITEPROTECT, protect)
-
-    def scan(self, start: int, end: int, inverted: int, mask: int, anyof: int) -> list[tuple[int, int]]:
+    def scan(self, start: int, end: int, inverted: int, mask: int, anyof: int,
+             flags: int = _PM_SCAN_CHECK_WPASYNC) -> list[tuple[int, int]]:
         """The page ranges in ``[start, end)`` whose categories match, in order."""
         found: list[tuple[int, int]] = []
         while start < end:
-            arg = _ScanArg(ctypes.sizeof(_ScanArg), _PM_SCAN_CHECK_WPASYNC, start, end, 0,
+            arg = _ScanArg(ctypes.sizeof(_ScanArg), flags, start, end, 0,
                            ctypes.addressof(self.regions), len(self.regions), 0,
                            inverted, mask, anyof, _PAGE_IS_WRITTEN)
             n = fcntl.ioctl(self.pagemap, _PAGEMAP_SCAN, arg)
@@ -125,9 +118,16 @@ class _Kernel:
             start = arg.walk_end
         return found
 
+    def take_written(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Write-protect the written pages of ``[start, end)`` and say which they were, atomically
+        (in one walk, under the page table locks): no write is lost between the two."""
+        return self.scan(start, end, 0, 0, _PAGE_IS_WRITTEN, _PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC)
+
 
 _kernel: _Kernel | None = None
 _kernel_failed_in: int | None = None  # the pid that could not open one: do not try again
+#: Every live watch: protecting pages that another watch also covers hands it the writes it would miss.
+_watches: weakref.WeakSet[WriteWatch] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
@@ -170,8 +170,9 @@ class WriteWatch:
 
     ``protect(lo, hi)`` starts (again) on a byte range, relative to
     ``address``; ``written()`` lists the byte ranges with a page written since
-    it was last protected. Protect *before* reading what you want to know
-    unchanged: a write in between is then still seen.
+    it was last protected, by this watch or by another that covers the page
+    too. Protect *before* reading what you want to know unchanged: a write in
+    between is then still seen.
     """
 
     def __init__(self, address: int, nbytes: int) -> None:
@@ -186,6 +187,8 @@ class WriteWatch:
         if not _private_anonymous(self.start, self.end):
             raise OSError("the memory is shared or backed by a file: another process could write it unseen")
         kernel.register(self.start, self.end)
+        self.carried: list[tuple[int, int]] = []  # written pages another watch protected again
+        _watches.add(self)
 
     def alive(self) -> bool:
         """False in a forked child: the watch belongs to its parent's memory."""
@@ -194,14 +197,24 @@ class WriteWatch:
     def protect(self, lo: int, hi: int) -> None:
         start = max(self.start, (self.address + lo) // PAGE * PAGE)
         end = min(self.end, -(-(self.address + hi) // PAGE) * PAGE)
-        if start < end:
-            self.kernel.protect(start, end)
+        if start >= end:
+            return
+        with _lock:
+            taken = self.kernel.take_written(start, end)
+            # Pages another watch covers too (two views of one array, heap neighbours): it would no
+            # longer see these writes in the page tables, so it is told.
+            for other in _watches:
+                if other is not self and other.start < end and start < other.end:
+                    other.carried += [(a, b) for a, b in taken if a < other.end and other.start < b]
 
     def written(self) -> list[tuple[int, int]]:
         """Byte ranges (relative, whole pages) written since protected, or gone from memory."""
         k = self.kernel
-        ranges = k.scan(self.start, self.end, 0, 0, _PAGE_IS_WRITTEN)
-        # A page neither present nor swapped was dropped (MADV_DONTNEED: it reads as zeros now).
-        gone = _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED
-        ranges += k.scan(self.start, self.end, gone, gone, 0)
-        return sorted((lo - self.address, hi - self.address) for lo, hi in ranges)
+        with _lock:
+            ranges = k.scan(self.start, self.end, 0, 0, _PAGE_IS_WRITTEN)
+            # A page neither present nor swapped was dropped (MADV_DONTNEED: it reads as zeros now).
+            gone = _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED
+            ranges += k.scan(self.start, self.end, gone, gone, 0)
+            ranges += self.carried
+            self.carried = []
+        return sorted((max(lo, self.start) - self.address, min(hi, self.end) - self.address) for lo, hi in ranges)

@@ -130,6 +130,19 @@ def test_a_view_is_watched_and_sees_writes_through_its_base(hashes):
     assert hashes[0] - hashed <= len(ds) + 3  # fresh_keys, and at most 3 slices for the call
 
 
+def test_two_datasets_on_the_same_memory_each_see_every_write(hashes):
+    """Hashing one protects its written pages again: the other, watching them too, must still hear of it."""
+    X = big_array()
+    whole, view = DataSet(X, 16), DataSet(X[96:928], 16)
+    before = whole.keys_and_sizes(), view.keys_and_sizes()
+    X[500, 1] = -3.0  # slice 31 of the whole, 25 of the view
+    after_whole = whole.keys_and_sizes()
+    after_view = view.keys_and_sizes()
+    assert [i for i in range(len(whole)) if before[0][i] != after_whole[i]] == [31]
+    assert [i for i in range(len(view)) if before[1][i] != after_view[i]] == [25]
+    assert after_view == fresh_keys(view) and after_whole == fresh_keys(whole)
+
+
 def test_an_array_rewritten_each_call_is_hashed_whole_and_watched_again_once_left_alone(watched, hashes):
     X, ds, first = watched
     X += 1.0  # every page: watching costs more than hashing here
@@ -187,16 +200,20 @@ WRITES = st.lists(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(WRITES, min_size=1, max_size=5), st.booleans())
+@given(st.lists(st.tuples(WRITES, st.permutations(range(3))), min_size=1, max_size=5), st.booleans())
 def test_keys_after_any_writes_are_those_of_a_fresh_hash(monkeypatch, rounds, watch):
-    """Watched or hashed every call, whatever was written between calls: the keys are the content's."""
+    """Watched or hashed every call, whatever was written between calls, and with other datasets on
+    the same memory looked at in any order: the keys are the content's."""
     from qjam_nb import writewatch
 
     monkeypatch.setattr(writewatch, "enabled", watch)
     X = big_array()
-    ds = DataSet(X, 16)
-    ds.keys_and_sizes()
-    for writes in rounds:
+    views = [X, X[96:928], X[500:]]
+    for view in views:
+        DataSet(view, 16).keys_and_sizes()
+    for writes, order in rounds:
         for how, row in writes:
             WRITERS[how](X, row)
-        assert DataSet(X, 16).keys_and_sizes() == fresh_keys(ds)
+        for i in order:
+            ds = DataSet(views[i], 16)
+            assert ds.keys_and_sizes() == fresh_keys(ds)
