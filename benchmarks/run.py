@@ -88,7 +88,8 @@ class Config:
         self.data_bytes = (20 if quick else 200) * MiB
         self.param_bytes = MiB
         self.tiny = 5_000 if quick else 100_000  # slices in the scale row
-        self.tiny_slow = 1_000 if quick else 5_000  # for the peers that take ~1 ms a task (dask, ipyparallel)
+        self.tiny_least = 200 if quick else 1_000  # a slow peer's fewest slices in the scale row
+        self.tiny_rep_seconds = 1.0 if quick else 4.0  # ...else as many as it sends in this time
         self.heavy_repeat = min(repeat, 2 if quick else 3)  # scale row, execnet over ssh with 200 MiB
         self.paper_sizes = (1000,) if quick else (1000, 10000, 100000)
         self.batch_seconds = 0.1 if quick else 0.3  # a batch of calls for the ms-scale rows
@@ -942,9 +943,21 @@ class Bench:
             secs = ssh_transfer.raw_send(t, raw[: nbytes // 2], 2)
             self.res.extra.setdefault("paramiko_qjam", []).append(nbytes / secs / MB)
 
+    def tiny_for(self, s: System) -> int:
+        """How many tiny slices a peer gets in the scale row: all of them, unless a probe of a few
+        hundred says that would take over ``tiny_rep_seconds`` a repetition (dask and ipyparallel
+        take ~1-6 ms a task here, ProcessPoolExecutor ~0.1-0.3 ms)."""
+        cfg = self.cfg
+        probe = list(range(cfg.tiny_least // 5))
+        t0 = time.perf_counter()
+        if s.tiny(probe) != sum(probe):
+            raise RuntimeError(f"{s.name}: the probe's tiny slices summed to the wrong value")
+        per_slice = (time.perf_counter() - t0) / len(probe)
+        return max(cfg.tiny_least, min(cfg.tiny, int(cfg.tiny_rep_seconds / per_slice)))
+
     def scale(self, s: System) -> None:
         cfg = self.cfg
-        n = cfg.tiny_slow if s.name in (DASK, IPP) else cfg.tiny
+        n = cfg.tiny if s.kind == "qjam" else self.tiny_for(s)
         first, cached, per_task = [], [], []
         for rep in range(cfg.heavy_repeat):
             items = list(range(rep * n, (rep + 1) * n))
@@ -969,7 +982,8 @@ class Bench:
             log(f"   scale rep {rep + 1}: {n} slices, first {first[-1]:.1f} us/slice"
                 + (f", cached {cached[-1]:.1f} us/slice" if cached else ""))
             del items
-        note = s.tiny_note + ("" if n == cfg.tiny else f"; {n:,} slices (~1 ms a task: fewer, to keep the run short)")
+        note = s.tiny_note + ("" if n == cfg.tiny else f"; {n:,} slices (fewer: ~{first[0]:.0f} us a task, "
+                              "and the run is kept short)")
         self.res.add("scale_slices", s.name, s.kind, first, note)
         if per_task:
             for row in ("scale_slices", "scale_slices_cached"):
