@@ -66,12 +66,13 @@ class _PageRegion(ctypes.Structure):
     _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
 
 
-def _iowr(kind: int, nr: int, struct: type) -> int:
-    return (3 << 30) | (ctypes.sizeof(struct) << 16) | (kind << 8) | nr
+def _iowr(kind: int, nr: int, struct: type, direction: int = 3) -> int:
+    return (direction << 30) | (ctypes.sizeof(struct) << 16) | (kind << 8) | nr
 
 
 _UFFDIO_API = _iowr(_UFFD_API, 0x3F, _Api)
 _UFFDIO_REGISTER = _iowr(_UFFD_API, 0x00, _Register)
+_UFFDIO_UNREGISTER = _iowr(_UFFD_API, 0x01, _Range, direction=2)
 _PAGEMAP_SCAN = _iowr(ord("f"), 16, _ScanArg)
 
 #: Off switch (tests of the hashing path turn it off).
@@ -102,6 +103,15 @@ class _Kernel:
 
     def register(self, start: int, end: int) -> None:
         fcntl.ioctl(self.uffd, _UFFDIO_REGISTER, _Register(_Range(start, end - start), _UFFDIO_REGISTER_MODE_WP, 0))
+
+    def unregister(self, start: int, end: int) -> None:
+        """Stop protecting ``[start, end)`` (its pages' write faults end): quietly, as the memory
+        may be gone already. Another watch on the same pages then fails its scans, and hashes."""
+        if self.pid == os.getpid():
+            try:
+                fcntl.ioctl(self.uffd, _UFFDIO_UNREGISTER, _Range(start, end - start))
+            except OSError:
+                pass
 
     def scan(self, start: int, end: int, inverted: int, mask: int, anyof: int,
              flags: int = _PM_SCAN_CHECK_WPASYNC) -> list[tuple[int, int]]:
@@ -187,6 +197,9 @@ class WriteWatch:
         if not _private_anonymous(self.start, self.end):
             raise OSError("the memory is shared or backed by a file: another process could write it unseen")
         kernel.register(self.start, self.end)
+        # Let go with the watch (the array died, or its keys were forgotten): memory reused for other
+        # data would otherwise fault once a page on its first write.
+        weakref.finalize(self, kernel.unregister, self.start, self.end)
         self.carried: list[tuple[int, int]] = []  # written pages another watch protected again
         _watches.add(self)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import subprocess
 import sys
@@ -33,14 +34,18 @@ def fresh_keys(ds: DataSet) -> list:
     return [ds.key_and_size(i) for i in range(len(ds))]
 
 
-@pytest.fixture
-def watched():
-    """A big array, hashed once with its pages watched (skipped where this kernel cannot watch)."""
-    X = big_array()
+def skip_unless_watchable(X: np.ndarray) -> None:
     try:
         WriteWatch(X.ctypes.data, X.nbytes)
     except OSError as e:
         pytest.skip(f"this kernel cannot say which pages were written: {e}")
+
+
+@pytest.fixture
+def watched():
+    """A big array, hashed once with its pages watched (skipped where this kernel cannot watch)."""
+    X = big_array()
+    skip_unless_watchable(X)
     ds = DataSet(X, 16)
     return X, ds, ds.keys_and_sizes()
 
@@ -157,6 +162,34 @@ def test_an_array_rewritten_each_call_is_hashed_whole_and_watched_again_once_lef
     assert ds.keys_and_sizes() == now and hashes[0] == counted
     X[0, 0] = 3.0
     assert ds.keys_and_sizes() == fresh_keys(ds)
+
+
+def watched_by_userfaultfd(address: int) -> bool:
+    """The kernel's own word (``uw`` in the mapping's VmFlags, /proc/self/smaps) on ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return "uw" in line.split()
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_the_pages_of_an_array_that_died_are_let_go():
+    """Its memory may hold other data next (the view's owner lives on here): no more write faults."""
+    X = big_array()
+    skip_unless_watchable(X)
+    DataSet(X, 16).keys_and_sizes()
+    owner, address = X.base, X.ctypes.data
+    assert watched_by_userfaultfd(address)
+    del X
+    gc.collect()
+    assert not watched_by_userfaultfd(address)
+    owner[:] = 1  # still the owner's memory, written as usual
+    assert owner.all()
 
 
 def test_shared_memory_is_not_watched_and_a_write_from_another_process_is_seen(hashes):
