@@ -149,11 +149,12 @@ class DataSet:
     def _hash_and_watch(self, token: _ArrayToken, known: _KnownKeys | None) -> list[tuple[str, int]]:
         """Hash every slice, watching the array's pages for writes from just before (if it pays)."""
         watch = None
-        if known is None or known.unchanged:  # new, or left alone again since watching stopped
+        # Not an array of objects: they can change without a write to the array's own memory.
+        watchable = self.data.flags.c_contiguous and not self.data.dtype.hasobject
+        if watchable and (known is None or known.unchanged):  # new, or left alone again since watching stopped
             try:
-                watch = WriteWatch(self.data.ctypes.data, self.data.nbytes) if self.data.flags.c_contiguous else None
-                if watch is not None:
-                    watch.protect(0, self.data.nbytes)
+                watch = WriteWatch(self.data.ctypes.data, self.data.nbytes)
+                watch.protect(0, self.data.nbytes)
             except OSError:
                 watch = None
         keyed = [self.key_and_size(i) for i in range(len(self))]
@@ -171,6 +172,7 @@ class DataSet:
         watch = known.watch
         if watch is None or not watch.alive() or watch.address != self.data.ctypes.data:
             return None
+        keys = list(known.keys)
         try:
             written = watch.written()
             dirty = sorted({i for lo, hi in written for i in self._slices_in_bytes(lo, hi)})
@@ -181,12 +183,15 @@ class DataSet:
             for i in dirty:  # protect first, then hash: a write in between is seen next call
                 start, stop = self.bounds(i)
                 watch.protect(start * row, stop * row)
-        except OSError:
+            for i in dirty:
+                keys[i] = self.key_and_size(i)
+        except BaseException as e:  # protected but not hashed (an interrupt, say): no longer to be trusted
             known.watch = None
-            return None
-        for i in dirty:
-            known.keys[i] = self.key_and_size(i)
-        return list(known.keys)
+            if isinstance(e, OSError):
+                return None
+            raise
+        known.keys = keys
+        return list(keys)
 
     def _slices_in_bytes(self, lo: int, hi: int) -> range:
         """The slices holding any byte of ``[lo, hi)`` of a C-contiguous array's memory."""

@@ -192,6 +192,36 @@ def test_the_pages_of_an_array_that_died_are_let_go():
     assert owner.all()
 
 
+def test_an_array_of_objects_is_hashed_every_call():
+    """Its objects can change with no write to the array's own memory."""
+    items = [1.0]
+    X = np.empty(600_000, dtype=object)  # 4.6 MiB of references, all to the same list
+    X.fill(items)
+    assert X.nbytes >= GUESS_KEYS_FROM
+    ds = DataSet(X, 20_000)
+    before = ds.keys_and_sizes()
+    items.append(2.0)
+    assert ds.keys_and_sizes() == fresh_keys(ds) != before
+
+
+def test_a_call_interrupted_while_hashing_written_slices_sees_them_next_time(watched, monkeypatch):
+    """The written pages are protected again before they are hashed: an interrupt in between must not
+    leave the old keys trusted."""
+    X, ds, first = watched
+    X[300, 0] = -7.0
+    original = DataSet.key_and_size
+
+    def interrupted(self, index):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DataSet, "key_and_size", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ds.keys_and_sizes()
+    monkeypatch.setattr(DataSet, "key_and_size", original)
+    second = ds.keys_and_sizes()
+    assert second == fresh_keys(ds) and second[300 // 16] != first[300 // 16]
+
+
 def test_shared_memory_is_not_watched_and_a_write_from_another_process_is_seen(hashes):
     """Another process writes shared memory through its own page tables, which this one's watch would miss."""
     shm = shared_memory.SharedMemory(create=True, size=ROWS * COLS * 8)
