@@ -8,9 +8,12 @@ waiting once polled, its stderr, and process control. ``qjam_nb.transport.link``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+
+from ..worker.pipes import write_all, write_some
 
 #: The travelling worker package, as files on this machine.
 WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
@@ -26,13 +29,54 @@ def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None
     where the host's Python has none of its own.
     """
     extend = f"sys.path.append({fallback_path!r});" if fallback_path else ""
+    return _load_worker_package(package_dir, extend) + f"import qjam_worker.main as w;w.main({name!r})"
+
+
+def forkserver_code(package_dir: str, fd: int) -> str:
+    """The ``python -c`` program of a local fork server (``worker/forkserver.py``) on socket ``fd``."""
+    return _load_worker_package(package_dir) + f"import qjam_worker.forkserver as f;f.serve({fd})"
+
+
+def _load_worker_package(package_dir: str, extend: str = "") -> str:
     return (
         f"import importlib.util as u,sys;{extend}"
         f"p={package_dir!r};"
         "s=u.spec_from_file_location('qjam_worker',p+'/__init__.py',submodule_search_locations=[p]);"
         "m=u.module_from_spec(s);sys.modules['qjam_worker']=m;s.loader.exec_module(m);"
-        f"import qjam_worker.main as w;w.main({name!r})"
     )
+
+
+class PipeStreams:
+    """A local worker's byte streams: the ends of its stdin, stdout and stderr pipes, non-blocking here."""
+
+    shares_memory = True  # same machine: large array slices go through /dev/shm (worker.sharedmem)
+
+    def __init__(self, stdin: int, stdout: int, stderr: int) -> None:
+        self._stdin = stdin
+        self._fds = (stdout, stderr)
+        for fd in (stdin, stdout, stderr):  # only this process uses these ends
+            os.set_blocking(fd, False)
+
+    def poll_fds(self) -> tuple[int, ...]:
+        return self._fds
+
+    def read_ready(self, buffer: memoryview) -> int | None:
+        try:
+            return os.readv(self._fds[0], [buffer])
+        except BlockingIOError:
+            return None
+
+    def read_stderr_ready(self) -> bytes | None:
+        try:
+            return os.read(self._fds[1], 65536)
+        except BlockingIOError:
+            return None
+
+    def write(self, chunks: list) -> None:
+        write_all(self._stdin, chunks)
+
+    def write_ready(self, chunks: list, size: int) -> int:
+        return write_some(self._stdin, chunks, size)
 
 
 class WorkerProcess(Protocol):

@@ -2,50 +2,31 @@
 
 from __future__ import annotations
 
-import fcntl
+import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 
-from ..worker.pipes import write_all, write_some
-from .base import WORKER_PACKAGE, bootstrap_code
+from ..worker.pipes import widen
+from .base import WORKER_PACKAGE, PipeStreams, bootstrap_code
+from .forked import ForkedProcess, ForkServer
+
+log = logging.getLogger(__name__)
+
+#: The fork server needs pidfds (Linux 5.3+); tests of the one-interpreter-per-worker path turn it off.
+USE_FORK_SERVER = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 
 
-class LocalProcess:
+class LocalProcess(PipeStreams):
     """A worker running as a child process, talking over its stdin/stdout pipes."""
 
-    shares_memory = True  # same machine: large array slices go through /dev/shm (worker.sharedmem)
-
     def __init__(self, name: str, popen: subprocess.Popen) -> None:
+        super().__init__(popen.stdin.fileno(), popen.stdout.fileno(), popen.stderr.fileno())
         self.name = name
         self.popen = popen
         self.pid = popen.pid
-        self._fds = (popen.stdout.fileno(), popen.stderr.fileno())
-        for pipe in (popen.stdin, popen.stdout, popen.stderr):  # only this process uses these ends
-            os.set_blocking(pipe.fileno(), False)
-
-    def poll_fds(self) -> tuple[int, ...]:
-        return self._fds
-
-    def read_ready(self, buffer: memoryview) -> int | None:
-        try:
-            return os.readv(self._fds[0], [buffer])
-        except BlockingIOError:
-            return None
-
-    def read_stderr_ready(self) -> bytes | None:
-        try:
-            return os.read(self._fds[1], 65536)
-        except BlockingIOError:
-            return None
-
-    def write(self, chunks: list) -> None:
-        write_all(self.popen.stdin.fileno(), chunks)
-
-    def write_ready(self, chunks: list, size: int) -> int:
-        return write_some(self.popen.stdin.fileno(), chunks, size)
 
     def close(self) -> None:
         try:
@@ -78,18 +59,6 @@ class LocalProcess:
             return None
 
 
-PIPE_SIZE = 1 << 20
-
-
-def widen(fd: int) -> None:
-    """Give a pipe a 1 MiB buffer instead of Linux's 64 KiB: about twice the throughput for slices."""
-    if hasattr(fcntl, "F_SETPIPE_SZ"):
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over /proc/sys/fs/pipe-max-size for this user: keep the default
-            pass
-
-
 class LocalTransport:
     """Starts workers with this interpreter, in this directory, seeing this ``sys.path``.
 
@@ -102,27 +71,50 @@ class LocalTransport:
 
     def __init__(self, python: str | None = None) -> None:
         self.python = python or sys.executable
+        self._server: ForkServer | None = None
+        self._server_failed = False
 
-    def start(self, names: Sequence[str]) -> list[LocalProcess]:
+    def start(self, names: Sequence[str]) -> list[LocalProcess | ForkedProcess]:
+        """Fork the workers from this transport's fork server (started on first use: Python and the
+        worker package once, not once a worker); where it fails, start each as a new interpreter."""
         env = dict(os.environ)
         env["QJAM_EXTRA_PATH"] = os.pathsep.join(p for p in sys.path if p)
-        procs = []
+        procs: list[LocalProcess | ForkedProcess] = []
         for name in names:
-            popen = subprocess.Popen(
-                [self.python, "-c", bootstrap_code(str(WORKER_PACKAGE), name)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=0,
-                env=env,
-                start_new_session=True,  # Ctrl-C in a terminal reaches the master only
-            )
-            for pipe in (popen.stdin, popen.stdout):
-                widen(pipe.fileno())
-            procs.append(LocalProcess(name, popen))
+            proc = self._fork(name, env)
+            if proc is None:
+                popen = subprocess.Popen(
+                    [self.python, "-c", bootstrap_code(str(WORKER_PACKAGE), name)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    bufsize=0,
+                    env=env,
+                    start_new_session=True,  # Ctrl-C in a terminal reaches the master only
+                )
+                proc = LocalProcess(name, popen)
+                for pipe in (popen.stdin, popen.stdout):
+                    widen(pipe.fileno())
+            procs.append(proc)
         return procs
+
+    def _fork(self, name: str, env: dict[str, str]) -> ForkedProcess | None:
+        if self._server_failed or not USE_FORK_SERVER:
+            return None
+        try:
+            if self._server is None:
+                self._server = ForkServer(self.python, env)
+            return self._server.spawn(name, env, os.getcwd())
+        except OSError as e:  # ForkServerError, TimeoutError: the slow way, from now on
+            # (A server that failed still reports on the workers it forked, if it can; closed with us.)
+            log.warning("qjam_nb: local workers start as new interpreters (the fork server failed: %s)", e)
+            self._server_failed = True
+            return None
 
     alive = True  # nothing to lose: no connection
 
     def close(self) -> None:
-        """Nothing to close: each worker's pipes close with it."""
+        """End the fork server (each worker's pipes close with it)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None

