@@ -52,7 +52,6 @@ def _serve(sock: socket.socket) -> None:
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    worker_main.versions()  # imports importlib.metadata (~60 ms) here, once, for every worker's HELLO
     sock.send(json.dumps({"ready": os.getpid()}).encode())
     while True:
         for key, _ in selector.select():

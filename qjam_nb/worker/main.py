@@ -23,9 +23,11 @@ from __future__ import annotations
 import codecs
 import dis
 import faulthandler
+import importlib.util
 import os
 import pickle
 import platform
+import re
 import select
 import signal
 import socket
@@ -530,18 +532,37 @@ def dumps_plain_first(obj, protocol: int = 5, buffer_callback=None) -> bytes:
 
 
 def versions() -> dict:
-    try:
-        from importlib.metadata import version
-
-        numpy_version = version("numpy")
-    except Exception:
-        numpy_version = None
     return {
         "python": platform.python_version(),
         "cloudpickle": cloudpickle.__version__,
-        "numpy": numpy_version,
+        "numpy": numpy_version(),
         "protocol": protocol.PROTOCOL_VERSION,
     }
+
+
+def numpy_version() -> str | None:
+    """numpy's version without importing it: from its ``version.py`` (~1 ms), or else from its
+    installed metadata (``importlib.metadata`` alone takes ~60 ms to import: a worker's HELLO waited on it)."""
+    try:
+        spec = importlib.util.find_spec("numpy")
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    for place in spec.submodule_search_locations or ():
+        try:
+            with open(os.path.join(place, "version.py")) as f:
+                found = re.search(r"""^version(?:\s*:\s*str)?\s*=\s*['"]([^'"]+)['"]""", f.read(), re.M)
+        except OSError:
+            continue
+        if found:
+            return found.group(1)
+    try:
+        from importlib.metadata import version
+
+        return version("numpy")
+    except Exception:
+        return None
 
 
 def keep_temporaries_in_heap() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from qjam_nb import Cluster
@@ -52,6 +53,7 @@ def test_workers_are_forked_from_one_server_and_see_this_directory_and_environme
             assert cwd == elsewhere and value == "set late"
             assert session == pid != os.getsid(0)  # a session of its own: Ctrl-C reaches the master only
         assert len({r for *_, r in seen}) == 3  # random is seeded anew in each, not copied from the server
+        assert {w.hello["numpy"] for w in cluster.workers} == {np.__version__}  # read without importing it
 
 
 def test_without_the_fork_server_each_worker_is_a_new_interpreter(elsewhere, monkeypatch):
