@@ -36,6 +36,8 @@ class ForkServerError(OSError):
 
 
 class ForkServer:
+    """The master's end of one fork server: starts it, asks it for workers, keeps the exit statuses it reports."""
+
     def __init__(self, python: str, env: dict[str, str]) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -90,9 +92,11 @@ class ForkServer:
         with self._lock:
             while pid not in self.exits:
                 try:
-                    self._receive(deadline)
+                    _, fds = self._receive(deadline)
                 except (TimeoutError, ForkServerError):
                     return None
+                for fd in fds:  # a late answer to a fork that had given up waiting for it
+                    os.close(fd)
             return self.exits[pid]
 
     def _next(self, deadline: float) -> tuple[dict, list[int]]:
