@@ -106,7 +106,7 @@ class _Kernel:
 
     def unregister(self, start: int, end: int) -> None:
         """Stop protecting ``[start, end)`` (its pages' write faults end): quietly, as the memory
-        may be gone already. Another watch on the same pages then fails its scans, and hashes."""
+        may be gone already."""
         if self.pid == os.getpid():
             try:
                 fcntl.ioctl(self.uffd, _UFFDIO_UNREGISTER, _Range(start, end - start))
@@ -138,7 +138,7 @@ _kernel: _Kernel | None = None
 _kernel_failed_in: int | None = None  # the pid that could not open one: do not try again
 #: Every live watch: protecting pages that another watch also covers hands it the writes it would miss.
 _watches: weakref.WeakSet[WriteWatch] = weakref.WeakSet()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a watch may be let go (finalized) while one is held
 
 
 def _the_kernel() -> _Kernel | None:
@@ -175,6 +175,18 @@ def _private_anonymous(start: int, end: int) -> bool:
     return False
 
 
+def _let_go(kernel: _Kernel, start: int, end: int) -> None:
+    """Unregister what of ``[start, end)`` no live watch covers still."""
+    with _lock:
+        others = sorted((w.start, w.end) for w in _watches if w.start < end and start < w.end)
+    for low, high in others:
+        if low > start:
+            kernel.unregister(start, min(low, end))
+        start = max(start, high)
+    if start < end:
+        kernel.unregister(start, end)
+
+
 class WriteWatch:
     """Watches the bytes ``[address, address + nbytes)`` of this process for writes.
 
@@ -199,7 +211,7 @@ class WriteWatch:
         kernel.register(self.start, self.end)
         # Let go with the watch (the array died, or its keys were forgotten): memory reused for other
         # data would otherwise fault once a page on its first write.
-        weakref.finalize(self, kernel.unregister, self.start, self.end)
+        weakref.finalize(self, _let_go, kernel, self.start, self.end)
         self.carried: list[tuple[int, int]] = []  # written pages another watch protected again
         _watches.add(self)
 

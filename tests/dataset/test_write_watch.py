@@ -222,6 +222,23 @@ def test_a_call_interrupted_while_hashing_written_slices_sees_them_next_time(wat
     assert second == fresh_keys(ds) and second[300 // 16] != first[300 // 16]
 
 
+def test_a_view_that_died_leaves_the_whole_arrays_watch_in_place(hashes):
+    """A fresh view each call (``X[96:928]``) is a new watch each time; the one it replaces lets go only
+    of what no other watch covers."""
+    X = big_array()
+    skip_unless_watchable(X)
+    whole = DataSet(X, 16)
+    first = whole.keys_and_sizes()
+    for _ in range(2):
+        DataSet(X[96:928], 16).keys_and_sizes()
+        gc.collect()
+    assert watched_by_userfaultfd(X[500:].ctypes.data)
+    counted = hashes[0]
+    assert whole.keys_and_sizes() == first and hashes[0] == counted  # still watched: nothing hashed
+    X[500, 0] = -1.0
+    assert whole.keys_and_sizes() == fresh_keys(whole) != first
+
+
 def test_shared_memory_is_not_watched_and_a_write_from_another_process_is_seen(hashes):
     """Another process writes shared memory through its own page tables, which this one's watch would miss."""
     shm = shared_memory.SharedMemory(create=True, size=ROWS * COLS * 8)
