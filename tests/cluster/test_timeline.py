@@ -265,3 +265,76 @@ def test_a_call_of_many_slices_is_kept_as_columns_not_as_an_object_per_slice():
         19_999, "b", f"{19_999:032x}", 9, 0.5, "done")
     # No SliceStarted came (slices under 3 ms send none): started is when it must have begun.
     assert last.started == max(last.sent, last.done - 0.5)
+
+
+def _a_call_of_events(n: int) -> list:
+    """A call's events as the cluster emits them: some slices shipped, one lost and done elsewhere, one cut off."""
+    out = [CallStarted(1, n, ("a", "b"), "p")]
+    for i in range(n):
+        worker = "ab"[i % 2]
+        out.append(SliceAssigned(1, i, worker, i % 3 == 0, f"{i:032x}", 8))
+        if i % 3:
+            out.append(SliceSent(1, i, worker, f"{i:032x}", 9))
+        if i == 1:
+            out += [SliceStarted(1, i, worker), SliceLost(1, i, worker),
+                    SliceAssigned(1, i, "a", False, f"{i:032x}", 8)]
+            worker = "a"
+        if i != n - 1:
+            out.append(SliceDone(1, i, worker, 0.5))
+    return out + [CallFinished(1, 9.0, 0, 0, 0, False, 0.25)]
+
+
+def _seen(record) -> tuple:
+    return (record.n_records, record.seconds, record.ok, [vars_of(r) for r in record.slices])
+
+
+def vars_of(r) -> tuple:
+    return tuple(getattr(r, name) for name in r.__slots__)
+
+
+@pytest.mark.parametrize("n", [3, 50, 3000])  # 3000 slices: more events than the recorder keeps unfolded
+def test_reading_a_record_while_its_call_runs_changes_nothing_it_says_in_the_end(n):
+    events = _a_call_of_events(n)
+    read_at_the_end = CallRecorder(clock=FakeClock())
+    read_all_along = CallRecorder(clock=FakeClock())
+    during = []
+    for step, event in enumerate(events):
+        for rec in (read_at_the_end, read_all_along):
+            rec.clock.now += 0.5
+            rec(event)
+        if step % max(7, n // 10) == 0:
+            during.append(_seen(read_all_along.last))
+    assert _seen(read_at_the_end.last) == _seen(read_all_along.last)
+    assert [r.outcome for r in read_at_the_end.last.slices][-1] == "cancelled"
+    assert read_at_the_end.last.n_records == len([e for e in events if isinstance(e, SliceAssigned)])
+    # While it ran, the record said how long it had run so far, and grew.
+    assert [d[1] for d in during] == sorted(d[1] for d in during) and during[-1][1] > during[0][1]
+    assert during[-1][0] > during[0][0]
+
+
+def test_a_record_read_from_another_thread_while_events_come_misses_none():
+    import threading
+
+    events = _a_call_of_events(20_000)
+    rec = CallRecorder(clock=FakeClock())
+    rec(events[0])
+    stop = threading.Event()
+
+    def read():
+        while not stop.is_set():
+            rec.last.slices  # noqa: B018  (folds whatever came so far)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for event in events[1:]:
+            rec.clock.now += 0.5
+            rec(event)
+    finally:
+        stop.set()
+        reader.join()
+    alone = CallRecorder(clock=FakeClock())
+    for event in events:
+        alone.clock.now += 0.5
+        alone(event)
+    assert _seen(rec.last) == _seen(alone.last)
