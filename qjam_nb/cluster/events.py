@@ -9,21 +9,38 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("qjam_nb")
 
 
-@dataclass(frozen=True)
-class WorkerStateChanged:
+def _event(cls: type) -> type:
+    """An event is a named tuple (immutable, ~0.5 µs to make, where a frozen dataclass took ~1.7) that
+    equals only an event of its own kind with the same fields, never a plain tuple."""
+
+    def __eq__(self: tuple, other: object) -> bool:
+        return type(self) is type(other) and tuple.__eq__(self, other)
+
+    def __ne__(self: tuple, other: object) -> bool:
+        return not __eq__(self, other)
+
+    def __hash__(self: tuple) -> int:
+        return hash((type(self).__name__, *self))
+
+    cls.__eq__, cls.__ne__, cls.__hash__ = __eq__, __ne__, __hash__
+    return cls
+
+
+@_event
+class WorkerStateChanged(NamedTuple):
     worker: str
     state: str
     previous: str
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class HostReady:
+@_event
+class HostReady(NamedTuple):
     """A host is connected and bootstrapped; ``uploaded_bytes`` is 0 when it had the worker already."""
 
     host: str
@@ -32,16 +49,16 @@ class HostReady:
     seconds: float
 
 
-@dataclass(frozen=True)
-class CallStarted:
+@_event
+class CallStarted(NamedTuple):
     call: int
     n_slices: int
     workers: tuple
     params_hash: str = ""  # XXH3-128 of the params' pickle, as shipped
 
 
-@dataclass(frozen=True)
-class SliceAssigned:
+@_event
+class SliceAssigned(NamedTuple):
     call: int
     index: int
     worker: str
@@ -50,8 +67,8 @@ class SliceAssigned:
     nbytes: int = 0  # the slice's size: what the cache saves when ``cached``
 
 
-@dataclass(frozen=True)
-class SliceSent:
+@_event
+class SliceSent(NamedTuple):
     """Slice data travelled to a worker: ``nbytes`` of slice on the wire."""
 
     call: int
@@ -61,23 +78,23 @@ class SliceSent:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class SliceStarted:
+@_event
+class SliceStarted(NamedTuple):
     call: int
     index: int
     worker: str
 
 
-@dataclass(frozen=True)
-class SliceDone:
+@_event
+class SliceDone(NamedTuple):
     call: int
     index: int
     worker: str
     seconds: float
 
 
-@dataclass(frozen=True)
-class SliceLost:
+@_event
+class SliceLost(NamedTuple):
     """The worker running (or holding) this slice died; it goes back to be assigned to another."""
 
     call: int
@@ -85,15 +102,15 @@ class SliceLost:
     worker: str
 
 
-@dataclass(frozen=True)
-class CacheChanged:
+@_event
+class CacheChanged(NamedTuple):
     worker: str
     n_slices: int
     nbytes: int
 
 
-@dataclass(frozen=True)
-class StreamOutput:
+@_event
+class StreamOutput(NamedTuple):
     worker: str
     stream: str
     text: str
@@ -101,16 +118,16 @@ class StreamOutput:
     index: int
 
 
-@dataclass(frozen=True)
-class ErrorEvent:
+@_event
+class ErrorEvent(NamedTuple):
     worker: str
     call: int
     index: int
     message: str
 
 
-@dataclass(frozen=True)
-class CallFinished:
+@_event
+class CallFinished(NamedTuple):
     call: int
     seconds: float
     bytes_sent: int
