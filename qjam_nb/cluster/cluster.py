@@ -244,7 +244,7 @@ class Cluster:
                 )
         self._call += 1
         pool.current_call = self._call
-        call = _Call(self._call, data, keyed, reduce, len(alive), timeout)
+        call = _Call(self._call, data, keyed, reduce, alive, timeout)
         call.mapfunc = mapfunc  # for pointing a remote traceback back at the cell (code_spans)
         call.guessed = guessed is not None
         return self._run(call, alive, func_blob, params_part)
@@ -369,10 +369,9 @@ class Cluster:
 
     def _feed(self, call: _Call, sched: Scheduler) -> None:
         for name, index in sched.assign():
-            worker = self._worker(name)
-            key = call.keyed[index][0] if call.data else None
+            worker = call.workers[name]
+            key, size = call.keyed[index] if call.data else (None, 0)
             cached = key is None or key in worker.cache
-            size = call.keyed[index][1] if key is not None else 0
             self.events.emit(ev.SliceAssigned(call.id, index, name, cached and key is not None, key, size))
             if cached:
                 if key is not None:
@@ -453,7 +452,7 @@ class Cluster:
                 worker.running = (call.id, index)
                 self.events.emit(ev.SliceStarted(call.id, index, worker.name))
                 return
-            if kind in (Kind.RESULT, Kind.ERROR) and worker.running == (call.id, index):
+            if worker.running is not None and kind in (Kind.RESULT, Kind.ERROR) and worker.running == (call.id, index):
                 worker.running = None
             if kind is Kind.RESULT:
                 value, seconds = self._pool.result(worker, msg)
@@ -523,12 +522,13 @@ class Cluster:
 class _Call:
     """One map call's own state: slices, the fold, deaths, byte counts and deadline."""
 
-    def __init__(self, call_id: int, data: DataSet | None, keyed: list, reduce: Any, n_workers: int,
+    def __init__(self, call_id: int, data: DataSet | None, keyed: list, reduce: Any, alive: list[WorkerHandle],
                  timeout: float | None) -> None:
         self.id = call_id
         self.data = data
         self.keyed = keyed
-        self.fold = OrderedFold(len(keyed) if data else n_workers, reduce)
+        self.workers = {w.name: w for w in alive}  # the call's workers, by name
+        self.fold = OrderedFold(len(keyed) if data else len(alive), reduce)
         self.started = time.perf_counter()
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

@@ -72,19 +72,24 @@ class Scheduler:
 
     def assign(self) -> list[tuple[str, int]]:
         """Hand out as many (worker, slice) pairs as the windows allow."""
-        out = []
+        out: list[tuple[str, int]] = []
+        own, pool, in_flight, order, window = self.own, self.pool, self.in_flight, self.order, self.window
         while True:
-            ready = [
-                w for w in self.alive
-                if len(self.in_flight[w]) < self.window and (self.own[w] or self.pool)
-            ]
-            if not ready:
+            # The ready worker with the fewest tasks in flight, first in order on a tie (a loop, not
+            # min() over a list: this runs once a slice).
+            best, best_rank = None, None
+            for w in self.alive:
+                n = len(in_flight[w])
+                if n < window and (own[w] or pool):
+                    rank = (n, order[w])
+                    if best_rank is None or rank < best_rank:
+                        best, best_rank = w, rank
+            if best is None:
                 return out
-            worker = min(ready, key=lambda w: (len(self.in_flight[w]), self.order[w]))
-            queue = self.own[worker]
-            index = queue.popleft() if queue else heapq.heappop(self.pool)
-            self.in_flight[worker].add(index)
-            out.append((worker, index))
+            queue = own[best]
+            index = queue.popleft() if queue else heapq.heappop(pool)
+            in_flight[best].add(index)
+            out.append((best, index))
 
     def done(self, worker: str, index: int) -> bool:
         """Record a finished slice; False if it was not in flight there (a stale result)."""

@@ -155,7 +155,8 @@ class Link:
         """Queue one frame's chunks, as ``protocol.encode`` made them; returns its size on the wire."""
         size = protocol.frame_size(chunks)
         if not self.closed:
-            protocol.trace("send", self.name, f"{kind.name} call={call} index={index} bytes={size}")
+            if protocol.TRACING:
+                protocol.trace("send", self.name, f"{kind.name} call={call} index={index} bytes={size}")
             if self._holds:
                 self._held.extend(chunks)
                 self._held_bytes += size
@@ -243,7 +244,8 @@ class Link:
                     return
                 decoder.buffer_updated(n)
                 while (frame := decoder.next_frame()) is not None:
-                    protocol.trace("recv", self.name, frame)
+                    if protocol.TRACING:
+                        protocol.trace("recv", self.name, frame)
                     self.inbox.put((self, frame))
                 if n < len(buf):  # the pipe is most likely empty now: poll says when it is not
                     return

@@ -57,6 +57,7 @@ PROTOCOL_VERSION = 1
 MAGIC = b"QJ"
 HEADER = struct.Struct(">2sBBIiIQ")
 LENGTH = struct.Struct(">Q")
+_HEADER_ONE_PART = struct.Struct(">2sBBIiIQQ")  # the header and length table of a one-part frame
 #: Largest frame either side accepts, in bytes (parts added up); a slice
 #: bigger than this should be cut smaller. ``QJAM_MAX_FRAME`` overrides it.
 MAX_FRAME = int(os.environ.get("QJAM_MAX_FRAME", 16 << 30))
@@ -88,6 +89,9 @@ class Kind(enum.IntEnum):
     CANCEL = 10
     DROP = 11
     BYE = 12
+
+
+_KINDS: dict[int, Kind] = dict(Kind._value2member_map_)  # type: ignore[arg-type]  # faster than Kind(n)
 
 
 class Frame:
@@ -150,6 +154,8 @@ def encode(
 
 def header(kind: int, call: int, index: int, lengths: list) -> bytes:
     """The fixed header plus the part-length table for these part lengths."""
+    if len(lengths) == 1:  # most frames: one pack
+        return _HEADER_ONE_PART.pack(MAGIC, PROTOCOL_VERSION, int(kind), call, index, 1, lengths[0], lengths[0])
     if len(lengths) > MAX_PARTS:
         raise ProtocolError(f"a frame may have at most {MAX_PARTS} parts, not {len(lengths)}")
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), call, index, len(lengths), sum(lengths))
@@ -236,20 +242,31 @@ class FrameDecoder:
         where the rest starts. Small messages come many to a read: this skips the byte-by-stage
         assembly for them (~3x less work for a TASK or a RESULT)."""
         pos, end = 0, len(view)
+        kinds, frames, max_parts, max_frame = _KINDS, self._frames, self.max_parts, self.max_frame
         while end - pos >= HEADER.size:
-            head = self._parse_header(bytes(view[pos : pos + HEADER.size]))
-            nparts, size = head[5], head[6]
+            head = HEADER.unpack_from(view, pos)
+            magic, version, kind, call, index, nparts, size = head
+            if (magic != MAGIC or version != PROTOCOL_VERSION or kind not in kinds or not 0 < nparts <= max_parts
+                    or size > max_frame):
+                self._parse_header(bytes(view[pos : pos + HEADER.size]))  # raises, saying what is wrong
             start = pos + HEADER.size + LENGTH.size * nparts
             if end - start < size:
                 break
-            lengths = struct.unpack_from(f">{nparts}Q", view, pos + HEADER.size)
-            if sum(lengths) != size:
-                raise ProtocolError(f"malformed frame: part lengths add up to {sum(lengths)}, header says {size}")
-            parts = []
-            for n in lengths:
-                parts.append(memoryview(view[start : start + n].tobytes()))
+            if nparts == 1:
+                (n,) = LENGTH.unpack_from(view, pos + HEADER.size)
+                if n != size:
+                    raise ProtocolError(f"malformed frame: part lengths add up to {n}, header says {size}")
+                parts = [memoryview(view[start : start + n].tobytes())]
                 start += n
-            self._frames.append(Frame(Kind(head[2]), head[3], head[4], parts))
+            else:
+                lengths = struct.unpack_from(f">{nparts}Q", view, pos + HEADER.size)
+                if sum(lengths) != size:
+                    raise ProtocolError(f"malformed frame: part lengths add up to {sum(lengths)}, header says {size}")
+                parts = []
+                for n in lengths:
+                    parts.append(memoryview(view[start : start + n].tobytes()))
+                    start += n
+            frames.append(Frame(kinds[kind], call, index, parts))
             pos = start
         return pos
 
@@ -303,7 +320,7 @@ class FrameDecoder:
             self._expect(self._lengths[len(self._parts)])
             return
         _, _, kind, call, index, _, _ = self._head
-        self._frames.append(Frame(Kind(kind), call, index, self._parts))
+        self._frames.append(Frame(_KINDS[kind], call, index, self._parts))
         self._stage, self._head, self._lengths, self._parts = "header", (), [], []
         self._expect(HEADER.size)
 
@@ -320,7 +337,7 @@ class FrameDecoder:
                 f"the peer speaks protocol version {version}, this side {PROTOCOL_VERSION}: "
                 "master and worker come from different qjam_nb releases"
             )
-        if kind not in Kind._value2member_map_:
+        if kind not in _KINDS:
             raise ProtocolError(f"malformed frame: unknown message kind {kind}")
         if nparts < 1 or nparts > self.max_parts:
             raise ProtocolError(
