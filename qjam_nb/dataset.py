@@ -215,6 +215,9 @@ class DataSet:
     def key_and_size(self, index: int) -> tuple[str, int]:
         """The slice's key and its size in bytes (raw array bytes, or pickle size)."""
         part = self.slice(index)
+        if type(part) is list and pickles_plainly(part):  # one-shot: lists of numbers are the usual tiny slices
+            blob = pickle.dumps(part, protocol=5)
+            return xxhash.xxh3_128_hexdigest(f"{self.kind}|".encode() + blob), len(blob)
         digest = xxhash.xxh3_128()
         if isinstance(part, np.ndarray) and not part.dtype.hasobject:
             flat = np.ascontiguousarray(part)

@@ -403,7 +403,7 @@ class Cluster:
         self._feed(call, sched)
 
     def _task(self, worker: WorkerHandle, call: _Call, index: int, key: str | None) -> None:
-        body = self.chaos.task_body(worker.name, key)
+        body = self.chaos.task_body(worker.name, key) if self.chaos.delays else {"key": key}
         if worker.retire_arena:
             body["retire"], worker.retire_arena = True, False
         call.bytes_sent += worker.link.send(Kind.TASK, body, call.id, index, dumps=pickle.dumps)

@@ -234,7 +234,10 @@ class WorkerPool:
     def result(self, worker: WorkerHandle, frame: Frame) -> tuple[Any, float]:
         """A RESULT's value and the seconds its slice took; a big local result is built on the
         worker's arena, where it lies (see ``sharedmem.LentResults``)."""
-        body = self.body(worker, frame, f"the result of slice {frame.index}")
+        try:
+            body = frame.body()
+        except ProtocolError as exc:
+            raise _unpickling_failed(worker, f"the result of slice {frame.index}", exc.__cause__ or exc) from exc
         if "pickled" not in body:
             return body["value"], body["seconds"]
         try:

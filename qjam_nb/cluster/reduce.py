@@ -52,9 +52,10 @@ class OrderedFold:
         self.seconds = 0.0  # spent in reduce, for the call's timeline
 
     def add(self, index: int, value: Any) -> None:
-        self.pending[index] = value
-        if self.next not in self.pending:
+        if index != self.next:  # waits for an earlier slice
+            self.pending[index] = value
             return
+        self.pending[index] = value
         started = time.perf_counter()
         while self.next in self.pending:
             value = self.pending.pop(self.next)

@@ -67,8 +67,10 @@ class Scheduler:
 
     def observe(self, seconds: float) -> None:
         """A slice took ``seconds`` to run: keep about ``QUEUED_WORK`` seconds in flight per worker."""
-        self.average = seconds if self.average is None else 0.8 * self.average + 0.2 * seconds
-        self.window = max(MIN_WINDOW, min(MAX_WINDOW, round(QUEUED_WORK / max(self.average, 1e-6))))
+        average = self.average = seconds if self.average is None else 0.8 * self.average + 0.2 * seconds
+        # (Comparisons, not max/min/round: this runs once a slice.)
+        window = int(QUEUED_WORK / average + 0.5) if average > QUEUED_WORK / MAX_WINDOW else MAX_WINDOW
+        self.window = window if window > MIN_WINDOW else MIN_WINDOW
 
     def assign(self) -> list[tuple[str, int]]:
         """Hand out as many (worker, slice) pairs as the windows allow."""

@@ -54,9 +54,18 @@ class StatusModel:
 
     def __call__(self, event: ev.Event) -> None:
         self.version += 1
-        fold = self._folds.get(type(event))
-        if fold is not None:
-            fold(self, event)
+        kind = type(event)
+        if kind is ev.SliceAssigned:  # the two events of every slice, without a method call
+            row = self.rows.get(event.worker) or self.row(event.worker)
+            row.assigned += 1
+        elif kind is ev.SliceDone:
+            row = self.rows.get(event.worker) or self.row(event.worker)
+            row.done += 1
+            self.call.done += 1
+        else:
+            fold = self._folds.get(kind)
+            if fold is not None:
+                fold(self, event)
 
     def _host_ready(self, event: ev.HostReady) -> None:
         self.hosts[event.host] = event

@@ -111,10 +111,13 @@ class Frame:
 
     def body(self, loads: Callable[..., Any] = pickle.loads) -> Any:
         """Unpickle the body, handing the out-of-band parts back as buffers."""
+        parts = self.parts
         try:
+            if len(parts) == 1:  # most frames: no out-of-band buffers
+                return loads(parts[0])
             # Read-only views: a mapfunc that writes into its cached slice
             # would make the cache lie about the slice's content.
-            return loads(self.parts[0], buffers=[p.toreadonly() for p in self.parts[1:]])
+            return loads(parts[0], buffers=[p.toreadonly() for p in parts[1:]])
         except Exception as exc:
             raise ProtocolError(
                 f"could not unpickle the body of a {self.kind.name} frame: "
@@ -143,6 +146,9 @@ def encode(
     """
     buffers: list = []
     payload = dumps(body, protocol=5, buffer_callback=buffers.append)
+    if not buffers:  # most frames: the pickle is the only part
+        return [_HEADER_ONE_PART.pack(MAGIC, PROTOCOL_VERSION, kind, call, index, 1, len(payload), len(payload)),
+                payload]
     parts = [payload]
     for buf in buffers:
         try:
@@ -243,9 +249,9 @@ class FrameDecoder:
         assembly for them (~3x less work for a TASK or a RESULT)."""
         pos, end = 0, len(view)
         kinds, frames, max_parts, max_frame = _KINDS, self._frames, self.max_parts, self.max_frame
-        while end - pos >= HEADER.size:
-            head = HEADER.unpack_from(view, pos)
-            magic, version, kind, call, index, nparts, size = head
+        one_part = _HEADER_ONE_PART.size
+        while end - pos >= one_part:  # (a frame has at least one part)
+            magic, version, kind, call, index, nparts, size, first = _HEADER_ONE_PART.unpack_from(view, pos)
             if (magic != MAGIC or version != PROTOCOL_VERSION or kind not in kinds or not 0 < nparts <= max_parts
                     or size > max_frame):
                 self._parse_header(bytes(view[pos : pos + HEADER.size]))  # raises, saying what is wrong
@@ -253,11 +259,10 @@ class FrameDecoder:
             if end - start < size:
                 break
             if nparts == 1:
-                (n,) = LENGTH.unpack_from(view, pos + HEADER.size)
-                if n != size:
-                    raise ProtocolError(f"malformed frame: part lengths add up to {n}, header says {size}")
-                parts = [memoryview(view[start : start + n].tobytes())]
-                start += n
+                if first != size:
+                    raise ProtocolError(f"malformed frame: part lengths add up to {first}, header says {size}")
+                parts = [memoryview(view[start : start + size].tobytes())]
+                start += size
             else:
                 lengths = struct.unpack_from(f">{nparts}Q", view, pos + HEADER.size)
                 if sum(lengths) != size:
