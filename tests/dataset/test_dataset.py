@@ -268,3 +268,16 @@ def test_plain_list_slices_are_keyed_as_cloudpickle_would_and_others_still_by_cl
     assert pickle.dumps(plain, protocol=5) == cloudpickle.dumps(plain, protocol=5)  # so keys did not change
     assert not pickles_plainly([lambda: 1]) and not pickles_plainly([[1]]) and not pickles_plainly(np.arange(3))
     assert DataSet([lambda: 1, lambda: 2], 1).key(0) != DataSet([lambda: 2, lambda: 2], 1).key(0)
+
+
+@pytest.mark.parametrize("data, size", [
+    ([1, 2.5, "a", None, True, b"x", 1j] * 30, 4),  # every plain type, a short last slice
+    (list(range(1000)), 1),
+    ([1, [2], 3, 4], 2),  # one item that is not plain: slice by slice, as before
+    ([1, 2, lambda: 3], 1),
+])
+def test_a_list_keyed_in_one_loop_has_the_keys_slice_by_slice_keying_gives(data, size):
+    ds = DataSet(data, size)
+    assert ds.keys_and_sizes() == [ds.key_and_size(i) for i in range(len(ds))]
+    data[0] = "changed"  # a list is hashed again every call
+    assert ds.keys_and_sizes()[0] == ds.key_and_size(0) != DataSet([1], 1).key(0)
