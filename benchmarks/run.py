@@ -365,7 +365,7 @@ class System:
 
 class Qjam(System):
     kind = "qjam"
-    tiny_note = "1 slice per task, 4 tasks in flight per worker"
+    tiny_note = "1 slice per task, 2-64 tasks in flight per worker (by the slices' run time)"
     second_note = "slices cached on the workers: only the function travels"
 
     def __init__(self, hosts: list[str], name: str) -> None:
