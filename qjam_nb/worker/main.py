@@ -58,7 +58,8 @@ class Channel:
 
     def write(self, kind: Kind, chunks: list, call: int, index: int) -> None:
         with self.lock:
-            protocol.trace("send", self.name, f"{kind.name} call={call} index={index}")
+            if protocol.TRACING:
+                protocol.trace("send", self.name, f"{kind.name} call={call} index={index}")
             write_all(self.fd, chunks)
 
 
@@ -220,7 +221,8 @@ class Worker:
         self.input_seen = time.perf_counter()
 
     def dispatch(self, frame: protocol.Frame) -> None:
-        protocol.trace("recv", self.name, frame)
+        if protocol.TRACING:
+            protocol.trace("recv", self.name, frame)
         kind = frame.kind
         if kind is Kind.CANCEL:
             self.cancelled.add(frame.call)
@@ -233,8 +235,8 @@ class Worker:
     def next_frame(self) -> protocol.Frame:
         while not self.frames:
             with self.read_lock:
-                if not self.frames:
-                    self.read_once()
+                if not self.frames and not self.read_once():  # a short read most likely emptied the pipe
+                    self.input_seen = time.perf_counter()
         return self.frames.popleft()
 
     def watch(self) -> None:
