@@ -33,7 +33,17 @@ IOV_MAX = 512
 def write_all(fd: int, chunks: list) -> None:
     """Write every byte of ``chunks`` (bytes-like objects), in order, to ``fd``, waiting as needed
     (also when ``fd`` is non-blocking)."""
-    views = _views(chunks)
+    if len(chunks) <= IOV_MAX:  # the usual message: one writev of the chunks as they are, no views
+        try:
+            n = os.writev(fd, chunks)
+        except BlockingIOError:
+            n = 0
+        if n == sum(c.nbytes if isinstance(c, memoryview) else len(c) for c in chunks):
+            return
+        views = _views(chunks)
+        _advance(views, n)
+    else:
+        views = _views(chunks)
     while views:
         try:
             n = os.writev(fd, views[:IOV_MAX])
