@@ -403,31 +403,29 @@ class Cluster:
         self._feed(call, sched)
 
     def _task(self, worker: WorkerHandle, call: _Call, index: int, key: str | None) -> None:
+        call.bytes_sent += worker.link.send(Kind.TASK, self._task_body(worker, key), call.id, index, dumps=pickle.dumps)
+
+    def _task_body(self, worker: WorkerHandle, key: str | None) -> dict:
         body = self.chaos.task_body(worker.name, key) if self.chaos.delays else {"key": key}
         if worker.retire_arena:
             body["retire"], worker.retire_arena = True, False
-        call.bytes_sent += worker.link.send(Kind.TASK, body, call.id, index, dumps=pickle.dumps)
+        return body
 
     def _ship_and_task(self, worker: WorkerHandle, call: _Call, index: int) -> None:
-        """Send slice ``index`` and its TASK in one write (one wake-up of the worker)."""
-        worker.link.hold()
-        try:
-            self._ship(worker, call, index)
-            self._task(worker, call, index, call.keyed[index][0])
-        finally:
-            worker.link.release()
+        """Send slice ``index`` with its task in one DATA frame (one frame to make and read, one wake-up)."""
+        self._ship(worker, call, index, self._task_body(worker, call.keyed[index][0]))
 
-    def _ship(self, worker: WorkerHandle, call: _Call, index: int) -> None:
+    def _ship(self, worker: WorkerHandle, call: _Call, index: int, task: dict) -> None:
         key, size = call.keyed[index]
         data = call.data.slice(index)
-        body = {"key": key, "data": data}
+        body = {"key": key, "data": data, "task": task}
         if worker.link.process.shares_memory:
             try:
                 handle = sharedmem.export(data)
             except OSError:  # /dev/shm full or missing: the pipe it is
                 handle = None
             if handle is not None:
-                body = {"key": key, "shared": handle}
+                body = {"key": key, "shared": handle, "task": task}
                 call.shared.append(handle)
         dumps = pickle.dumps if pickles_plainly(data) else cloudpickle.dumps
         nbytes = worker.link.send(Kind.DATA, body, call.id, index, dumps=dumps)

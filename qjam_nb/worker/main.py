@@ -303,6 +303,8 @@ class Worker:
         if frame.kind is Kind.DATA:
             body = frame.body()
             self.cache[body["key"]] = sharedmem.attach(body["shared"]) if "shared" in body else body["data"]
+            if "task" in body:  # the slice's TASK came with it
+                self.run_task(frame, body["task"])
         elif frame.kind is Kind.CALL:
             self.start_call(frame)
         elif frame.kind is Kind.TASK:
@@ -355,11 +357,13 @@ class Worker:
             self.result_arena.close()
             self.result_arena = None
 
-    def run_task(self, frame: protocol.Frame) -> None:
+    def run_task(self, frame: protocol.Frame, task: dict | None = None) -> None:
+        """Run the TASK ``frame`` (or the ``task`` a DATA frame carried)."""
         call, index = frame.call, frame.index
         if time.perf_counter() - self.input_seen > INPUT_FRESH:  # (the last slice's end looked, usually)
             self.read_ready()
-        task = frame.body()
+        if task is None:
+            task = frame.body()
         if "retire" in task:  # the master still uses a result in our arena: leave it that one
             self.drop_result_arena()
         if call != self.call or call in self.cancelled or self.call_failed:

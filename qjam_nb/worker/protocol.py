@@ -27,7 +27,8 @@ Message kinds, who sends them, and their bodies:
 ======== ===== ==========================================================
 HELLO    w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
 CALL     m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "sources"}
-DATA     m->w  {"key": slice key, "data": the slice}
+DATA     m->w  {"key": slice key, "data": the slice, "task"?: a TASK's body}; with "task",
+                 run it as that TASK once cached (a slice shipped for a task: one frame)
 TASK     m->w  {"key": slice key or None, "delay"?: seconds}; run mapfunc on that slice
                  (after sleeping "delay" s, when chaos made the worker a straggler)
 NEED     w->m  {"key"}; the TASK's slice is not cached here, send DATA first

@@ -215,6 +215,20 @@ def test_call_data_task_gives_the_result_and_a_short_slice_no_started(worker):
     assert before == []
 
 
+def test_data_carrying_its_task_caches_the_slice_and_runs_it(worker):
+    worker.call(1, FUNCS["total"], {"scale": 2})
+    worker.send(Kind.DATA, {"key": "k", "data": [1, 2], "task": {"key": "k"}}, call=1, index=3)
+    result = worker.next()
+    assert (result.kind, result.call, result.index, result.body()["value"]) == (Kind.RESULT, 1, 3, 6)
+    worker.send(Kind.TASK, {"key": "k"}, call=1, index=4)  # cached: no NEED
+    result = worker.next()
+    assert (result.kind, result.index, result.body()["value"]) == (Kind.RESULT, 4, 6)
+    worker.send(Kind.DATA, {"key": "j", "data": [5]}, call=1, index=5)  # without a task: only cached
+    worker.send(Kind.TASK, {"key": "j"}, call=1, index=5)
+    result = worker.next()
+    assert (result.kind, result.index, result.body()["value"]) == (Kind.RESULT, 5, 10)
+
+
 def test_a_slice_running_3_ms_says_started_then_its_result(worker):
     worker.call(1, FUNCS["slow"])
     worker.send(Kind.DATA, {"key": "k", "data": [0.05]}, call=1, index=4)
