@@ -287,6 +287,7 @@ class Cluster:
         try:
             try:
                 self._feed(call, sched)
+                self._cache_news(call)
             finally:
                 for w in alive:
                     w.link.release()
@@ -308,6 +309,8 @@ class Cluster:
                     self._handle(item, call, sched)
                     while not call.fold.complete and (item := inbox.get_read()) is not None:
                         self._handle(item, call, sched)
+                    if call.cache_news:
+                        self._cache_news(call)
                 finally:
                     for w in alive:
                         w.link.release()
@@ -320,6 +323,7 @@ class Cluster:
         finally:
             for handle in call.shared:  # taken (and deleted) by the workers, unless one died first
                 sharedmem.discard(handle)
+            self._cache_news(call)
             for w in alive:
                 if w.state == states.BUSY:
                     self._pool.set_state(w, states.IDLE, "")
@@ -435,7 +439,7 @@ class Cluster:
         call.slice_bytes_sent += nbytes
         worker.remember(key, size)
         self.events.emit(ev.SliceSent(call.id, index, worker.name, key, nbytes))
-        self._pool.cache_changed(worker)
+        call.cache_news[worker.name] = worker
 
     # -- the inbox, during a call --------------------------------------------------
     def _handle(self, item: tuple, call: _Call, sched: Scheduler) -> None:
@@ -513,6 +517,12 @@ class Cluster:
             self.events.emit(ev.SliceLost(call.id, index, worker.name))
         self._feed(call, sched)
 
+    def _cache_news(self, call: _Call) -> None:
+        """One CacheChanged per worker whose cache grew since the last (a batch of slices, not one each)."""
+        for worker in call.cache_news.values():
+            self._pool.cache_changed(worker)
+        call.cache_news.clear()
+
     def _worker(self, name: str) -> WorkerHandle:
         return next(w for w in self.workers if w.name == name)
 
@@ -538,6 +548,7 @@ class _Call:
         self.blame: dict[int, int] = {}  # slice -> workers that died running it
         self.shared: list[dict] = []  # slices handed over in shared memory
         self.guessed = False  # keyed holds guessed keys until _check_guess
+        self.cache_news: dict[str, WorkerHandle] = {}  # workers sent slices since the last CacheChanged
         self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
 
 
