@@ -40,9 +40,10 @@ SCRIPT = textwrap.dedent("""
     except KeyboardInterrupt:
         back = time.monotonic() - t0
         states = [w.state for w in cluster.workers]
+        reasons = [w.reason for w in cluster.workers]  # what the report says when they are not idle
         t1 = time.monotonic()
         total = cluster.map(lambda p, xs: sum(xs), None, list(range(6)), slice_size=1)
-        print(json.dumps({"back_after": back, "states": states, "next": total,
+        print(json.dumps({"back_after": back, "states": states, "reasons": reasons, "next": total,
                           "next_took": time.monotonic() - t1,
                           "starts": [w.starts for w in cluster.workers]}), flush=True)
     cluster.shutdown()
