@@ -257,10 +257,6 @@ class CallRecord:
             if t is not None and self.ok is None:
                 self._seconds = t - t0
 
-    def _assigned(self, rows: _Rows, event: ev.SliceAssigned, now: float) -> None:
-        self._open[(event.index, event.worker)] = rows.add(
-            event.index, event.worker, event.cached, event.key, event.nbytes, now)
-
     def _sent(self, rows: _Rows, event: ev.SliceSent, now: float) -> None:
         row = self._open.get((event.index, event.worker), -1)
         if row >= 0:
@@ -274,17 +270,6 @@ class CallRecord:
         row = self._open.get((event.index, event.worker), -1)
         if row >= 0:
             rows.times["started"][row] = now
-
-    def _done(self, rows: _Rows, event: ev.SliceDone, now: float) -> None:
-        row = self._open.get((event.index, event.worker), -1)
-        if row >= 0:
-            times = rows.times
-            times["done"][row] = now
-            times["compute"][row] = event.seconds
-            if times["started"][row] != times["started"][row]:  # NaN: a short slice, no STARTED came
-                before = max(t for t in (times["assigned"][row], times["sent"][row]) if t == t)
-                times["started"][row] = max(before, now - event.seconds)
-            self._close(rows, event, _DONE, now)
 
     def _lost(self, rows: _Rows, event: ev.SliceLost, now: float) -> None:
         if (event.index, event.worker) in self._open:
@@ -416,9 +401,10 @@ class CallRecorder:
     forgotten first when the calls kept would hold more than ``keep_records``
     slice records. ``clock`` is injectable for tests. A slice's events are
     kept as they come, with the time (~0.3 µs each), and folded into the
-    record's columns when the record is read, or every ``FOLD_EVERY`` events:
-    a loop of small calls that nobody looks at pays almost nothing for its
-    timeline (folding the ~8 events of a 2-slice call cost ~40 µs a call).
+    record's columns when the record is read, every ``FOLD_EVERY`` events,
+    and when a call with over ``KEEP_PENDING`` of them ends: a loop of small
+    calls that nobody looks at pays almost nothing for its timeline (folding
+    the ~6 events of a 2-slice call as they came cost ~40 µs a call).
     """
 
     def __init__(self, keep: int = KEEP_CALLS, clock: Callable[[], float] = time.perf_counter,
@@ -435,7 +421,7 @@ class CallRecorder:
 
     def __call__(self, event: ev.Event) -> None:
         kind = type(event)
-        if kind in _FOLDS:
+        if kind in _KEPT:
             record = self._record
             if record is not None and event.call == record.call:
                 pending = record._pending
@@ -474,10 +460,10 @@ class CallRecorder:
 
 #: Events kept by a running call's record until it is read: how each folds into its columns.
 _FOLDS: dict[type, Callable[[CallRecord, _Rows, Any, float], None]] = {
-    ev.SliceAssigned: CallRecord._assigned, ev.SliceSent: CallRecord._sent,
-    ev.SliceStarted: CallRecord._slice_started, ev.SliceDone: CallRecord._done, ev.SliceLost: CallRecord._lost,
+    ev.SliceSent: CallRecord._sent, ev.SliceStarted: CallRecord._slice_started, ev.SliceLost: CallRecord._lost,
     ev.ErrorEvent: CallRecord._error, ev.CallFinished: CallRecord._finished,
 }
+_KEPT = frozenset({ev.SliceAssigned, ev.SliceDone, *_FOLDS})  # (assigned and done are folded inline)
 #: Pending events a running record folds at once, so they stay few (~0.2 KB each), and those a
 #: finished record may keep unfolded until read.
 FOLD_EVERY = 4096
