@@ -52,10 +52,9 @@ class OrderedFold:
         self.seconds = 0.0  # spent in reduce, for the call's timeline
 
     def add(self, index: int, value: Any) -> None:
-        if index != self.next:  # waits for an earlier slice
-            self.pending[index] = value
-            return
         self.pending[index] = value
+        if index != self.next:  # waits for an earlier slice (the next one is never pending here)
+            return
         started = time.perf_counter()
         while self.next in self.pending:
             value = self.pending.pop(self.next)
