@@ -51,7 +51,7 @@ import pickle
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -148,8 +148,7 @@ def encode(
     buffers: list = []
     payload = dumps(body, protocol=5, buffer_callback=buffers.append)
     if not buffers:  # most frames: the pickle is the only part
-        return [_HEADER_ONE_PART.pack(MAGIC, PROTOCOL_VERSION, kind, call, index, 1, len(payload), len(payload)),
-                payload]
+        return [header(kind, call, index, (len(payload),)), payload]
     parts = [payload]
     for buf in buffers:
         try:
@@ -159,7 +158,7 @@ def encode(
     return [header(kind, call, index, [len(p) for p in parts]), *parts]
 
 
-def header(kind: int, call: int, index: int, lengths: list) -> bytes:
+def header(kind: int, call: int, index: int, lengths: Sequence[int]) -> bytes:
     """The fixed header plus the part-length table for these part lengths."""
     if len(lengths) == 1:  # most frames: one pack
         return _HEADER_ONE_PART.pack(MAGIC, PROTOCOL_VERSION, int(kind), call, index, 1, lengths[0], lengths[0])
