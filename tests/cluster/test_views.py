@@ -68,3 +68,15 @@ def test_events_held_reach_observers_in_order_once_released():
     bus.release()  # nothing held: nothing again
     bus.emit(ev.SliceDone(1, 0, "a", 0.1))
     assert len(seen) == 3
+
+
+def test_events_are_immutable_and_equal_only_events_of_their_own_kind():
+    import pytest
+
+    done = ev.SliceDone(1, 2, "w", 0.5)
+    assert done == ev.SliceDone(1, 2, "w", 0.5) and hash(done) == hash(ev.SliceDone(1, 2, "w", 0.5))
+    assert done != (1, 2, "w", 0.5) and ev.SliceStarted(1, 2, "w") != ev.SliceLost(1, 2, "w")
+    assert len({ev.SliceStarted(1, 2, "w"), ev.SliceLost(1, 2, "w")}) == 2
+    assert done.worker == "w" and repr(done) == "SliceDone(call=1, index=2, worker='w', seconds=0.5)"
+    with pytest.raises(AttributeError):
+        done.worker = "other"  # type: ignore[misc]
