@@ -177,6 +177,7 @@ class Worker:
         self.decoder = protocol.FrameDecoder()
         self.read_lock = threading.Lock()  # whoever holds it may read fd_in
         self.input_seen = 0.0  # perf_counter() when fd_in was last found empty
+        self.reads = 0  # reads of fd_in so far, by either thread
         self.computing = False  # the main thread is in mapfunc: the watcher reads
         self.timer = SliceTimer()
         self.timer_armed = False  # set by whoever arms it (a slice finding it idle, or the watcher)
@@ -207,6 +208,7 @@ class Worker:
                 self.decoder.eof()
                 os._exit(0)  # the master is gone: so are we
             self.decoder.buffer_updated(n)
+            self.reads += 1
             while (frame := self.decoder.next_frame()) is not None:
                 self.dispatch(frame)
             return n == len(buf)
@@ -411,11 +413,15 @@ class Worker:
             self.report(exc, call, index, where, skip_frames=1)
             return
         seconds = time.perf_counter() - start
+        reads = self.reads
         if not self.pump.drain(self.fd_in):
             self.input_seen = time.perf_counter()
         else:  # readable: one read, and a short one most likely emptied the pipe
             with self.read_lock:
-                if not self.read_once():
+                # Unless the watcher read it between the select and the lock: a read would then
+                # block, with the master waiting for this result (so look again first).
+                waiting = reads == self.reads or select.select([self.fd_in], [], [], 0)[0]
+                if not (waiting and self.read_once()):
                     self.input_seen = time.perf_counter()
         try:
             chunks = self.result_chunks(value, seconds, call, index)
