@@ -9,6 +9,7 @@ It runs in a child process because a worker takes over its process's stdout.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -66,5 +67,5 @@ SCRIPT = textwrap.dedent('''
 def test_the_end_of_a_slice_does_not_block_on_input_the_watcher_read() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    seen = eval(done.stdout)  # the child's own repr of plain data
+    seen = ast.literal_eval(done.stdout)
     assert seen == {"hung": False, "result": ("RESULT", 0), "queued": [1]}, seen
