@@ -23,7 +23,7 @@ import queue
 import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cloudpickle
@@ -261,13 +261,8 @@ class Cluster:
         return self._replays.replay(slice, call)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
-        holders: dict[str, tuple[str, ...]] = {}  # tuples, not sets: a 100,000-slice cache costs 5 MB, not 22
-        for w in alive:
-            for key in w.cache:
-                held = holders.get(key)
-                holders[key] = (w.name,) if held is None else (*held, w.name)
         keys = [k for k, _ in call.keyed] if call.data else [None] * len(alive)
-        sched = Scheduler([w.name for w in alive], keys, holders, WINDOW, pinned=call.data is None)
+        sched = Scheduler([w.name for w in alive], keys, _CacheHolders(alive), WINDOW, pinned=call.data is None)
         # The call's first events reach the observers once its first messages are out: the
         # workers start while the views catch up (~40 µs sooner for a small call).
         self.events.hold()
@@ -309,6 +304,9 @@ class Cluster:
                     self._handle(item, call, sched)
                     while not call.fold.complete and (item := inbox.get_read()) is not None:
                         self._handle(item, call, sched)
+                    if call.hungry:  # once for all the results of this read: one pass over the windows
+                        call.hungry = False
+                        self._feed(call, sched)
                     if call.cache_news:
                         self._cache_news(call)
                 finally:
@@ -462,7 +460,7 @@ class Cluster:
                     self.events.emit(ev.SliceDone(call.id, index, worker.name, seconds))
                     sched.observe(seconds)
                     call.fold.add(index, value)
-                    self._feed(call, sched)
+                    call.hungry = True
                     if self.chaos.armed:
                         self.chaos.progress(call, sched)
                 return
@@ -550,6 +548,31 @@ class _Call:
         self.guessed = False  # keyed holds guessed keys until _check_guess
         self.cache_news: dict[str, WorkerHandle] = {}  # workers sent slices since the last CacheChanged
         self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
+        self.hungry = False  # results came in since the windows were last filled
+
+
+class _CacheHolders(Mapping):
+    """Slice key -> the call's workers that cache it, looked up as the scheduler places each slice:
+    the cost follows the call's slices, not the size of every worker's cache."""
+
+    def __init__(self, workers: list[WorkerHandle]) -> None:
+        self._caches = [(w.name, w.cache) for w in workers]
+
+    def get(self, key: str, default: Any = ()) -> Any:
+        found = tuple(name for name, cache in self._caches if key in cache)
+        return found or default
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        found = self.get(key)
+        if not found:
+            raise KeyError(key)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys(key for _, cache in self._caches for key in cache))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _hint(error: dict) -> str:

@@ -14,6 +14,8 @@ class StreamEcho:
     workers' output never interleaves inside a line.
     """
 
+    kinds = frozenset({ev.StreamOutput, ev.CallFinished})
+
     def __init__(self) -> None:
         self.partial: dict[tuple[str, str], str] = {}
 

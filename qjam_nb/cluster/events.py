@@ -145,17 +145,24 @@ Observer = Callable[[Event], None]
 
 
 class EventBus:
-    """Calls every subscriber with every event; a failing subscriber is logged, not fatal."""
+    """Calls every subscriber with every event it wants; a failing subscriber is logged, not fatal.
+
+    An observer with a ``kinds`` attribute (a collection of event classes) gets
+    only those: the stream echo and the progress bar skip the two events of
+    every slice they do not use. Without one, an observer gets every event.
+    """
 
     def __init__(self) -> None:
-        # A tuple, replaced on (un)subscribe: emit (five times a slice) iterates it without copying,
-        # and an observer that unsubscribes during an emit does not disturb that emit.
+        # A tuple, replaced on (un)subscribe: emit iterates it without copying, and an
+        # observer that unsubscribes during an emit does not disturb that emit.
         self._observers: tuple[Observer, ...] = ()
+        self._routes: dict[type, tuple[Observer, ...]] = {}  # event class -> who wants it, built on first use
         self._held: list | None = None  # events kept back by hold()
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Add ``observer``; returns a function that removes it again."""
         self._observers += (observer,)
+        self._routes = {}
         return lambda: self.unsubscribe(observer)
 
     def unsubscribe(self, observer: Observer) -> None:
@@ -163,6 +170,7 @@ class EventBus:
             observers = list(self._observers)
             observers.remove(observer)
             self._observers = tuple(observers)
+            self._routes = {}
 
     def hold(self) -> None:
         """Keep the events emitted from now on, in order, until ``release()``."""
@@ -179,7 +187,12 @@ class EventBus:
         if self._held is not None:
             self._held.append(event)
             return
-        for observer in self._observers:
+        kind = type(event)
+        route = self._routes.get(kind)
+        if route is None:
+            route = self._routes[kind] = tuple(
+                o for o in self._observers if getattr(o, "kinds", None) is None or kind in o.kinds)
+        for observer in route:
             try:
                 observer(event)
             except Exception:  # a broken view must not break the computation

@@ -17,6 +17,8 @@ from . import events as ev
 class TqdmProgress:
     """Observer: one tqdm bar per call, shown only once a call has run ``delay`` seconds."""
 
+    kinds = frozenset({ev.CallStarted, ev.SliceDone, ev.CallFinished})
+
     def __init__(self, file=None, delay: float = 0.5, **tqdm_options) -> None:
         self.file = file
         self.delay = delay

@@ -416,6 +416,11 @@ class CallRecorder:
         self._kept = 0  # records of the calls kept before it
 
     @property
+    def kinds(self) -> frozenset:
+        """The events it records (the bus routes only these to it)."""
+        return _KEPT | {ev.CallStarted}
+
+    @property
     def last(self) -> CallRecord | None:
         return self.calls[-1] if self.calls else None
 

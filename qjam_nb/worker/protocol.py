@@ -239,6 +239,8 @@ class FrameDecoder:
                 pos += take
                 if self._filled == len(self._target):
                     self._advance()
+                    if self._stage == "header":  # a frame cut by the last read is whole: back to the fast path
+                        pos += self._whole_frames(view[pos:])
         except ProtocolError as exc:
             self.failed = exc
             raise

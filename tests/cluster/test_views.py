@@ -70,6 +70,28 @@ def test_events_held_reach_observers_in_order_once_released():
     assert len(seen) == 3
 
 
+def test_an_observer_with_kinds_gets_only_those_and_one_without_gets_all():
+    bus = ev.EventBus()
+    everything, calls = [], []
+
+    class CallsOnly:
+        kinds = frozenset({ev.CallStarted, ev.CallFinished})
+
+        def __call__(self, event):
+            calls.append(type(event))
+
+    bus.subscribe(everything.append)
+    stop = bus.subscribe(CallsOnly())
+    bus.emit(ev.CallStarted(1, 1, ("a",)))
+    bus.emit(ev.SliceDone(1, 0, "a", 0.1))
+    bus.emit(ev.CallFinished(1, 0.2, 0, 0, 0, True))
+    assert calls == [ev.CallStarted, ev.CallFinished]
+    assert len(everything) == 3
+    stop()
+    bus.emit(ev.CallStarted(2, 1, ("a",)))
+    assert len(calls) == 2 and len(everything) == 4  # unsubscribed: routes made again without it
+
+
 def test_events_are_immutable_and_equal_only_events_of_their_own_kind():
     import pytest
 
