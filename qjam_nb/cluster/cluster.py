@@ -370,6 +370,9 @@ class Cluster:
             ) from None
 
     def _feed(self, call: _Call, sched: Scheduler) -> None:
+        """Hand out what the windows allow. A worker's cached slices of one pass go as one TASKS
+        frame (one pickle and one frame to read for many tasks), in the order they were handed out."""
+        batches: dict[str, list] = {}  # worker -> (slice, key) of the cached tasks not sent yet
         for name, index in sched.assign():
             worker = call.workers[name]
             key, size = call.keyed[index] if call.data else (None, 0)
@@ -378,9 +381,24 @@ class Cluster:
             if cached:
                 if key is not None:
                     call.slice_bytes_cached += size
-                self._task(worker, call, index, key)
+                batch = batches.get(name)
+                if batch is None:
+                    batches[name] = [(index, key)]
+                else:
+                    batch.append((index, key))
             else:
+                if name in batches:  # the worker runs its tasks in the order they come
+                    self._tasks(worker, call, batches.pop(name))
                 self._ship_and_task(worker, call, index)
+        for name, batch in batches.items():
+            self._tasks(call.workers[name], call, batch)
+
+    def _tasks(self, worker: WorkerHandle, call: _Call, batch: list[tuple[int, str | None]]) -> None:
+        if len(batch) == 1 or self.chaos.delays or worker.retire_arena:  # (a body of its own per task)
+            for index, key in batch:
+                self._task(worker, call, index, key)
+        else:
+            call.bytes_sent += worker.link.send(Kind.TASKS, batch, call.id, batch[0][0], dumps=pickle.dumps)
 
     def _check_guess(self, call: _Call, sched: Scheduler) -> None:
         """Hash the slices (the workers compute meanwhile) and redo those whose guessed key was wrong.
@@ -559,7 +577,10 @@ class _CacheHolders(Mapping):
         self._caches = [(w.name, w.cache) for w in workers]
 
     def get(self, key: str, default: Any = ()) -> Any:
-        found = tuple(name for name, cache in self._caches if key in cache)
+        found = ()
+        for name, cache in self._caches:  # (a loop, not a generator: this runs once a slice)
+            if key in cache:
+                found += (name,)
         return found or default
 
     def __getitem__(self, key: str) -> tuple[str, ...]:

@@ -311,6 +311,10 @@ class Worker:
             self.start_call(frame)
         elif frame.kind is Kind.TASK:
             self.run_task(frame)
+        elif frame.kind is Kind.TASKS:  # several TASKs in one frame: (slice, key) each, run in order
+            call = frame.call
+            for index, key in frame.body():
+                self.run_task(protocol.Frame(Kind.TASK, call, index, []), {"key": key})
         elif frame.kind is Kind.DROP:
             for key in frame.body()["keys"]:
                 self.cache.pop(key, None)

@@ -90,6 +90,7 @@ class Kind(enum.IntEnum):
     CANCEL = 10
     DROP = 11
     BYE = 12
+    TASKS = 13
 
 
 _KINDS: dict[int, Kind] = dict(Kind._value2member_map_)  # type: ignore[arg-type]  # faster than Kind(n)
@@ -263,7 +264,7 @@ class FrameDecoder:
             if nparts == 1:
                 if first != size:
                     raise ProtocolError(f"malformed frame: part lengths add up to {first}, header says {size}")
-                parts = [memoryview(view[start : start + size].tobytes())]
+                parts = [view[start : start + size].tobytes()]  # (bytes: loads takes them as they are)
                 start += size
             else:
                 lengths = struct.unpack_from(f">{nparts}Q", view, pos + HEADER.size)

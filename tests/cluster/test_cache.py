@@ -143,6 +143,20 @@ def test_lists_are_cached_too(cluster2, events):
     assert events.of(CallFinished)[-1].slice_bytes_cached > 0
 
 
+def test_the_tasks_of_a_cached_call_travel_many_to_a_frame(cluster2, events):
+    from qjam_nb.worker import protocol
+
+    data = list(range(400))
+    assert cluster2.map(lambda p, xs: xs[0], None, data, slice_size=1) == sum(data)
+    events.clear()
+    assert cluster2.map(lambda p, xs: 2 * xs[0], None, data, slice_size=1) == 2 * sum(data)
+    assert events.of(SliceSent) == [] and len(events.of(SliceAssigned)) == 400
+    key = events.of(SliceAssigned)[0].key
+    one_task = protocol.frame_size(protocol.encode(protocol.Kind.TASK, {"key": key}, call=2, index=399))
+    # A frame each would take 400 of these (besides the CALL); the tasks went many to a TASKS frame.
+    assert events.of(CallFinished)[-1].bytes_sent < 400 * one_task * 0.75
+
+
 def test_cache_info_and_events_report_slice_counts_and_bytes(make_cluster, record):
     cluster = make_cluster(["local:3"])
     log = record(cluster)

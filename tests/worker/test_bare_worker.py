@@ -253,6 +253,17 @@ def test_task_for_an_uncached_slice_gets_need(worker):
     assert result.index == 5 and result.body()["value"] == 4
 
 
+def test_tasks_in_one_frame_run_in_order_each_answering_for_its_slice(worker):
+    worker.call(1, FUNCS["total"], {"scale": 1})
+    worker.send(Kind.DATA, {"key": "a", "data": [1]}, call=1, index=0)
+    worker.send(Kind.DATA, {"key": "b", "data": [2]}, call=1, index=1)
+    worker.send(Kind.TASKS, [(7, "b"), (3, "missing"), (5, "a")], call=1, index=7)
+    answers = [worker.next() for _ in range(3)]
+    assert [(f.kind, f.call, f.index) for f in answers] == [(Kind.RESULT, 1, 7), (Kind.NEED, 1, 3), (Kind.RESULT, 1, 5)]
+    assert answers[0].body()["value"] == 2 and answers[1].body() == {"key": "missing"}
+    assert answers[2].body()["value"] == 1
+
+
 def test_drop_forgets_a_cached_slice(worker):
     worker.call(1, FUNCS["total"], {"scale": 1})
     worker.send(Kind.DATA, {"key": "a", "data": [1]}, call=1, index=0)
