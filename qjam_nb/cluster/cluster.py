@@ -218,8 +218,8 @@ class Cluster:
         data = _as_dataset(dataset, slice_size)
         func_blob = dumps_function(mapfunc)
         params_part = dumps_params(params)
-        guessed = data.guessed_keys() if data else None  # a big writable array: checked while workers compute
-        keyed = guessed if guessed is not None else (data.keys_and_sizes() if data else [])
+        guessed = data.guessed_keys() if data is not None else None  # a big writable array: checked later
+        keyed = guessed if guessed is not None else (data.keys_and_sizes() if data is not None else [])
         for index, (_, size) in enumerate(keyed):
             if size > protocol.MAX_FRAME:
                 raise DataSetError(
@@ -261,13 +261,13 @@ class Cluster:
         return self._replays.replay(slice, call)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
-        keys = [k for k, _ in call.keyed] if call.data else [None] * len(alive)
+        keys = [k for k, _ in call.keyed] if call.data is not None else [None] * len(alive)
         sched = Scheduler([w.name for w in alive], keys, _CacheHolders(alive), WINDOW, pinned=call.data is None)
         # The call's first events reach the observers once its first messages are out: the
         # workers start while the views catch up (~40 µs sooner for a small call).
         self.events.hold()
         try:
-            self.events.emit(ev.CallStarted(call.id, len(keys), tuple(w.name for w in alive),
+            self.events.emit(ev.CallStarted(call.id, len(keys), tuple(call.workers),
                                             params_hash(params_part)))
             calls = self._call_frames(call, alive, func_blob, params_part)
             for w in alive:
@@ -375,7 +375,7 @@ class Cluster:
         batches: dict[str, list] = {}  # worker -> (slice, key) of the cached tasks not sent yet
         for name, index in sched.assign():
             worker = call.workers[name]
-            key, size = call.keyed[index] if call.data else (None, 0)
+            key, size = call.keyed[index] if call.data is not None else (None, 0)
             cached = key is None or key in worker.cache
             self.events.emit(ev.SliceAssigned(call.id, index, name, cached and key is not None, key, size))
             if cached:
@@ -484,7 +484,7 @@ class Cluster:
                 return
             if kind is Kind.ERROR:
                 body = self._pool.body(worker, msg, "an error report")
-                err = RemoteError(worker.name, index if call.data else -1, body["type"],
+                err = RemoteError(worker.name, index if call.data is not None else -1, body["type"],
                                   body["message"] + _hint(body), restore(body["traceback"], code_spans(call.mapfunc)),
                                   body["where"])
                 self.events.emit(ev.ErrorEvent(worker.name, call.id, err.index, str(err.args[0])))
@@ -552,7 +552,7 @@ class _Call:
         self.data = data
         self.keyed = keyed
         self.workers = {w.name: w for w in alive}  # the call's workers, by name
-        self.fold = OrderedFold(len(keyed) if data else len(alive), reduce)
+        self.fold = OrderedFold(len(keyed) if data is not None else len(alive), reduce)
         self.started = time.perf_counter()
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout

@@ -187,13 +187,16 @@ class EventBus:
         if self._held is not None:
             self._held.append(event)
             return
-        kind = type(event)
-        route = self._routes.get(kind)
+        route = self._routes.get(type(event))
         if route is None:
-            route = self._routes[kind] = tuple(
-                o for o in self._observers if getattr(o, "kinds", None) is None or kind in o.kinds)
+            route = self._route(type(event))
         for observer in route:
             try:
                 observer(event)
             except Exception:  # a broken view must not break the computation
                 log.exception("qjam_nb event observer %r failed on %r", observer, event)
+
+    def _route(self, kind: type) -> tuple[Observer, ...]:
+        route = self._routes[kind] = tuple(
+            o for o in self._observers if getattr(o, "kinds", None) is None or kind in o.kinds)
+        return route

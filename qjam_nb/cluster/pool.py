@@ -337,7 +337,9 @@ class WorkerPool:
         old = worker.state
         if old == new:
             return
-        worker.state = states.transition(old, new)
+        if new not in states.TRANSITIONS[old]:  # (states.transition, without a call: four a map)
+            states.transition(old, new)  # raises, saying which
+        worker.state = new
         worker.reason = reason
         self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
 

@@ -71,7 +71,7 @@ class ReplayLog:
             kept, digest = [v.tobytes() for v in views], None
         else:
             kept, digest = list(buffers), _digest(views)
-        keys = b"".join(bytes.fromhex(key) for key, _ in keyed)
+        keys = bytes.fromhex("".join([key for key, _ in keyed]))
         self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, keys,
                                          n_slices, mapfunc))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import pickle
 import sys
 import types
@@ -37,7 +38,7 @@ def check_signature(func: Any, role: str = "mapfunc") -> None:
     """Refuse a function that cannot be called with two arguments: ``mapfunc(params, slice)``, ``reduce(a, b)``."""
     # Checked once per code and defaults: iterative loops call map often. (Not for wrappers:
     # their signature is their __wrapped__'s.)
-    cacheable = inspect.isfunction(func) and not hasattr(func, "__wrapped__")
+    cacheable = isinstance(func, types.FunctionType) and not hasattr(func, "__wrapped__")
     if cacheable:
         token = (func.__code__, role, len(func.__defaults__ or ()), tuple(func.__kwdefaults__ or ()))
         if token in _GOOD_SIGNATURES:
@@ -89,7 +90,7 @@ _ATOMS = (*PLAIN_TYPES, type(Ellipsis), types.BuiltinFunctionType)
 
 def _fingerprint(func: Any) -> list | None:
     """Every object ``func``'s pickle is made of, if none can change in place; else None."""
-    if not inspect.isfunction(func) or cloudpickle.list_registry_pickle_by_value():
+    if not isinstance(func, types.FunctionType) or cloudpickle.list_registry_pickle_by_value():
         return None
     out: list = []
     return out if _reach(func, out, set(), 0) else None
@@ -103,7 +104,7 @@ def _reach(value: Any, out: list, seen: set, depth: int) -> bool:
         return depth < 8 and all(_reach(v, out, seen, depth + 1) for v in value)
     if isinstance(value, types.ModuleType):
         return value.__name__ != "__main__"  # by reference: "import it there"
-    if not inspect.isfunction(value) or depth > 8:
+    if not isinstance(value, types.FunctionType) or depth > 8:
         return False
     if id(value) in seen:
         return True
@@ -121,7 +122,7 @@ def _reach(value: Any, out: list, seen: set, depth: int) -> bool:
 
 
 def _same(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 def _dumps_function(func: Callable, role: str, by_value: tuple) -> bytes:

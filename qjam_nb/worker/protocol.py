@@ -166,7 +166,7 @@ def header(kind: int, call: int, index: int, lengths: Sequence[int]) -> bytes:
     if len(lengths) > MAX_PARTS:
         raise ProtocolError(f"a frame may have at most {MAX_PARTS} parts, not {len(lengths)}")
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), call, index, len(lengths), sum(lengths))
-    return head + b"".join(LENGTH.pack(n) for n in lengths)
+    return head + struct.pack(f">{len(lengths)}Q", *lengths)
 
 
 def frame_size(chunks: list) -> int:
@@ -194,6 +194,7 @@ class FrameDecoder:
         self.max_parts = max_parts
         self._frames: deque = deque()
         self._scratch = bytearray(SCRATCH)
+        self._scratch_view = memoryview(self._scratch)
         self._target = memoryview(bytearray(HEADER.size))  # what we are filling
         self._filled = 0
         self._stage = "header"
@@ -207,13 +208,14 @@ class FrameDecoder:
     # -- input ---------------------------------------------------------
     def get_buffer(self) -> memoryview:
         """Where the next bytes should be read into."""
-        self._check_usable()
+        if self.failed is not None:
+            self._check_usable()
         remaining = len(self._target) - self._filled
         if self._stage == "parts" and remaining >= DIRECT_READ:
             self._direct = True
             return self._target[self._filled :]
         self._direct = False
-        return memoryview(self._scratch)
+        return self._scratch_view
 
     def buffer_updated(self, n: int) -> None:
         """``n`` bytes were written into the last ``get_buffer()``."""
@@ -223,11 +225,12 @@ class FrameDecoder:
             if self._filled == len(self._target):
                 self._advance()
         else:
-            self.feed(memoryview(self._scratch)[:n])
+            self.feed(self._scratch_view[:n])
 
     def feed(self, data) -> None:
         """Copy ``data`` into the frame being assembled."""
-        self._check_usable()
+        if self.failed is not None:
+            self._check_usable()
         view = memoryview(data).cast("B")
         pos = 0
         try:
