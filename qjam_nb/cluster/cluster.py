@@ -71,6 +71,10 @@ MAX_SLICE_DEATHS = 2
 _live_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
+#: A slice of plain items up to this size (pickled) may travel in a TASKS frame, with its task.
+BATCH_SLICE_BYTES = 64 << 10
+
+
 class Cluster:
     """Workers on one or more hosts, and ``map`` over them.
 
@@ -370,33 +374,51 @@ class Cluster:
             ) from None
 
     def _feed(self, call: _Call, sched: Scheduler) -> None:
-        """Hand out what the windows allow. A worker's cached slices of one pass go as one TASKS
-        frame (one pickle and one frame to read for many tasks), in the order they were handed out."""
-        batches: dict[str, list] = {}  # worker -> (slice, key) of the cached tasks not sent yet
+        """Hand out what the windows allow.
+
+        A worker's tasks of one pass go as one TASKS frame (one pickle, and one
+        frame to read, for many tasks), in the order they were handed out: its
+        cached slices, and small slices of plain items it lacks, which travel in
+        the frame with their task. Other slices go singly, in their DATA frame.
+        """
+        batches: dict[str, list] = {}  # worker -> the entries of its TASKS frame to come
+        plain = call.data is None or call.data.kind in ("list", "tuple")
         for name, index in sched.assign():
             worker = call.workers[name]
             key, size = call.keyed[index] if call.data is not None else (None, 0)
             cached = key is None or key in worker.cache
             self.events.emit(ev.SliceAssigned(call.id, index, name, cached and key is not None, key, size))
-            if cached:
-                if key is not None:
+            if self.chaos.delays or worker.retire_arena:  # a task body of its own
+                if name in batches:
+                    self._send_tasks(worker, call, batches.pop(name))
+                if cached:
                     call.slice_bytes_cached += size
-                batch = batches.get(name)
-                if batch is None:
-                    batches[name] = [(index, key)]
+                    self._task(worker, call, index, key)
                 else:
-                    batch.append((index, key))
+                    self._ship_and_task(worker, call, index)
+                continue
+            if cached:
+                call.slice_bytes_cached += size
+                entry: tuple = (index, key)
+            elif plain and size <= BATCH_SLICE_BYTES and pickles_plainly(data := call.data.slice(index)):
+                entry = (index, key, data)
+                self._shipped(worker, call, index, key, size)
             else:
                 if name in batches:  # the worker runs its tasks in the order they come
-                    self._tasks(worker, call, batches.pop(name))
+                    self._send_tasks(worker, call, batches.pop(name))
                 self._ship_and_task(worker, call, index)
+                continue
+            batch = batches.get(name)
+            if batch is None:
+                batches[name] = [entry]
+            else:
+                batch.append(entry)
         for name, batch in batches.items():
-            self._tasks(call.workers[name], call, batch)
+            self._send_tasks(call.workers[name], call, batch)
 
-    def _tasks(self, worker: WorkerHandle, call: _Call, batch: list[tuple[int, str | None]]) -> None:
-        if len(batch) == 1 or self.chaos.delays or worker.retire_arena:  # (a body of its own per task)
-            for index, key in batch:
-                self._task(worker, call, index, key)
+    def _send_tasks(self, worker: WorkerHandle, call: _Call, batch: list[tuple]) -> None:
+        if len(batch) == 1 and len(batch[0]) == 2:  # one cached slice: a TASK
+            self._task(worker, call, *batch[0])
         else:
             call.bytes_sent += worker.link.send(Kind.TASKS, batch, call.id, batch[0][0], dumps=pickle.dumps)
 
@@ -452,8 +474,12 @@ class Cluster:
         if "shared" in body:
             nbytes += body["shared"]["nbytes"]  # shipped all the same, only faster
         call.bytes_sent += nbytes
+        self._shipped(worker, call, index, key, nbytes)
+
+    def _shipped(self, worker: WorkerHandle, call: _Call, index: int, key: str, nbytes: int) -> None:
+        """Slice ``index`` is on its way to ``worker`` (``nbytes`` of it; in a TASKS frame, its pickle)."""
         call.slice_bytes_sent += nbytes
-        worker.remember(key, size)
+        worker.remember(key, call.keyed[index][1])
         self.events.emit(ev.SliceSent(call.id, index, worker.name, key, nbytes))
         call.cache_news[worker.name] = worker
 

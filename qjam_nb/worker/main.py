@@ -311,10 +311,12 @@ class Worker:
             self.start_call(frame)
         elif frame.kind is Kind.TASK:
             self.run_task(frame)
-        elif frame.kind is Kind.TASKS:  # several TASKs in one frame: (slice, key) each, run in order
-            call = frame.call
-            for index, key in frame.body():
-                self.run_task(protocol.Frame(Kind.TASK, call, index, []), {"key": key})
+        elif frame.kind is Kind.TASKS:  # several TASKs in one frame, run in order: (slice, key) each,
+            call, cache = frame.call, self.cache  # or (slice, key, data) for a slice to cache first
+            for entry in frame.body():
+                if len(entry) == 3:
+                    cache[entry[1]] = entry[2]
+                self.run_task(protocol.Frame(Kind.TASK, call, entry[0], []), {"key": entry[1]})
         elif frame.kind is Kind.DROP:
             for key in frame.body()["keys"]:
                 self.cache.pop(key, None)

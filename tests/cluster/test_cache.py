@@ -143,11 +143,18 @@ def test_lists_are_cached_too(cluster2, events):
     assert events.of(CallFinished)[-1].slice_bytes_cached > 0
 
 
-def test_the_tasks_of_a_cached_call_travel_many_to_a_frame(cluster2, events):
+def test_tasks_and_small_plain_slices_travel_many_to_a_frame(cluster2, events):
     from qjam_nb.worker import protocol
 
     data = list(range(400))
     assert cluster2.map(lambda p, xs: xs[0], None, data, slice_size=1) == sum(data)
+    sent = events.of(SliceSent)
+    assert sorted(e.index for e in sent) == list(range(400))
+    first = events.of(CallFinished)[-1]
+    assert first.slice_bytes_sent == sum(e.nbytes for e in sent)
+    one_data = protocol.frame_size(protocol.encode(
+        protocol.Kind.DATA, {"key": sent[-1].key, "data": [399], "task": {"key": sent[-1].key}}, call=1, index=399))
+    assert first.bytes_sent < 400 * one_data * 0.75  # small plain slices travel in TASKS frames with their tasks
     events.clear()
     assert cluster2.map(lambda p, xs: 2 * xs[0], None, data, slice_size=1) == 2 * sum(data)
     assert events.of(SliceSent) == [] and len(events.of(SliceAssigned)) == 400

@@ -262,6 +262,12 @@ def test_tasks_in_one_frame_run_in_order_each_answering_for_its_slice(worker):
     assert [(f.kind, f.call, f.index) for f in answers] == [(Kind.RESULT, 1, 7), (Kind.NEED, 1, 3), (Kind.RESULT, 1, 5)]
     assert answers[0].body()["value"] == 2 and answers[1].body() == {"key": "missing"}
     assert answers[2].body()["value"] == 1
+    # an entry may bring its slice: cached first, then run, and still cached for the next task
+    worker.send(Kind.TASKS, [(8, "c", [5, 6]), (9, "a")], call=1, index=8)
+    answers = [worker.next() for _ in range(2)]
+    assert [(f.kind, f.index, f.body()["value"]) for f in answers] == [(Kind.RESULT, 8, 11), (Kind.RESULT, 9, 1)]
+    worker.send(Kind.TASK, {"key": "c"}, call=1, index=10)
+    assert worker.until(Kind.RESULT)[0].body()["value"] == 11
 
 
 def test_drop_forgets_a_cached_slice(worker):
