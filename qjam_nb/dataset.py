@@ -59,6 +59,7 @@ class DataSet:
             data = data.source
         self.source = data
         self.kind, self.data = _wrap(data)
+        self._plain: bool | None = None  # plain_items(), once known
         n = len(self.data)
         if n == 0:
             if self.kind == "npy":
@@ -118,7 +119,7 @@ class DataSet:
         token = self._frozen_token()
         if token is None:
             if not self._guessable():
-                if type(self.data) is list and PLAIN_TYPES.issuperset(map(type, self.data)):
+                if self.plain_items():
                     return self._plain_list_keys()
                 return [self.key_and_size(i) for i in range(len(self))]
             token = _ArrayToken(self.data, self.slice_size, _GUESSED_KEYS)
@@ -131,6 +132,13 @@ class DataSet:
         if known is None:
             known = _FROZEN_KEYS[token] = [self.key_and_size(i) for i in range(len(self))]
         return known
+
+    def plain_items(self) -> bool:
+        """A list of numbers, strings and None (looked at once per DataSet): its slices pickle
+        with ``pickle`` as with cloudpickle, and may travel many to a frame."""
+        if self._plain is None:
+            self._plain = type(self.data) is list and PLAIN_TYPES.issuperset(map(type, self.data))
+        return self._plain
 
     def _plain_list_keys(self) -> list[tuple[str, int]]:
         """``key_and_size`` of every slice of a list of numbers, strings and None, in one loop

@@ -382,7 +382,8 @@ class Cluster:
         the frame with their task. Other slices go singly, in their DATA frame.
         """
         batches: dict[str, list] = {}  # worker -> the entries of its TASKS frame to come
-        plain = call.data is None or call.data.kind in ("list", "tuple")
+        plain = call.data is not None and call.data.plain_items()
+        items, step = (call.data.data, call.data.slice_size) if plain else (None, 0)
         for name, index in sched.assign():
             worker = call.workers[name]
             key, size = call.keyed[index] if call.data is not None else (None, 0)
@@ -400,8 +401,8 @@ class Cluster:
             if cached:
                 call.slice_bytes_cached += size
                 entry: tuple = (index, key)
-            elif plain and size <= BATCH_SLICE_BYTES and pickles_plainly(data := call.data.slice(index)):
-                entry = (index, key, data)
+            elif plain and size <= BATCH_SLICE_BYTES:
+                entry = (index, key, items[index * step:(index + 1) * step])
                 self._shipped(worker, call, index, key, size)
             else:
                 if name in batches:  # the worker runs its tasks in the order they come
