@@ -50,6 +50,7 @@ class OrderedFold:
         self.first_index = -1
         self.last_index = -1
         self.seconds = 0.0  # spent in reduce, for the call's timeline
+        self.complete = n == 0  # every slice folded (an attribute: asked twice a result)
 
     def add(self, index: int, value: Any) -> None:
         self.pending[index] = value
@@ -65,11 +66,8 @@ class OrderedFold:
                 self.value = self._combine(self.value, value, self.next)
             self.last_index = self.next
             self.next += 1
+        self.complete = self.next == self.n
         self.seconds += time.perf_counter() - started
-
-    @property
-    def complete(self) -> bool:
-        return self.next == self.n
 
     def _combine(self, acc: Any, value: Any, index: int) -> Any:
         try:

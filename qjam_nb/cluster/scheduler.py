@@ -59,9 +59,13 @@ class Scheduler:
 
     def _place(self, index: int) -> None:
         key = self.keys[index]
-        live = [w for w in self.holders.get(key, ()) if w in self.alive] if key is not None else []
-        if live:
-            self.own[min(live, key=self.order.__getitem__)].append(index)
+        best = None
+        if key is not None:
+            for w in self.holders.get(key, ()):  # (a loop, not a list and min(): once a slice)
+                if w in self.alive and (best is None or self.order[w] < self.order[best]):
+                    best = w
+        if best is not None:
+            self.own[best].append(index)
         else:
             heapq.heappush(self.pool, index)
 

@@ -114,6 +114,9 @@ class StatusModel:
         ev.CallFinished: _call_finished,
     }
 
+    #: The events that change the model: the bus routes only these here (not SliceSent, StreamOutput...).
+    kinds = frozenset(_folds)
+
     def text(self) -> str:
         """A plain table, for terminals and logs."""
         lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'MiB':>9}"]
