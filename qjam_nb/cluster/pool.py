@@ -337,9 +337,7 @@ class WorkerPool:
         old = worker.state
         if old == new:
             return
-        if new not in states.TRANSITIONS[old]:  # (states.transition, without a call: four a map)
-            states.transition(old, new)  # raises, saying which
-        worker.state = new
+        worker.state = states.transition(old, new)
         worker.reason = reason
         self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
 

@@ -62,9 +62,6 @@ class StatusModel:
             row = self.rows.get(event.worker) or self.row(event.worker)
             row.done += 1
             self.call.done += 1
-        elif kind is ev.WorkerStateChanged:  # four a call: busy and idle again
-            row = self.rows.get(event.worker) or self.row(event.worker)
-            row.state, row.reason = event.state, event.reason
         else:
             fold = self._folds.get(kind)
             if fold is not None:

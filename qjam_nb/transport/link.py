@@ -38,7 +38,8 @@ READS_PER_PUMP = 64
 #: Seconds to wait for a worker's last stderr lines once its stream ended.
 LAST_WORDS = 2.0
 #: Messages up to this size may be written by the caller itself, as far as the process takes them
-#: without blocking (``Link._deliver``); an ssh channel those its open window takes whole (``SshProcess.write_ready``).
+#: without blocking (``Link._deliver``); over ssh, only what the channel's open window takes whole
+#: (``SshProcess.write_ready``).
 DIRECT_WRITE = 16 << 20
 
 
