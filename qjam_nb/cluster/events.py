@@ -150,6 +150,12 @@ class EventBus:
     An observer with a ``kinds`` attribute (a collection of event classes) gets
     only those: the stream echo and the progress bar skip the two events of
     every slice they do not use. Without one, an observer gets every event.
+
+    An observer with ``live = True`` gets its events as they are emitted even while the
+    bus holds the rest back (``hold()``): the timeline recorder, which stamps each event
+    with the time it comes. Delivered at ``release()``, a call's first events were stamped
+    up to a slice's run time late (the master's core taken by the workers it had just woken)
+    and slices showed as done before they had computed. A live observer must be cheap.
     """
 
     def __init__(self) -> None:
@@ -158,11 +164,12 @@ class EventBus:
         self._observers: tuple[Observer, ...] = ()
         self._routes: dict[type, tuple[Observer, ...]] = {}  # event class -> who wants it, built on first use
         self._held: list | None = None  # events kept back by hold()
+        self._split: dict[type, tuple[tuple[Observer, ...], tuple[Observer, ...]]] = {}  # kind -> (live, held)
 
     def subscribe(self, observer: Observer) -> Callable[[], None]:
         """Add ``observer``; returns a function that removes it again."""
         self._observers += (observer,)
-        self._routes = {}
+        self._routes, self._split = {}, {}
         return lambda: self.unsubscribe(observer)
 
     def unsubscribe(self, observer: Observer) -> None:
@@ -170,7 +177,7 @@ class EventBus:
             observers = list(self._observers)
             observers.remove(observer)
             self._observers = tuple(observers)
-            self._routes = {}
+            self._routes, self._split = {}, {}
 
     def hold(self) -> None:
         """Keep the events emitted from now on, in order, until ``release()``."""
@@ -181,15 +188,23 @@ class EventBus:
         """Deliver what ``hold()`` kept (nothing if not holding)."""
         held, self._held = self._held, None
         for event in held or ():
-            self.emit(event)
+            split = self._split.get(type(event)) or self._split_route(type(event))
+            self._deliver(split[1], event)
 
     def emit(self, event: Event) -> None:
         if self._held is not None:
-            self._held.append(event)
+            split = self._split.get(type(event)) or self._split_route(type(event))
+            self._deliver(split[0], event)
+            if split[1]:
+                self._held.append(event)
             return
         route = self._routes.get(type(event))
         if route is None:
             route = self._route(type(event))
+        self._deliver(route, event)
+
+    @staticmethod
+    def _deliver(route: tuple[Observer, ...], event: Event) -> None:
         for observer in route:
             try:
                 observer(event)
@@ -200,3 +215,9 @@ class EventBus:
         route = self._routes[kind] = tuple(
             o for o in self._observers if getattr(o, "kinds", None) is None or kind in o.kinds)
         return route
+
+    def _split_route(self, kind: type) -> tuple[tuple[Observer, ...], tuple[Observer, ...]]:
+        route = self._routes.get(kind) or self._route(kind)
+        split = self._split[kind] = (tuple(o for o in route if getattr(o, "live", False)),
+                                     tuple(o for o in route if not getattr(o, "live", False)))
+        return split

@@ -420,6 +420,9 @@ class CallRecorder:
         """The events it records (the bus routes only these to it)."""
         return _KEPT | {ev.CallStarted}
 
+    #: Stamped as they are emitted, not when a held batch is let go (see ``EventBus``).
+    live = True
+
     @property
     def last(self) -> CallRecord | None:
         return self.calls[-1] if self.calls else None

@@ -19,6 +19,7 @@ from qjam_nb import (
     SliceSent,
     SliceStarted,
 )
+from qjam_nb.cluster.events import EventBus
 from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
 
 DATA = list(range(120))
@@ -44,6 +45,7 @@ def check_against_events(record, log) -> None:
         assert r.worker == done_events[r.index].worker
         assert r.compute == done_events[r.index].seconds
         assert r.assigned <= r.started <= r.done <= record.seconds
+        assert r.compute <= r.done  # it ran after the call began, and its result came after it ran
         assert r.sent is None or r.assigned <= r.sent <= r.started
     assert (record.bytes_sent, record.slice_bytes_sent, record.slice_bytes_cached, record.ok) == (
         finished.bytes_sent, finished.slice_bytes_sent, finished.slice_bytes_cached, finished.ok)
@@ -200,6 +202,28 @@ def test_recorder_follows_a_slice_that_was_cached_then_needed_then_lost_then_don
     assert [c.call for c in rec.calls] == [8, 9]  # keeps the last two
     rec(SliceAssigned(7, 0, "a", False))  # an old call's event: ignored
     assert rec.last.slices == []
+
+
+def test_events_the_bus_holds_are_stamped_when_emitted_not_when_let_go():
+    """The cluster holds a call's first events until its first messages are out. If the master
+    then waits for a core (the workers it woke took both), the hold lasted a slice's run time;
+    stamped at release, that slice showed as done 0.5 ms after the call began, for 5 ms of compute."""
+    clock, bus, seen = FakeClock(), EventBus(), []
+    rec = CallRecorder(clock=clock)
+    bus.subscribe(rec)
+    bus.subscribe(seen.append)  # an ordinary view: still gets them at release, in order
+    bus.hold()
+    bus.emit(CallStarted(1, 1, ("a",)))
+    bus.emit(SliceAssigned(1, 0, "a", True))
+    clock.now += 0.005  # the worker computes meanwhile; the master is off its core
+    bus.release()
+    assert [type(e) for e in seen] == [CallStarted, SliceAssigned]
+    clock.now += 0.0005
+    bus.emit(SliceDone(1, 0, "a", 0.005))
+    bus.emit(CallFinished(1, 0.0055, 0, 0, 0, True))
+    (r,) = rec.last.slices
+    assert (r.assigned, r.done, r.compute) == (0.0, pytest.approx(0.0055), 0.005)
+    assert len(seen) == 4
 
 
 def test_the_recorder_forgets_old_calls_to_keep_its_records_bounded():

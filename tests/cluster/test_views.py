@@ -70,6 +70,29 @@ def test_events_held_reach_observers_in_order_once_released():
     assert len(seen) == 3
 
 
+def test_a_live_observer_gets_held_events_at_once_and_only_once():
+    bus = ev.EventBus()
+    order = []
+
+    class Live:
+        live = True
+        kinds = frozenset({ev.CallStarted, ev.SliceDone})
+
+        def __call__(self, event):
+            order.append(("live", type(event)))
+
+    bus.subscribe(Live())
+    bus.subscribe(lambda e: order.append(("view", type(e))))
+    bus.hold()
+    bus.emit(ev.CallStarted(1, 2, ("a",)))
+    bus.emit(ev.SliceAssigned(1, 0, "a", True))
+    assert order == [("live", ev.CallStarted)]
+    bus.release()
+    bus.emit(ev.SliceDone(1, 0, "a", 0.1))
+    assert order == [("live", ev.CallStarted), ("view", ev.CallStarted), ("view", ev.SliceAssigned),
+                     ("live", ev.SliceDone), ("view", ev.SliceDone)]
+
+
 def test_an_observer_with_kinds_gets_only_those_and_one_without_gets_all():
     bus = ev.EventBus()
     everything, calls = [], []
