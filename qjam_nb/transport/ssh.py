@@ -24,9 +24,6 @@ from .base import bootstrap_code
 from .payload import PROBE, UNPACK, payload
 from .sshconnect import PACKET_SIZE, PREFERRED_CIPHERS, WINDOW_SIZE, SshOptions, connect, resolve
 
-#: Messages up to this size are joined into one buffer before sending: one ssh packet, one wake-up.
-JOIN_BELOW = 64 << 10
-
 __all__ = ["PACKET_SIZE", "PREFERRED_CIPHERS", "WINDOW_SIZE", "SshOptions", "SshProcess", "SshTransport", "run"]
 
 
@@ -96,11 +93,33 @@ class SshProcess:
         return b"" if ended else None
 
     def write(self, chunks: list) -> None:
-        views = [memoryview(c).cast("B") for c in chunks]
-        if sum(v.nbytes for v in views) <= JOIN_BELOW:  # one ssh packet, not one per chunk
-            views = [b"".join(views)]
-        for view in views:
-            self.channel.sendall(view)
+        """Send the chunks in as few ssh packets as they fill (each costs paramiko ~30 µs of Python).
+
+        Small chunks (a frame's header, its pickle, a TASK after a CALL) share a packet
+        with their neighbours, and a big buffer tops that packet up before going out
+        whole: a round trip of 1 MiB params to two workers then sends 70 packets, not 78.
+        """
+        send, packet = self.channel.sendall, self.channel.out_max_packet_size
+        pending: list = []  # pieces of the next packet
+        filled = 0
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            if filled + view.nbytes < packet:
+                pending.append(view)
+                filled += view.nbytes
+                continue
+            if pending:  # top the packet up with this chunk's head
+                head = packet - filled
+                pending.append(view[:head])
+                send(b"".join(pending))
+                view, pending, filled = view[head:], [], 0
+            whole = view.nbytes - view.nbytes % packet
+            if whole:
+                send(view[:whole])
+            if whole < view.nbytes:
+                pending, filled = [view[whole:]], view.nbytes - whole
+        if pending:
+            send(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def write_ready(self, chunks: list, size: int) -> int:
         """A message that the channel's open window takes whole: written now, since sending it cannot
