@@ -106,6 +106,9 @@ def _reach(value: Any, out: list, seen: set, depth: int) -> bool:
         return value.__name__ != "__main__"  # by reference: "import it there"
     if not isinstance(value, types.FunctionType) or depth > 8:
         return False
+    if _by_reference(value):  # pickled as its module and name: what it reaches does not matter
+        out += (value.__module__, value.__qualname__)
+        return True
     if id(value) in seen:
         return True
     seen.add(id(value))
@@ -119,6 +122,21 @@ def _reach(value: Any, out: list, seen: set, depth: int) -> bool:
     names = value.__globals__
     parts += [names[name] for name in _global_names(value.__code__) if name in names]
     return all(_reach(v, out, seen, depth + 1) for v in parts)
+
+
+def _by_reference(func: types.FunctionType) -> bool:
+    """Whether cloudpickle names ``func`` by its module and qualified name instead of pickling its code: a
+    function of an imported module (not ``__main__``) that the module still holds under that name. (The
+    caller has checked that no module is registered to travel by value.) Such a pickle never changes,
+    though the function's own globals might: ``slice_sums`` of an imported module, say, whose module-level
+    constants include mutable objects."""
+    module = sys.modules.get(func.__module__) if func.__module__ != "__main__" else None
+    if module is None:
+        return False
+    found: Any = module
+    for part in func.__qualname__.split("."):  # "<locals>" is not found: a nested function
+        found = getattr(found, part, None)
+    return found is func
 
 
 def _same(a: list, b: list) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 
 import cloudpickle
@@ -221,6 +223,25 @@ def test_a_function_reaching_a_mutable_object_is_pickled_again_every_call(cell):
 
     first = dumps_function(cell["looked_up"])
     assert dumps_function(cell["looked_up"]) is not first
+
+
+def test_a_function_of_an_imported_module_reuses_its_pickle_whatever_its_globals_hold(tmp_path, monkeypatch):
+    """cloudpickle ships it by module and name, so a mutable module constant does not force a new pickle;
+    once the module no longer holds it under that name, it is pickled by value, and afresh."""
+    from qjam_nb.cluster.shipping import dumps_function
+
+    path = tmp_path / "qjam_test_imported_mapfunc.py"
+    path.write_text("TABLE = [1, 2, 3]\n\ndef looked_up(params, xs):\n    return [TABLE[x] for x in xs]\n")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, path.stem, module)  # imported, as far as cloudpickle can tell
+    spec.loader.exec_module(module)
+    first = dumps_function(module.looked_up)
+    assert dumps_function(module.looked_up) is first and len(first) < 200  # a reference, not code
+    func, module.looked_up = module.looked_up, lambda params, xs: xs
+    by_value = dumps_function(func)
+    assert by_value != first and cloudpickle.loads(by_value)(None, [0, 2]) == [1, 3]
+    assert dumps_function(func) is not by_value  # by value it reaches a list: pickled every call
 
 
 def test_globals_changed_between_calls_reach_the_workers(cluster2, cell):
