@@ -93,7 +93,7 @@ class SshProcess:
         return b"" if ended else None
 
     def write(self, chunks: list) -> None:
-        """Send the chunks in as few ssh packets as they fill (each costs paramiko ~30 µs of Python).
+        """Send the chunks in as few ssh packets as they fill (each costs ~25 µs of paramiko's Python here).
 
         Small chunks (a frame's header, its pickle, a TASK after a CALL) share a packet
         with their neighbours, and a big buffer tops that packet up before going out
