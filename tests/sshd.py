@@ -36,6 +36,14 @@ def free_port(address: str) -> int:
         return s.getsockname()[1]
 
 
+def blas_environment() -> str:
+    """This machine's OPENBLAS_* settings, for the sessions too: a "host" that is this machine
+    computes as it does (a kernel chosen otherwise rounds matrix products otherwise, and replay,
+    run here, is compared bit for bit with what a worker returned)."""
+    return "".join(f" {k}={v}" for k, v in sorted(os.environ.items())
+                   if k.startswith("OPENBLAS_") and " " not in v and '"' not in v)
+
+
 class PrivateSshd:
     """One sshd on ``address``, accepting ``client_key`` for the current user."""
 
@@ -65,7 +73,7 @@ class PrivateSshd:
             "AllowTcpForwarding yes\n"
             "MaxSessions 200\n"
             "MaxStartups 100\n"
-            f"SetEnv HOME={self.home}\n"
+            f"SetEnv HOME={self.home}{blas_environment()}\n"
             "LogLevel ERROR\n"
         )
         self.log = root / "sshd.log"

@@ -8,7 +8,8 @@ and emits events. Worker lifecycles
 socket, a pipe or IPython directly.
 
 When a call goes wrong: a worker that dies hands its unfinished slices to the
-others; a slice whose worker died twice is not tried a third time; a remote
+others, and so does one that goes silent (``liveness``: it is killed); a
+slice whose worker died twice is not tried a third time; a remote
 exception, an interrupt or a timeout stops the other workers' slices
 (CANCEL, then SIGINT, then kill) before the error reaches the caller; and
 dead workers are started again before the next call.
@@ -47,6 +48,7 @@ from . import states
 from .chaos import Chaos
 from .echo import StreamEcho
 from .hosts import parse_hosts
+from .liveness import Liveness
 from .pool import WorkerHandle, WorkerPool
 from .progress import TqdmProgress
 from .reduce import OrderedFold
@@ -67,6 +69,9 @@ WINDOW = 4
 CANCEL_GRACE = 1.0
 #: Deaths a slice may cause before it is not tried again.
 MAX_SLICE_DEATHS = 2
+#: Seconds between a busy worker's heartbeats; silent for ``liveness.MISSES`` of them (and using no
+#: CPU), it is judged unresponsive, killed and replaced.
+HEARTBEAT = 1.0
 
 _live_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
@@ -100,11 +105,16 @@ class Cluster:
         progress: bool | None = None,
         observers: Sequence[ev.Observer] = (),
         start_timeout: float = START_TIMEOUT,
+        heartbeat: float = HEARTBEAT,
     ) -> None:
         """``echo`` prints worker output here, tagged; ``progress`` shows a text bar
         for calls that take over half a second (default: when stderr is a terminal);
         ``observers`` are subscribed before anything starts, so they see every event;
-        ``start_timeout`` bounds connecting, bootstrapping and the handshake."""
+        ``start_timeout`` bounds connecting, bootstrapping and the handshake;
+        ``heartbeat`` is the seconds between a busy worker's signs of life: one silent
+        for three of them, and not using CPU, is killed and its slices run elsewhere."""
+        if not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
+            raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
@@ -117,6 +127,7 @@ class Cluster:
         for observer in observers:
             self.events.subscribe(observer)
         self._call = 0
+        self._liveness = Liveness(float(heartbeat))
         self.chaos = Chaos(self)  # kill, slow down or disconnect workers, for teaching
         self._replays = ReplayLog()
         self._params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
@@ -283,6 +294,8 @@ class Cluster:
             self.events.release()
             raise
         ok = False
+        live = self._liveness
+        live.start({w.name: w.link.traffic for w in alive})
         try:
             try:
                 self._feed(call, sched)
@@ -299,7 +312,7 @@ class Cluster:
                 self.chaos.progress(call, sched)
             inbox = self._pool.inbox
             while not call.fold.complete:
-                item = self._next(call)
+                item = self._next(call, sched)
                 # Everything one read brought is handled before anything is written back, so the
                 # next slices for a worker leave in one write (one wake-up), not one per result.
                 for w in alive:
@@ -308,6 +321,8 @@ class Cluster:
                     self._handle(item, call, sched)
                     while not call.fold.complete and (item := inbox.get_read()) is not None:
                         self._handle(item, call, sched)
+                    if live.due():
+                        self._check_liveness(call, sched)
                     if call.hungry:  # once for all the results of this read: one pass over the windows
                         call.hungry = False
                         self._feed(call, sched)
@@ -346,9 +361,10 @@ class Cluster:
             if w.results.lent and w.results.retained():
                 w.retire_arena = True
         if len(local) < len(alive):
-            frames[False] = protocol.encode(Kind.CALL, {"func": func, "params": params_part}, call=call.id), 0
+            body = {"func": func, "params": params_part, "beat": self._liveness.beat}
+            frames[False] = protocol.encode(Kind.CALL, body, call=call.id), 0
         if local:
-            body, beside = {"func": func, "params": params_part, "share": True}, 0
+            body, beside = {"func": func, "params": params_part, "beat": self._liveness.beat, "share": True}, 0
             views = sharedmem.byte_views(params_part[1])
             if views is not None:
                 beside = sum(v.nbytes for v in views)
@@ -360,18 +376,61 @@ class Cluster:
             frames[True] = protocol.encode(Kind.CALL, body, call=call.id), beside
         return frames
 
-    def _next(self, call: _Call) -> tuple:
-        if call.deadline is None:
-            return self._pool.inbox.get()
-        try:
-            return self._pool.inbox.get(timeout=max(0.0, call.deadline - time.monotonic()))
-        except queue.Empty:
-            missing = call.fold.n - call.fold.next
-            raise CallTimeoutError(
-                f"call {call.id} did not finish within {call.timeout:g} s: {missing} of {call.fold.n} slices "
-                "had no result yet; the call was stopped on every worker. Give map a larger timeout=, "
-                "or use smaller slices."
-            ) from None
+    def _next(self, call: _Call, sched: Scheduler) -> tuple:
+        """What a worker said next; meanwhile, twice a heartbeat, who has gone silent."""
+        live = self._liveness
+        while True:
+            now = time.monotonic()
+            wait = live.next_check - now
+            if call.deadline is not None:
+                wait = min(wait, call.deadline - now)
+            try:
+                return self._pool.inbox.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                pass
+            if call.deadline is not None and time.monotonic() >= call.deadline:
+                missing = call.fold.n - call.fold.next
+                raise CallTimeoutError(
+                    f"call {call.id} did not finish within {call.timeout:g} s: {missing} of {call.fold.n} slices "
+                    "had no result yet; the call was stopped on every worker. Give map a larger timeout=, "
+                    "or use smaller slices."
+                ) from None
+            if live.due():
+                for w in call.workers.values():
+                    w.link.hold()
+                try:
+                    self._check_liveness(call, sched)
+                finally:
+                    for w in call.workers.values():
+                        w.link.release()
+
+    def _check_liveness(self, call: _Call, sched: Scheduler) -> None:
+        """Lose the workers with work in flight that died unseen or went silent (``liveness``).
+
+        A death is also learnt from the exit status (a helper that mapfunc forked can
+        keep the stream open after its worker died); a silent worker is marked
+        unresponsive and killed with its process group, without waiting on it (a
+        process in uninterruptible sleep cannot be reaped).
+        """
+        live = self._liveness
+        for name, in_flight in list(sched.in_flight.items()):
+            worker = call.workers[name]
+            if not in_flight or worker.state != states.BUSY:
+                continue
+            link = worker.link
+            if link.process.exit_status() is not None:
+                link.detach()
+                self._lost_in_call(worker, LinkClosed(None), call, sched)
+                continue
+            verdict = live.verdict(name, link.traffic, link.partial, link.process.cpu_state)
+            if verdict is None:
+                continue
+            live.forget(name)
+            self._pool.set_state(worker, states.UNRESPONSIVE, verdict)
+            link.detach()
+            link.close()
+            link.process.kill()
+            self._lost_in_call(worker, None, call, sched, reason=f"{verdict}; killed")
 
     def _feed(self, call: _Call, sched: Scheduler) -> None:
         """Hand out what the windows allow.
@@ -521,6 +580,7 @@ class Cluster:
                 self._ship_and_task(worker, call, index)
                 return
         if worker is not None and isinstance(msg, LinkClosed) and worker.state == states.BUSY:
+            self._liveness.forget(worker.name)
             self._lost_in_call(worker, msg, call, sched)
             return
         self._pool.handle(item)
@@ -533,10 +593,11 @@ class Cluster:
         if kind is not Kind.NEED and worker.running == (call.id, index):
             worker.running = None
 
-    def _lost_in_call(self, worker: WorkerHandle, closed: LinkClosed, call: _Call, sched: Scheduler) -> None:
+    def _lost_in_call(self, worker: WorkerHandle, closed: LinkClosed | None, call: _Call, sched: Scheduler,
+                      reason: str = "") -> None:
         """A worker died mid-call: blame the slice it was running, and give its slices to the others."""
         running = worker.running
-        self._pool.lose(worker, closed)
+        self._pool.lose(worker, closed, reason)
         if running and running[0] == call.id:
             blamed = running[1]
         else:  # no STARTED (a slice under 3 ms): it ran its tasks in order, so the oldest unfinished one

@@ -48,6 +48,7 @@ class WorkerHandle:
         self.cache: dict[str, int] = {}  # slice key -> bytes; change it through remember/forget
         self.cached_bytes = 0
         self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED (after 3 ms) and not finished
+        self.cancelled = 0  # the last call it answered CANCELLED for
         self.refused = False  # refused by the handshake: not started again
         self.starts = 0
         self.results = sharedmem.LentResults()  # its big results, in its arena (local workers)
@@ -155,8 +156,10 @@ class WorkerPool:
                     self.set_state(w, states.DEAD, f"could not start: {exc}")
                 continue
             for w, proc in zip(batch, procs, strict=True):
-                if w.link is not None:
+                if w.link is not None:  # the dead worker's: let its pipes or channel go
                     self.by_link.pop(id(w.link), None)
+                    w.link.detach()
+                    w.link.process.release()
                 w.link = Link(proc, self.inbox)
                 w.hello, w.running = {}, None
                 w.starts += 1
@@ -201,7 +204,9 @@ class WorkerPool:
             self._hello(worker, self.body(worker, msg, "the hello"))
         elif msg.kind in (Kind.RESULT, Kind.ERROR) and worker.running == (msg.call, msg.index):
             worker.running = None  # a cancelled call's slice ended
-        # Anything else belongs to a finished or cancelled call: dropped.
+        elif msg.kind is Kind.CANCELLED:
+            worker.cancelled = msg.call
+        # Anything else belongs to a finished or cancelled call (or is an ALIVE): dropped.
 
     def _hello(self, worker: WorkerHandle, hello: dict) -> None:
         worker.hello = hello
@@ -255,10 +260,14 @@ class WorkerPool:
 
     # -- losing and stopping -------------------------------------------------------
     def lose(self, worker: WorkerHandle, closed: LinkClosed | None = None, reason: str = "") -> None:
-        """Mark a worker dead, with why (its exit status, or what broke), and forget its cache."""
+        """Mark a worker dead, with why (its exit status, or what broke), and forget its cache.
+
+        Its process group is killed too: helpers that mapfunc forked do not outlive it.
+        """
         if not reason:
             status = worker.link.process.wait(0.5)
             reason = (closed.error if closed and closed.error else None) or exit_reason(status)
+        worker.link.process.kill()
         worker.running = None
         if worker.link.process.shares_memory and worker.hello.get("pid"):
             sharedmem.discard_results_of(worker.hello["pid"])
@@ -270,15 +279,19 @@ class WorkerPool:
             self.cache_changed(worker)
 
     def kill(self, worker: WorkerHandle, reason: str) -> None:
+        """Kill a worker (with its process group) and mark it dead, without waiting for it."""
         worker.link.close()
-        worker.link.process.kill()
         self.lose(worker, reason=reason)
 
     def settle(self, call: int, workers: list[WorkerHandle], grace: float) -> None:
         """Stop a cancelled call on ``workers``, escalating: CANCEL, then SIGINT, then kill.
 
-        Returns once every worker finished (or was killed in) the slice it was
-        running, within about ``grace`` seconds per step.
+        A worker answers CANCEL with CANCELLED once no slice of the call runs
+        there (at once if none did). After ``grace`` seconds, a worker that has not
+        answered is killed if it runs a slice of the call (it said STARTED) or if
+        nothing came from it meanwhile (stopped, hung, or deaf in a slice too young
+        to have been announced); one still talking or taking what it is sent (a
+        big slice on a slow link) is left to the liveness check of the next call.
         """
         busy = [w for w in workers if w.state == states.BUSY]
         for w in busy:
@@ -287,11 +300,13 @@ class WorkerPool:
         # A worker between slices ignores SIGINT.
         for w in busy:
             w.link.process.interrupt()
-        running = [w for w in busy if w.running and w.running[0] == call]
-        self._wait(lambda: not any(w.running and w.state == states.BUSY for w in running), grace)
-        for w in running:
-            if w.running and w.state == states.BUSY:
-                self.kill(w, f"did not stop within {grace:.0f} s of being interrupted; killed")
+        traffic = {w.name: w.link.traffic for w in busy}
+        self._wait(lambda: all(w.cancelled == call or w.state != states.BUSY for w in busy), grace)
+        for w in busy:
+            if w.state != states.BUSY or w.cancelled == call:
+                continue
+            if (w.running and w.running[0] == call) or w.link.traffic == traffic[w.name]:
+                self.kill(w, f"did not stop within {grace:g} s of being interrupted; killed")
 
     def _wait(self, done: Callable[[], bool], seconds: float) -> None:
         deadline = time.monotonic() + seconds

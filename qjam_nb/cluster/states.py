@@ -9,6 +9,7 @@ from __future__ import annotations
 STARTING = "starting"
 IDLE = "idle"
 BUSY = "busy"
+UNRESPONSIVE = "unresponsive"  # silent past the liveness bound and not using CPU: killed next
 DEAD = "dead"
 STOPPED = "stopped"
 
@@ -17,7 +18,8 @@ STOPPED = "stopped"
 TRANSITIONS: dict[str, frozenset[str]] = {
     STARTING: frozenset({IDLE, DEAD, STOPPED}),
     IDLE: frozenset({BUSY, DEAD, STOPPED}),
-    BUSY: frozenset({IDLE, DEAD, STOPPED}),
+    BUSY: frozenset({IDLE, UNRESPONSIVE, DEAD, STOPPED}),
+    UNRESPONSIVE: frozenset({DEAD, STOPPED}),
     DEAD: frozenset({STARTING, STOPPED}),
     STOPPED: frozenset(),
 }

@@ -9,9 +9,10 @@ waiting once polled, its stderr, and process control. ``qjam_nb.transport.link``
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..worker.pipes import write_all, write_some
 
@@ -44,6 +45,46 @@ def _load_worker_package(package_dir: str, extend: str = "") -> str:
         "s=u.spec_from_file_location('qjam_worker',p+'/__init__.py',submodule_search_locations=[p]);"
         "m=u.module_from_spec(s);sys.modules['qjam_worker']=m;s.loader.exec_module(m);"
     )
+
+
+class CpuState(NamedTuple):
+    """What ``/proc/PID/stat`` says of a worker: its state letter (R, S, D, T, Z...) and the CPU
+    time it has used, in clock ticks (only compared with itself: the unit does not matter)."""
+
+    state: str
+    ticks: int
+
+
+def parse_stat(text: str) -> CpuState | None:
+    """``/proc/PID/stat``'s line, read: (state, utime + stime); None if it is not such a line."""
+    try:
+        fields = text.rsplit(")", 1)[1].split()
+        return CpuState(fields[0], int(fields[11]) + int(fields[12]))
+    except (IndexError, ValueError):
+        return None
+
+
+def local_cpu_state(pid: int | None) -> CpuState | None:
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return parse_stat(f.read())
+    except OSError:
+        return None
+
+
+def kill_group(pgid: int | None) -> None:
+    """SIGKILL to every process of the worker's process group (it made one of its own: its pid),
+    helpers that mapfunc forked included. Called while the worker is alive (so the group is
+    surely its own) and once more after it died, for helpers that outlived it: a group id is not
+    reused while any process of the group lives."""
+    if pgid is None or pgid <= 1:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:  # no such group (left already), or not ours
+        pass
 
 
 class PipeStreams:
@@ -105,13 +146,16 @@ class WorkerProcess(Protocol):
         """Close the worker's stdin: the worker exits when it sees that."""
 
     def kill(self) -> None:
-        """End the worker now."""
+        """End the worker and its process group (the helpers it forked) now, without waiting."""
 
     def interrupt(self) -> None:
         """Send the worker SIGINT: it stops the mapfunc it is running (and nothing else)."""
 
     def exit_status(self) -> int | None:
         """The exit status once the process has ended, else None."""
+
+    def cpu_state(self) -> CpuState | None:
+        """The worker's process state and CPU time used, from ``/proc`` (None where it cannot be read)."""
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait up to ``timeout`` seconds for the end; the exit status, or None if still running."""

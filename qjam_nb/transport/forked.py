@@ -25,7 +25,7 @@ import threading
 import time
 
 from ..worker.pipes import widen
-from .base import WORKER_PACKAGE, PipeStreams, forkserver_code
+from .base import WORKER_PACKAGE, CpuState, PipeStreams, forkserver_code, kill_group, local_cpu_state
 
 #: Seconds for the server to start Python and import the worker package.
 START_TIMEOUT = 30.0
@@ -151,10 +151,14 @@ class ForkedProcess(PipeStreams):
         self._close(self._stdin)
 
     def kill(self) -> None:
+        kill_group(self.pid)  # its helpers too (the worker is its group's leader)
         self._signal(signal.SIGKILL)
 
     def interrupt(self) -> None:
         self._signal(signal.SIGINT)
+
+    def cpu_state(self) -> CpuState | None:
+        return local_cpu_state(self.pid) if self.exit_status() is None else None
 
     def exit_status(self) -> int | None:
         return self._server.exit_status(self.pid)

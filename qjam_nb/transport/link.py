@@ -12,7 +12,9 @@ workers are fed at once; to a link whose writer is idle the caller writes
 itself, as far as the process takes it without blocking (``Link._deliver``).
 
 Everything that happens to a link reaches the cluster as an inbox item:
-frames, stderr text, and ``LinkClosed`` once.
+frames, stderr text, and ``LinkClosed`` once. ``traffic`` counts the reads
+and writes that moved bytes, so that a silent worker can be told from one
+that talks or takes what it is sent (``qjam_nb.cluster.liveness``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,9 @@ LAST_WORDS = 2.0
 #: without blocking (``Link._deliver``); over ssh, only what the channel's open window takes whole
 #: (``SshProcess.write_ready``).
 DIRECT_WRITE = 16 << 20
+#: The writer writes a bigger message in pieces of this size, so that its progress shows in ``traffic``
+#: (a big slice to a worker on a slow link is not silence).
+WRITE_PIECE = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class Link:
         self.stderr_tail: deque = deque(maxlen=40)
         self.closed = False  # no more sending
         self.ended = False  # the stream ended (LinkClosed is in the inbox)
+        self.traffic = 0  # reads and writes that moved bytes so far
         self._decoder = protocol.FrameDecoder(max_frame=self.max_frame)
         self._stderr_open = True
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -190,6 +196,8 @@ class Link:
                     written = self.process.write_ready(chunks, size)
                 except Exception:  # broken: the reader sees the stream end and reports it
                     written = size
+                if written:
+                    self.traffic += 1
                 if written == size:
                     return
                 chunks = remainder(chunks, written)
@@ -206,6 +214,11 @@ class Link:
             select.select(self.process.poll_fds(), [], [], left)
             self.pump()
         return True
+
+    @property
+    def partial(self) -> bool:
+        """Part of a frame from the worker has come and the rest has not yet."""
+        return self._decoder.partial
 
     def detach(self) -> None:
         """Stop polling this link's streams (before its process releases them: fds are reused)."""
@@ -244,6 +257,7 @@ class Link:
                     self._end(None)
                     return
                 decoder.buffer_updated(n)
+                self.traffic += 1
                 while (frame := decoder.next_frame()) is not None:
                     if protocol.TRACING:
                         protocol.trace("recv", self.name, frame)
@@ -274,6 +288,7 @@ class Link:
                 if len(fds) > 1:  # its own fd would poll readable for ever
                     self.inbox.unregister(self, fds[-1])
                 return
+            self.traffic += 1
             text = data.decode(errors="replace")
             self.stderr_tail.extend(text.splitlines())
             self.inbox.put((self, StderrOutput(text)))
@@ -299,7 +314,9 @@ class Link:
     def _write(self) -> None:
         try:
             while (chunks := self._outbox.get()) is not None:
-                self.process.write(chunks)
+                for piece in pieces(chunks, WRITE_PIECE):
+                    self.process.write(piece)
+                    self.traffic += 1
                 with self._lock:
                     self._queued -= 1
         except Exception:  # OSError, or the ssh library's own: the stream is broken either way
@@ -307,3 +324,24 @@ class Link:
         finally:
             self.closed = True
             self.process.close()
+
+
+def pieces(chunks: list, size: int) -> Iterator[list]:
+    """``chunks`` (a message) in runs of about ``size`` bytes, big buffers cut; one run if it is smaller."""
+    if sum(memoryview(chunk).nbytes for chunk in chunks) <= size:
+        yield chunks
+        return
+    run: list = []
+    filled = 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        while view.nbytes:
+            take = min(size - filled, view.nbytes)
+            run.append(view[:take])
+            filled += take
+            view = view[take:]
+            if filled == size:
+                yield run
+                run, filled = [], 0
+    if run:
+        yield run

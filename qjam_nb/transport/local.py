@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from ..worker.pipes import widen
-from .base import WORKER_PACKAGE, PipeStreams, bootstrap_code
+from .base import WORKER_PACKAGE, CpuState, PipeStreams, bootstrap_code, kill_group, local_cpu_state
 from .forked import ForkedProcess, ForkServer
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,13 @@ class LocalProcess(PipeStreams):
 
     def kill(self) -> None:
         if self.popen.poll() is None:
+            kill_group(self.pid)
             self.popen.kill()
+        else:  # its helpers, if any outlived it
+            kill_group(self.pid)
+
+    def cpu_state(self) -> CpuState | None:
+        return local_cpu_state(self.pid) if self.popen.poll() is None else None
 
     def interrupt(self) -> None:
         if self.popen.poll() is None:

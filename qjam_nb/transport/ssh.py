@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import paramiko
 
 from ..errors import HostError
-from .base import bootstrap_code
+from .base import CpuState, bootstrap_code, parse_stat
 from .payload import PROBE, UNPACK, payload
 from .sshconnect import PACKET_SIZE, PREFERRED_CIPHERS, WINDOW_SIZE, SshOptions, connect, resolve
 
@@ -139,7 +139,7 @@ class SshProcess:
             pass
 
     def kill(self) -> None:
-        self._signal("KILL")
+        self._signal("KILL", group=True)
         close_channel(self.channel)
 
     def interrupt(self) -> None:
@@ -148,12 +148,24 @@ class SshProcess:
     def release(self) -> None:
         close_channel(self.channel)
 
-    def _signal(self, name: str) -> None:
+    def _signal(self, name: str, group: bool = False) -> None:
+        """Signal the worker (and, with ``group``, its process group: the helpers it forked)."""
         if self.pid is not None and self.host.alive:
+            targets = f"-- -{self.pid} {self.pid} 2>/dev/null" if group else str(self.pid)
             try:
-                run(self.host.transport, f"kill -{name} {self.pid}", timeout=5)
+                run(self.host.transport, f"kill -{name} {targets}", timeout=5)
             except (OSError, EOFError, paramiko.SSHException):
                 pass
+
+    def cpu_state(self) -> CpuState | None:
+        """From the host's ``/proc`` (one exec round trip); None where that cannot be read."""
+        if self.pid is None or not self.host.alive:
+            return None
+        try:
+            status, out, _ = run(self.host.transport, f"cat /proc/{self.pid}/stat", timeout=2)
+        except (OSError, EOFError, paramiko.SSHException):
+            return None
+        return parse_stat(out) if status == 0 else None
 
     def exit_status(self) -> int | None:
         """As ``Popen.returncode``: negative for a signal (the shell reported 128+N)."""

@@ -29,6 +29,7 @@ STATE_COLOURS = {
     "starting": "#b58900",
     "idle": "#2aa198",
     "busy": "#268bd2",
+    "unresponsive": "#cb4b16",
     "dead": "#dc322f",
     "stopped": "#839496",
 }

@@ -164,7 +164,9 @@ class Worker:
     Waking the watcher costs as much as a short slice, so it sleeps until a
     slice has run for ``WATCH_AFTER`` seconds, on a one-shot kernel timer
     (``SliceTimer``) that a slice arms when it finds it idle (see ``watch``).
-    The watcher then also sends the slice's STARTED (``announce``).
+    The watcher then also sends the slice's STARTED (``announce``), and an
+    ALIVE every ``beat`` seconds for as long as the slice runs: the master
+    judges a silent worker hung (``qjam_nb.cluster.liveness``).
     """
 
     def __init__(self, name: str, fd_in: int, channel: Channel) -> None:
@@ -182,7 +184,11 @@ class Worker:
         self.timer = SliceTimer()
         self.timer_armed = False  # set by whoever arms it (a slice finding it idle, or the watcher)
         self.slice_started = 0.0  # perf_counter() when the running slice began
+        self.slices = 0  # slices begun so far: the watcher tells one slice from the next by it
+        self.beat = HEARTBEAT  # seconds between ALIVEs while a slice runs (the CALL says)
         self.unannounced: tuple | None = None  # (call, slice) running, its STARTED not sent yet
+        self.running_call = 0  # the call whose slice runs now (0: none), under announce_lock
+        self.owe_cancelled: set = set()  # calls cancelled while one of their slices ran: answer at its end
         self.announce_lock = threading.Lock()
         self.call = 0
         self.func = None
@@ -206,7 +212,7 @@ class Worker:
             if n == 0:
                 self.drop_result_arena()
                 self.decoder.eof()
-                os._exit(0)  # the master is gone: so are we
+                leave(0)  # the master is gone: so are we
             self.decoder.buffer_updated(n)
             self.reads += 1
             while (frame := self.decoder.next_frame()) is not None:
@@ -228,9 +234,14 @@ class Worker:
         kind = frame.kind
         if kind is Kind.CANCEL:
             self.cancelled.add(frame.call)
+            with self.announce_lock:  # the answer waits for the end of a slice of that call
+                if self.running_call == frame.call:
+                    self.owe_cancelled.add(frame.call)
+                    return
+            self.channel.send(Kind.CANCELLED, None, frame.call, dumps=pickle.dumps)
         elif kind is Kind.BYE:
             self.drop_result_arena()
-            os._exit(0)
+            leave(0)
         else:
             self.frames.append(frame)
 
@@ -249,6 +260,8 @@ class Worker:
         young: the timer is armed again for when it turns ``WATCH_AFTER``. None:
         the timer stays idle until the next slice arms it. So a stream of short
         slices costs a wake-up every 3 ms at most, not two system calls a slice.
+        A slice that ends while the next begins at once is told from it by
+        ``slices``: each gets its STARTED, and its ALIVEs every ``beat`` s.
         """
         poller = select.poll()
         poller.register(self.fd_in, select.POLLIN)
@@ -263,17 +276,21 @@ class Worker:
             if left > 0:
                 self.timer.arm(left)
                 continue
+            this = self.slices
             self.announce()
-            while self.computing:
-                if not poller.poll(50):  # ms: a finished slice is noticed within this, at worst
-                    continue
-                with self.read_lock:
-                    if not self.computing:
-                        break
-                    # Again, holding the lock: the main thread may have read it all meanwhile,
-                    # and a read that blocks here would keep it from its next TASK.
-                    if poller.poll(0):
-                        self.read_once()
+            beaten = time.perf_counter()
+            while self.computing and self.slices == this:
+                if poller.poll(50):  # ms: a finished slice is noticed within this, at worst
+                    with self.read_lock:
+                        if not self.computing:
+                            break
+                        # Again, holding the lock: the main thread may have read it all meanwhile,
+                        # and a read that blocks here would keep it from its next TASK.
+                        if poller.poll(0):
+                            self.read_once()
+                if time.perf_counter() - beaten >= self.beat:
+                    self.heartbeat(this)
+                    beaten = time.perf_counter()
             self.timer.arm(0.0)  # look again at once: another slice may run already
 
     def announce(self) -> None:
@@ -288,6 +305,12 @@ class Worker:
                 call, index = self.unannounced
                 self.unannounced = None
                 self.channel.send(Kind.STARTED, None, call, index, dumps=pickle.dumps)  # plain data
+
+    def heartbeat(self, slice_number: int) -> None:
+        """ALIVE for the running slice, if it is still ``slice_number`` (the watcher, every ``beat`` s)."""
+        with self.announce_lock:
+            if self.slices == slice_number and self.running_call:
+                self.channel.send(Kind.ALIVE, None, self.running_call, -1, dumps=pickle.dumps)
 
     # -- main thread -----------------------------------------------------
     def serve(self) -> None:
@@ -327,6 +350,7 @@ class Worker:
         try:
             body = frame.body()
             self.share_results = body.get("share", False)
+            self.beat = body.get("beat", HEARTBEAT)
             self.func = self.functions.load(body["func"])
             data, buffers = body["params"]
             if "params_arena" in body:
@@ -385,7 +409,9 @@ class Worker:
             self.channel.send(Kind.NEED, {"key": key}, call, index, dumps=pickle.dumps)
             return
         self.pump.start_slice(call, index)
-        self.unannounced = (call, index)
+        with self.announce_lock:
+            self.unannounced, self.running_call = (call, index), call
+            self.slices += 1
         start = self.slice_started = time.perf_counter()
         try:
             self.running = self.computing = True
@@ -399,7 +425,7 @@ class Worker:
             finally:
                 self.running = self.computing = False
                 with self.announce_lock:  # a STARTED the watcher sends goes before what follows
-                    self.unannounced = None
+                    self.unannounced, self.running_call = None, 0
         except SystemExit as exc:  # mapfunc asked the process to exit: it does, as it would anywhere
             self.pump.drain()
             code = exc.code
@@ -407,7 +433,7 @@ class Worker:
                 print(code, file=sys.stderr)
                 code = 1
             os.write(STDERR_FD, f"qjam worker {self.name}: sys.exit({exc.code!r}) in mapfunc, slice {index}\n".encode())
-            os._exit((code or 0) & 0xFF)
+            leave((code or 0) & 0xFF)
         except BaseException as exc:
             self.pump.drain()
             where = "running mapfunc"
@@ -417,6 +443,7 @@ class Worker:
                 self.cancelled.add(call)
                 where = "running mapfunc (cancelled)"
             self.report(exc, call, index, where, skip_frames=1)
+            self.answer_cancel(call)
             return
         seconds = time.perf_counter() - start
         reads = self.reads
@@ -433,8 +460,18 @@ class Worker:
             chunks = self.result_chunks(value, seconds, call, index)
         except BaseException as exc:
             self.report(exc, call, index, "pickling the result")
-            return
-        self.channel.write(Kind.RESULT, chunks, call, index)
+        else:
+            self.channel.write(Kind.RESULT, chunks, call, index)
+        if self.owe_cancelled:
+            self.answer_cancel(call)
+
+    def answer_cancel(self, call: int) -> None:
+        """CANCELLED for ``call``, if its CANCEL came while its slice ran (after what the slice sent)."""
+        with self.announce_lock:
+            owed = call in self.owe_cancelled
+            self.owe_cancelled.discard(call)
+        if owed:
+            self.channel.send(Kind.CANCELLED, None, call, dumps=pickle.dumps)
 
     def interrupt(self, signum: int, frame: object) -> None:
         """SIGINT from the master (a cancelled call): stop mapfunc, never the worker itself."""
@@ -624,12 +661,37 @@ def fatal(message: str) -> None:
     try:
         os.write(STDERR_FD, (message + "\n").encode(errors="replace"))
     finally:
-        os._exit(3)
+        leave(3)
+
+
+def leave(status: int) -> None:
+    """Exit now, and take the processes mapfunc started with us (our process group: a helper
+    that holds our stream open would otherwise keep the master from seeing us gone)."""
+    me = os.getpid()
+    try:
+        if os.getpgrp() == me:
+            try:
+                entries = os.listdir("/proc")
+            except OSError:  # no /proc: signal the whole group, ourselves with it
+                os.killpg(me, signal.SIGKILL)
+                entries = []
+            for entry in entries:
+                if entry.isdigit() and int(entry) != me:
+                    try:
+                        with open(f"/proc/{entry}/stat", "rb") as f:
+                            if int(f.read().rsplit(b")", 1)[1].split()[2]) == me:  # in our process group
+                                os.kill(int(entry), signal.SIGKILL)
+                    except (OSError, ValueError, IndexError):
+                        continue
+    finally:
+        os._exit(status)
 
 
 STDERR_FD = 2
 #: A slice running this long (seconds) wakes the watcher, which reads the stream while it runs.
 WATCH_AFTER = 0.003
+#: Seconds between ALIVEs while a slice runs, unless the CALL says otherwise (``Cluster(heartbeat=)``).
+HEARTBEAT = 1.0
 #: A TASK does not look for CANCELs that came after it when the input was found empty this recently
 #: (at the end of the slice before, usually): one system call a slice, not three.
 INPUT_FRESH = 0.0005
@@ -643,6 +705,11 @@ def main(name: str | None = None) -> None:
         if entry and entry not in sys.path:
             sys.path.append(entry)
     keep_temporaries_in_heap()
+    try:  # a process group of our own: the master kills it whole (mapfunc's helpers too)
+        if os.getpgrp() != os.getpid():
+            os.setpgid(0, 0)
+    except OSError:
+        pass
     fd_in, fd_out = os.dup(0), os.dup(1)
     STDERR_FD = os.dup(2)
     devnull = os.open(os.devnull, os.O_RDONLY)

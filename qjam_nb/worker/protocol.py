@@ -24,22 +24,27 @@ slice (-1 for none), so a frame reads as ``RESULT call=3 index=12`` in traces
 
 Message kinds, who sends them, and their bodies:
 
-======== ===== ==========================================================
-HELLO    w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
-CALL     m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "sources"}
-DATA     m->w  {"key": slice key, "data": the slice, "task"?: a TASK's body}; with "task",
-                 run it as that TASK once cached (a slice shipped for a task: one frame)
-TASK     m->w  {"key": slice key or None, "delay"?: seconds}; run mapfunc on that slice
-                 (after sleeping "delay" s, when chaos made the worker a straggler)
-NEED     w->m  {"key"}; the TASK's slice is not cached here, send DATA first
-STARTED  w->m  None; the slice has run for 3 ms (shorter ones send none)
-RESULT   w->m  {"value", "seconds"}
-ERROR    w->m  {"type", "message", "traceback", "where"}
-STREAM   w->m  {"stream": "stdout"|"stderr", "text"}
-CANCEL   m->w  {}; drop every queued TASK of this call
-DROP     m->w  {"keys"}; forget these cached slices
-BYE      m->w  {}; exit now
-======== ===== ==========================================================
+========= ===== ==========================================================
+HELLO     w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
+CALL      m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "beat": heartbeat seconds,
+                  "share"?, "params_arena"?}
+DATA      m->w  {"key": slice key, "data": the slice, "task"?: a TASK's body}; with "task",
+                  run it as that TASK once cached (a slice shipped for a task: one frame)
+TASK      m->w  {"key": slice key or None, "delay"?: seconds, "retire"?}; run mapfunc on that slice
+                  (after sleeping "delay" s, when chaos made the worker a straggler)
+TASKS     m->w  [(slice, key) or (slice, key, data), ...]; several TASKs in one frame, run in order
+                  (an entry with data caches it first)
+NEED      w->m  {"key"}; the TASK's slice is not cached here, send DATA first
+STARTED   w->m  None; the slice has run for 3 ms (shorter ones send none)
+ALIVE     w->m  None; the slice is still running ("beat" s since the last word), a heartbeat
+RESULT    w->m  {"value", "seconds"}, or {"pickled", "arena", "seconds"} (a big local result)
+ERROR     w->m  {"type", "message", "traceback", "where"}
+STREAM    w->m  {"stream": "stdout"|"stderr", "text"}
+CANCEL    m->w  {}; drop every queued TASK of this call
+CANCELLED w->m  None; no slice of this call runs here now, nor will (the answer to CANCEL)
+DROP      m->w  {"keys"}; forget these cached slices
+BYE       m->w  {}; exit now
+========= ===== ==========================================================
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ class Kind(enum.IntEnum):
     DROP = 11
     BYE = 12
     TASKS = 13
+    ALIVE = 14
+    CANCELLED = 15
 
 
 _KINDS: dict[int, Kind] = dict(Kind._value2member_map_)  # type: ignore[arg-type]  # faster than Kind(n)
@@ -280,6 +287,11 @@ class FrameDecoder:
             frames.append(Frame(kinds[kind], call, index, parts))
             pos = start
         return pos
+
+    @property
+    def partial(self) -> bool:
+        """Part of a frame has come and the rest has not yet."""
+        return self._stage != "header" or self._filled > 0
 
     def eof(self) -> None:
         """The stream ended; complain if it ended inside a frame."""

@@ -553,6 +553,7 @@ def test_kind_values_are_stable():
     assert {k.name: k.value for k in Kind} == {
         "HELLO": 1, "CALL": 2, "DATA": 3, "TASK": 4, "NEED": 5, "STARTED": 6,
         "RESULT": 7, "ERROR": 8, "STREAM": 9, "CANCEL": 10, "DROP": 11, "BYE": 12, "TASKS": 13,
+        "ALIVE": 14, "CANCELLED": 15,
     }
 
 
