@@ -1,15 +1,18 @@
 """Reaching an ssh host: ``~/.ssh/config``, the connection, its host key, the login.
 
 Each stage raises a ``HostError`` naming the host, the stage and the fix:
-resolving the name (``CONFIG_KEYS``, read as OpenSSH reads them), opening the
-connection (directly, or through ProxyJump hosts), starting ssh with a large
-window and AES-GCM preferred, checking the host key (``hostkeys``), and
-logging in with keys only, never a password. The keys, in OpenSSH's order:
-the agent's keys (those of a configured identity first, the others only
-without ``IdentitiesOnly``), then the identity files (``identity=``, then the
-config's IdentityFile entries; the default ``~/.ssh/id_*`` files only when
-none is configured). An identity file whose private half is missing or
-locked is still used when the agent holds its key (matched by ``path.pub``).
+resolving the name (``~/.ssh/config``'s HostName, User, Port, IdentityFile,
+IdentitiesOnly, ProxyJump, HostKeyAlias, UserKnownHostsFile,
+GlobalKnownHostsFile and HashKnownHosts, read as OpenSSH reads them; other
+keys are ignored), opening the connection (directly, or through ProxyJump
+hosts), starting ssh with a large window and AES-GCM preferred, checking the
+host key (``hostkeys``), and logging in with keys only, never a password.
+The keys, in OpenSSH's order: the agent's keys (those of a configured
+identity first, the others only without ``IdentitiesOnly``), then the
+identity files (``identity=``, then the config's IdentityFile entries; the
+default ``~/.ssh/id_*`` files only when none is configured). An identity
+file whose private half is missing or locked is still used when the agent
+holds its key (matched by ``path.pub``).
 
 paramiko's ``SSHConfig`` gives the keys lower-cased and expands tokens in
 IdentityFile only; the known hosts files are expanded here as ssh does:
@@ -42,9 +45,6 @@ PACKET_SIZE = 256 << 10
 #: Fast ciphers first; paramiko falls back to the rest if the server lacks them.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
-#: The ssh_config keys honoured (as paramiko spells them); the others are ignored.
-CONFIG_KEYS = ("hostname", "user", "port", "identityfile", "identitiesonly", "proxyjump", "hostkeyalias",
-               "userknownhostsfile", "globalknownhostsfile", "hashknownhosts")
 
 
 @dataclass
@@ -117,9 +117,9 @@ def _tokens(alias: str, hostname: str, port: int, user: str, host_key_alias: str
     this_host = socket.gethostname()
     port_text = str(port)
     return {
-        "C": hashlib.sha1((this_host + hostname + port_text + user).encode()).hexdigest(),
+        "C": hashlib.sha1((this_host + hostname.lower() + port_text + user).encode()).hexdigest(),
         "L": this_host.split(".")[0], "i": str(os.getuid()), "k": host_key_alias or alias, "l": this_host,
-        "n": alias, "p": port_text, "d": os.path.expanduser("~"), "h": hostname, "r": user,
+        "n": alias, "p": port_text, "d": os.path.expanduser("~"), "h": hostname.lower(), "r": user,
         "u": getpass.getuser(),
     }
 

@@ -21,9 +21,11 @@ qjam_nb alone, against the rule in OpenSSH's source, and said so.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -242,9 +244,12 @@ CASES = {
         user="known_hosts known_hosts_b"),
     "user files: accepting records in the first": Case(
         files={"known_hosts_b": "BARE OTHERTYPE"}, user="known_hosts known_hosts_b", accept_new=True, connects=True),
-    "user files: tokens %h %p %r %k %u %%": Case(
-        files={"known_hosts-127.0.0.1-PORT-ME-target-ME-%": "ADDR RIGHT"},
-        user="known_hosts-%h-%p-%r-%k-%u-%%", connects=True),
+    "user files: tokens %h %p %r %k %n %u %i %l %L %C %%": Case(
+        files={"known_hosts-127.0.0.1-PORT-ME-target-target-ME-UID-THISHOST-SHORT-CHASH-%": "ADDR RIGHT"},
+        user="known_hosts-%h-%p-%r-%k-%n-%u-%i-%l-%L-%C-%%", connects=True),
+    "user files: %k is the HostKeyAlias": Case(
+        [f"HostKeyAlias {ALIAS}"], files={f"known_hosts-{ALIAS}": "ALIAS RIGHT"}, user="known_hosts-%k",
+        connects=True),
     "user files: none, accepting has nowhere to record": Case(user="none", accept_new=True),
     # HashKnownHosts when recording.
     "hash: accepting records a hashed line": Case(["HashKnownHosts yes"], accept_new=True, connects=True),
@@ -269,9 +274,18 @@ CASES = {
 
 
 def resolved(world: World, case: Case) -> Case:
-    """``case`` with PORT and ME in its file names filled in."""
+    """``case`` with PORT, ME, UID, THISHOST, SHORT and CHASH (ssh's ``%C``) in its file names filled in."""
+    this_host = socket.gethostname()
+    values = {"PORT": str(world.port), "ME": ME, "UID": str(os.getuid()), "THISHOST": this_host,
+              "SHORT": this_host.split(".")[0],
+              "CHASH": hashlib.sha1(f"{this_host}127.0.0.1{world.port}{ME}".encode()).hexdigest()}
+
     def fill(text: str) -> str:
-        return text.replace("PORT", str(world.port)).replace("ME", ME) if "PORT" in text else text
+        if "PORT" not in text:
+            return text
+        for word, value in values.items():
+            text = text.replace(word, value)
+        return text
 
     return Case(case.options, {fill(k): v for k, v in case.files.items()}, case.user, case.global_, case.identity,
                 case.agent, case.accept_new, case.connects)
