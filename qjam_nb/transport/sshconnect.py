@@ -44,7 +44,8 @@ WINDOW_SIZE = 64 << 20
 PACKET_SIZE = 256 << 10
 #: Fast ciphers first; paramiko falls back to the rest if the server lacks them.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
-DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+#: The default identity files paramiko can use, in ssh's order (readconf.c), tried only when none is configured.
+DEFAULT_KEYS = ("id_rsa", "id_ecdsa", "id_ed25519")
 
 
 @dataclass
@@ -67,11 +68,10 @@ class SshTarget:
     hostname: str
     port: int
     user: str
+    known_hosts: hostkeys.KnownHosts
+    host_key_alias: str | None = None
     identities: list[str] = field(default_factory=list)  # configured: identity=, then IdentityFile
     identities_only: bool = False
-    known_hosts: hostkeys.KnownHosts = field(
-        default_factory=lambda: hostkeys.KnownHosts(tuple(Path(os.path.expanduser(p)) for p in hostkeys.USER_FILES)))
-    host_key_alias: str | None = None
     proxy_jump: str | None = None
 
 
@@ -253,7 +253,7 @@ def _identity(path: str, configured: bool) -> _Identity | None:
     if not os.path.exists(path):
         if found.public is None and not configured:
             return None  # a default key name this user does not have
-        found.problem = "no such file"
+        found.problem = "no such file" if configured else None  # ssh names a missing file only if configured
         return found
     try:
         found.key = paramiko.PKey.from_path(path)
@@ -284,7 +284,7 @@ def _candidate_keys(target: SshTarget, agent_keys: list) -> tuple[list[tuple[str
             others.append((label, agent_key))
     held_back = len(agent_keys) - len(keys) - len(others)
     keys += others + [(i.path, i.key) for i in files if i.key is not None]
-    skipped = [f"{i.path} ({i.problem})" for i in files if i.key is None]
+    skipped = [f"{i.path} ({i.problem})" for i in files if i.key is None and i.problem]
     if held_back:
         skipped.append(f"{held_back} agent key{'s' if held_back > 1 else ''} (IdentitiesOnly yes in ~/.ssh/config)")
     return keys, skipped

@@ -371,7 +371,7 @@ def test_userknownhostsfile_none_says_where_the_key_could_go(world):
 # -- what ssh cannot be pointed at: checked on qjam_nb, against OpenSSH's source ---------------
 
 
-def test_defaults_are_openssh_s(world):
+def test_known_hosts_defaults_are_openssh_s(world):
     """readconf.c fill_default_options: ~/.ssh/known_hosts{,2} and /etc/ssh/ssh_known_hosts{,2}; no hashing."""
     world.config.write_text("Host target\n  HostName 127.0.0.1\n")
     target = resolve("target", SshOptions())
