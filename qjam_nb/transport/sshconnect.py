@@ -1,17 +1,32 @@
 """Reaching an ssh host: ``~/.ssh/config``, the connection, its host key, the login.
 
 Each stage raises a ``HostError`` naming the host, the stage and the fix:
-resolving the name (HostName, User, Port, IdentityFile, UserKnownHostsFile,
-ProxyJump), opening the connection (directly, or through ProxyJump hosts),
-starting ssh with a large window and AES-GCM preferred, checking the host key
-(``hostkeys``), and logging in with keys only (the given identity, the
-config's IdentityFile entries, the default keys, the agent; never a password).
+resolving the name (``~/.ssh/config``'s HostName, User, Port, IdentityFile,
+IdentitiesOnly, ProxyJump, HostKeyAlias, UserKnownHostsFile,
+GlobalKnownHostsFile and HashKnownHosts, read as OpenSSH reads them; other
+keys are ignored), opening the connection (directly, or through ProxyJump
+hosts), starting ssh with a large window and AES-GCM preferred, checking the
+host key (``hostkeys``), and logging in with keys only, never a password.
+The keys, in OpenSSH's order: the agent's keys (those of a configured
+identity first, the others only without ``IdentitiesOnly``), then the
+identity files (``identity=``, then the config's IdentityFile entries; the
+default ``~/.ssh/id_*`` files only when none is configured). An identity
+file whose private half is missing or locked is still used when the agent
+holds its key (matched by ``path.pub``).
+
+paramiko's ``SSHConfig`` gives the keys lower-cased and expands tokens in
+IdentityFile only; the known hosts files are expanded here as ssh does:
+a leading ``~`` in each file, then ``%`` tokens and ``${VAR}`` in
+UserKnownHostsFile (``~`` only in GlobalKnownHostsFile).
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import re
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +44,8 @@ WINDOW_SIZE = 64 << 20
 PACKET_SIZE = 256 << 10
 #: Fast ciphers first; paramiko falls back to the rest if the server lacks them.
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
-DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
+#: The default identity files paramiko can use, in ssh's order (readconf.c), tried only when none is configured.
+DEFAULT_KEYS = ("id_rsa", "id_ecdsa", "id_ed25519")
 
 
 @dataclass
@@ -52,8 +68,10 @@ class SshTarget:
     hostname: str
     port: int
     user: str
-    identities: list[str] = field(default_factory=list)
-    known_hosts: list[Path] = field(default_factory=list)
+    known_hosts: hostkeys.KnownHosts
+    host_key_alias: str | None = None
+    identities: list[str] = field(default_factory=list)  # configured: identity=, then IdentityFile
+    identities_only: bool = False
     proxy_jump: str | None = None
 
 
@@ -69,21 +87,76 @@ def resolve(alias: str, options: SshOptions) -> SshTarget:
         config = paramiko.SSHConfig.from_path(str(path))
     entry = config.lookup(alias)
     user = options.user or os.environ.get("QJAM_USER") or entry.get("user") or getpass.getuser()
+    hostname = entry.get("hostname", alias)
+    port = int(options.port or entry.get("port", 22))
+    host_key_alias = entry.get("hostkeyalias", "").lower() or None
     identities = [options.identity] if options.identity else []
     identities += entry.get("identityfile", [])
-    known = [os.path.expanduser(p) for p in entry.get("userknownhostsfile", "").split()] or [
-        str(ssh_dir() / "known_hosts")
-    ]
+    tokens = _tokens(alias, hostname, port, user, host_key_alias)
+    known = hostkeys.KnownHosts(
+        user_files=_files(alias, entry, "UserKnownHostsFile", hostkeys.USER_FILES, tokens),
+        global_files=_files(alias, entry, "GlobalKnownHostsFile", hostkeys.GLOBAL_FILES, None),
+        hash_names="hashknownhosts" in entry and entry.as_bool("hashknownhosts"),
+    )
     jump = entry.get("proxyjump")
     return SshTarget(
         alias=alias,
-        hostname=entry.get("hostname", alias),
-        port=int(options.port or entry.get("port", 22)),
+        hostname=hostname,
+        port=port,
         user=user,
         identities=[os.path.expanduser(p) for p in identities],
-        known_hosts=[Path(p) for p in known],
+        identities_only="identitiesonly" in entry and entry.as_bool("identitiesonly"),
+        known_hosts=known,
+        host_key_alias=host_key_alias,
         proxy_jump=None if jump in (None, "none") else jump,
     )
+
+
+def _tokens(alias: str, hostname: str, port: int, user: str, host_key_alias: str | None) -> dict[str, str]:
+    """The ``%`` tokens ssh expands in UserKnownHostsFile (OpenSSH 9.2's DEFAULT_CLIENT_PERCENT_EXPAND_ARGS)."""
+    this_host = socket.gethostname()
+    port_text = str(port)
+    return {
+        "C": hashlib.sha1((this_host + hostname.lower() + port_text + user).encode()).hexdigest(),
+        "L": this_host.split(".")[0], "i": str(os.getuid()), "k": host_key_alias or alias, "l": this_host,
+        "n": alias, "p": port_text, "d": os.path.expanduser("~"), "h": hostname.lower(), "r": user,
+        "u": getpass.getuser(),
+    }
+
+
+def _files(alias: str, entry: paramiko.SSHConfigDict, key: str, default: tuple[str, ...],
+           tokens: dict[str, str] | None) -> tuple[Path, ...]:
+    """A known hosts file list from the config (``none``: no file), each file expanded as ssh does."""
+    value = entry.get(key.lower())
+    try:
+        words = shlex.split(value) if value else list(default)
+    except ValueError:  # an unbalanced quote: ssh would stop on it too
+        raise HostError(alias, "reading ~/.ssh/config", f"{key} {value!r} cannot be parsed") from None
+    if words[0].lower() == "none":
+        if len(words) > 1:
+            raise HostError(alias, "reading ~/.ssh/config",
+                            f"{key} {value!r}: \"none\" must appear alone, as ssh requires")
+        return ()
+    return tuple(Path(_expand(alias, key, os.path.expanduser(word), tokens)) for word in words)
+
+
+def _expand(alias: str, key: str, text: str, tokens: dict[str, str] | None) -> str:
+    """``%x`` tokens and ``${VAR}`` as ssh expands them; an unknown one is an error, as in ssh."""
+    if tokens is None:
+        return text
+
+    def one(match: re.Match) -> str:
+        if match.group(1) is not None:
+            if match.group(1) == "%":
+                return "%"
+            if match.group(1) in tokens:
+                return tokens[match.group(1)]
+            raise HostError(alias, "reading ~/.ssh/config", f"{key} {text!r}: unknown token %{match.group(1)}")
+        if match.group(2) in os.environ:
+            return os.environ[match.group(2)]
+        raise HostError(alias, "reading ~/.ssh/config", f"{key} {text!r}: ${{{match.group(2)}}} is not set")
+
+    return re.sub(r"%(.)|\$\{(\w+)\}", one, text)
 
 
 def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport, list[paramiko.Transport]]:
@@ -100,15 +173,15 @@ def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport,
         )
         # Ask for a key type known_hosts already holds for this host (as ssh does), or a host that also has
         # the key type paramiko prefers would look unknown.
-        security.key_types = hostkeys.preferred_key_types(
-            security.key_types, hostkeys.known_types(target.hostname, target.port, target.known_hosts))
+        security.key_types = hostkeys.preferred_key_types(security.key_types, hostkeys.known_types(
+            target.hostname, target.port, target.known_hosts, target.host_key_alias))
         try:
             transport.start_client(timeout=options.timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise HostError(target.alias, "starting the ssh session",
                             f"{target.hostname}:{target.port} did not speak ssh ({exc})") from None
         hostkeys.check(target.alias, target.hostname, target.port, transport.get_remote_server_key(),
-                       target.known_hosts, options.accept_new_host)
+                       target.known_hosts, options.accept_new_host, target.host_key_alias)
         _authenticate(transport, target)
         transport.set_keepalive(15)
         return transport, jumps
@@ -161,37 +234,76 @@ def _open_socket(target: SshTarget, options: SshOptions, jumps: list) -> socket.
         raise HostError(target.alias, "connecting", f"{target.hostname}:{target.port}: {exc}") from None
 
 
-def _candidate_keys(target: SshTarget) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
-    keys: list[tuple[str, paramiko.PKey]] = []
-    skipped: list[str] = []
-    paths = list(target.identities) + [str(ssh_dir() / name) for name in DEFAULT_KEYS]
-    seen = set()
-    for path in paths:
-        if path in seen:
-            continue
-        seen.add(path)
-        if not os.path.exists(path):
-            if path in target.identities:  # named by identity= or IdentityFile: say so, as ssh does
-                skipped.append(f"{path} (no such file)")
-            continue
-        try:
-            keys.append((path, paramiko.PKey.from_path(path)))
-        except (paramiko.PasswordRequiredException, TypeError) as exc:
-            if isinstance(exc, TypeError) and "password" not in str(exc).lower():
-                raise  # cryptography says "no password given" with a TypeError; any other is a bug
-            skipped.append(f"{path} (needs a passphrase: add it to your ssh agent)")
-        except (paramiko.SSHException, ValueError, OSError, UnknownKeyType, UnsupportedAlgorithm) as exc:
-            skipped.append(f"{path} ({exc or type(exc).__name__})")
+@dataclass
+class _Identity:
+    """An identity file: its public key (from the file or ``path.pub``) and its private key, when it loads."""
+
+    path: str
+    public: bytes | None = None
+    key: paramiko.PKey | None = None
+    problem: str | None = None  # why the private key cannot be used here
+
+
+def _identity(path: str, configured: bool) -> _Identity | None:
+    found = _Identity(path)
     try:
-        for agent_key in paramiko.Agent().get_keys():
-            keys.append((f"agent key {agent_key.get_name()} {hostkeys.fingerprint(agent_key)}", agent_key))
-    except paramiko.SSHException:
+        found.public = paramiko.PublicBlob.from_file(path + ".pub").key_blob
+    except (OSError, ValueError):
         pass
+    if not os.path.exists(path):
+        if found.public is None and not configured:
+            return None  # a default key name this user does not have
+        found.problem = "no such file" if configured else None  # ssh names a missing file only if configured
+        return found
+    try:
+        found.key = paramiko.PKey.from_path(path)
+        found.public = found.key.asbytes()
+    except (paramiko.PasswordRequiredException, TypeError) as exc:
+        if isinstance(exc, TypeError) and "password" not in str(exc).lower():
+            raise  # cryptography says "no password given" with a TypeError; any other is a bug
+        found.problem = "needs a passphrase: add it to your ssh agent"
+    except (paramiko.SSHException, ValueError, OSError, UnknownKeyType, UnsupportedAlgorithm) as exc:
+        found.problem = str(exc) or type(exc).__name__
+    return found
+
+
+def _candidate_keys(target: SshTarget, agent_keys: list) -> tuple[list[tuple[str, paramiko.PKey]], list[str]]:
+    """The keys to offer, in OpenSSH's order (sshconnect2.c pubkey_prepare), and the keys skipped, with why."""
+    configured = bool(target.identities)
+    paths = target.identities or [str(ssh_dir() / name) for name in DEFAULT_KEYS]
+    files = [i for i in (_identity(p, configured) for p in dict.fromkeys(paths)) if i is not None]
+    keys: list[tuple[str, paramiko.PKey]] = []
+    others: list[tuple[str, paramiko.PKey]] = []
+    for agent_key in agent_keys:
+        label = f"agent key {agent_key.get_name()} {hostkeys.fingerprint(agent_key)}"
+        mine = [i for i in files if i.public == agent_key.asbytes()]
+        if mine:  # the agent signs for a configured identity, whether or not its private file is usable here
+            files.remove(mine[0])
+            keys.append((f"{mine[0].path} ({label})", agent_key))
+        elif not target.identities_only:
+            others.append((label, agent_key))
+    held_back = len(agent_keys) - len(keys) - len(others)
+    keys += others + [(i.path, i.key) for i in files if i.key is not None]
+    skipped = [f"{i.path} ({i.problem})" for i in files if i.key is None and i.problem]
+    if held_back:
+        skipped.append(f"{held_back} agent key{'s' if held_back > 1 else ''} (IdentitiesOnly yes in ~/.ssh/config)")
     return keys, skipped
 
 
 def _authenticate(transport: paramiko.Transport, target: SshTarget) -> None:
-    keys, skipped = _candidate_keys(target)
+    try:
+        agent: paramiko.Agent | None = paramiko.Agent()
+    except paramiko.SSHException:
+        agent = None
+    try:
+        _log_in(transport, target, agent.get_keys() if agent is not None else [])
+    finally:
+        if agent is not None:
+            agent.close()
+
+
+def _log_in(transport: paramiko.Transport, target: SshTarget, agent_keys: list) -> None:
+    keys, skipped = _candidate_keys(target, agent_keys)
     tried = []
     for label, key in keys:
         try:
