@@ -1,9 +1,10 @@
 """``Cluster``: start workers, run ``map`` calls over cached slices, shut down.
 
-Everything happens on one thread: the one that calls ``map`` (or creates the
-cluster). It takes what the workers said from the pool's inbox (reading their
-streams itself, ``transport.link.Inbox``), tells the scheduler, folds results
-and emits events. Worker lifecycles
+Everything happens on one thread at a time: the one that calls ``map`` (or
+creates the cluster); a second thread waits for the running call, and a
+forked child may not use the cluster at all (``ownership``). It takes what
+the workers said from the pool's inbox (reading their streams itself,
+``transport.link.Inbox``), tells the scheduler, folds results and emits events. Worker lifecycles
 (start, revive, lose, cancel, stop) live in ``pool``. Nothing here touches a
 socket, a pipe or IPython directly.
 
@@ -47,6 +48,7 @@ from . import states
 from .chaos import Chaos
 from .echo import StreamEcho
 from .hosts import parse_hosts
+from .ownership import Ownership, one_at_a_time
 from .pool import WorkerHandle, WorkerPool
 from .progress import TqdmProgress
 from .reduce import OrderedFold
@@ -67,6 +69,9 @@ WINDOW = 4
 CANCEL_GRACE = 1.0
 #: Deaths a slice may cause before it is not tried again.
 MAX_SLICE_DEATHS = 2
+#: Seconds the interpreter's exit waits for a call still running on another (daemon) thread; past
+#: that its workers are left to end by themselves, as they do once this process ends (their input closes).
+EXIT_WAIT = 5.0
 
 _live_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
@@ -105,6 +110,7 @@ class Cluster:
         for calls that take over half a second (default: when stderr is a terminal);
         ``observers`` are subscribed before anything starts, so they see every event;
         ``start_timeout`` bounds connecting, bootstrapping and the handshake."""
+        self._ownership = Ownership()  # this process's, one call at a time
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
@@ -132,6 +138,7 @@ class Cluster:
             raise
 
     # -- lifecycle -----------------------------------------------------------
+    @one_at_a_time
     def restart(self) -> list[str]:
         """Start every dead worker again now (reconnecting hosts, ignoring backoff); returns their names."""
         self._check_open()
@@ -140,7 +147,22 @@ class Cluster:
         return [w.name for w in self._pool.revive(START_TIMEOUT)]
 
     def shutdown(self) -> None:
-        """Stop every worker. The cluster cannot be used afterwards."""
+        """Stop every worker. The cluster cannot be used afterwards.
+
+        From another thread while a call runs, it waits for that call to end (bounded by the
+        call's ``timeout=``). In a forked child it only marks the child's copy closed: the
+        workers are the parent's, and carry on serving it.
+        """
+        if self._ownership.forked():
+            self._closed = True
+            _live_clusters.discard(self)
+            return
+        if self._closed:
+            return
+        with self._ownership.turn("shutdown"):
+            self._stop()
+
+    def _stop(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -190,10 +212,12 @@ class Cluster:
         return {w.name: (len(w.cache), w.cached_bytes) for w in self.workers}
 
     def _check_open(self) -> None:
+        self._ownership.check()  # in a forked child: before anything else (and no lock)
         if self._closed:
             raise ClusterClosedError("this cluster was shut down: start a new one (Cluster(...) or %qjam_hosts)")
 
     # -- map -----------------------------------------------------------------
+    @one_at_a_time
     def map(
         self,
         mapfunc: Callable[[Any, Any], Any],
@@ -211,7 +235,8 @@ class Cluster:
         ``mapfunc(params, [])`` once. Slices stay cached on the workers, so a
         second call over the same data ships only the function and params.
         ``timeout`` (seconds) bounds the call: past it the call is stopped on
-        every worker and ``CallTimeoutError`` is raised.
+        every worker and ``CallTimeoutError`` is raised. Calls from several
+        threads take turns; in a forked child, make a new ``Cluster``.
         """
         self._check_open()
         check_signature(mapfunc)
@@ -262,6 +287,7 @@ class Cluster:
         here, where ``%debug`` and breakpoints work). ``ReplayError`` says why
         a slice cannot be replayed: out of range, call forgotten, data changed.
         """
+        self._ownership.check()
         return self._replays.replay(slice, call)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
@@ -644,8 +670,13 @@ def _as_dataset(dataset: Any, slice_size: int | None) -> DataSet | None:
 
 @atexit.register
 def _shutdown_all() -> None:
+    """Stop this process's clusters; a forked child's copies are only marked closed (see ``shutdown``)."""
     for cluster in list(_live_clusters):
         try:
-            cluster.shutdown()
-        except QjamError:
+            if cluster._ownership.forked():
+                cluster.shutdown()
+                continue
+            with cluster._ownership.turn("shutdown", EXIT_WAIT):
+                cluster._stop()
+        except (QjamError, TimeoutError):
             pass
