@@ -67,8 +67,8 @@ class Ownership:
             )
         if not self._turn.acquire(timeout=-1 if timeout is None else timeout):
             raise TimeoutError(f"{what}(): a call of this cluster still runs on another thread")
-        self._holder = me
         try:
+            self._holder = me
             yield
         finally:
             self._holder = None
@@ -81,8 +81,8 @@ class Ownership:
         if self._holder == threading.get_ident() or not self._turn.acquire(blocking=False):
             yield False
             return
-        self._holder = threading.get_ident()
         try:
+            self._holder = threading.get_ident()
             yield True
         finally:
             self._holder = None
