@@ -213,6 +213,42 @@ def test_a_childs_atexit_leaves_the_parents_workers_alive_and_answering(make_clu
     assert not [e for e in log.of(WorkerStateChanged) if e.state in ("dead", "stopped")]
 
 
+CHILD_EXITS = textwrap.dedent("""
+    import json, os, signal, sys, threading, time
+    from qjam_nb import Cluster
+
+    def slow_sum(params, xs):
+        time.sleep(params)
+        return sum(xs)
+
+    cluster = Cluster([sys.argv[1]], echo=False)
+    answer = {}
+    caller = threading.Thread(target=lambda: answer.update(value=cluster.map(slow_sum, 0.05, list(range(16)),
+                                                                             slice_size=1, timeout=30)))
+    caller.start()
+    time.sleep(0.2)
+    pids = [w.hello["pid"] for w in cluster.workers]
+    child = os.fork()
+    if child == 0:  # the normal way out: atexit, then the interpreter frees the cluster (ssh channels too)
+        signal.alarm(10)
+        sys.exit(0)
+    _, status = os.waitpid(child, 0)
+    caller.join()
+    again = cluster.map(slow_sum, 0, list(range(8)), slice_size=1, timeout=30)
+    print(json.dumps({"child": os.waitstatus_to_exitcode(status), "answer": answer.get("value"), "again": again,
+                      "same workers": pids == [w.hello["pid"] for w in cluster.workers]}), flush=True)
+    cluster.shutdown()
+""")
+
+
+def test_a_child_that_exits_the_normal_way_during_a_call_leaves_the_parents_call_and_workers(backend):
+    host = "local:2" if backend == "local" else "sshhost:2"
+    run = subprocess.run([sys.executable, "-c", CHILD_EXITS, host], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == {"child": 0, "answer": 120, "again": 28, "same workers": True}
+
+
 def gone(pid: int) -> bool:
     """The process ended (a zombie no one reaped yet counts as ended)."""
     try:
