@@ -15,7 +15,9 @@
      │    ├── HostError        a host could not be reached, logged into or bootstrapped
      │    │    └── HostKeyError    its host key is unknown or changed
      │    └── VersionMismatchError  worker and notebook would not understand each other's pickles
-     └── ClusterClosedError   the cluster was shut down
+     ├── ClusterClosedError   the cluster was shut down
+     ├── ForkedClusterError   a cluster used in a forked child of the process that made it
+     └── ReentrantCallError   map (restart, shutdown) called from inside a running call, on its thread
 
     UserWarning
      └── CaptureWarning       mapfunc captures big variables, shipped to every worker on every call
@@ -39,6 +41,8 @@ __all__ = [
     "HostKeyError",
     "VersionMismatchError",
     "ClusterClosedError",
+    "ForkedClusterError",
+    "ReentrantCallError",
     "ReplayError",
     "CaptureWarning",
 ]
@@ -94,6 +98,16 @@ class VersionMismatchError(WorkerError):
 
 class ClusterClosedError(_Said, QjamError):
     """Raised when a cluster is used after ``shutdown()``."""
+
+
+class ForkedClusterError(_Said, QjamError):
+    """Raised when a cluster is used in a forked child (``os.fork``, ``multiprocessing``): its workers
+    belong to the process that made it. Raised before anything is sent or any lock taken."""
+
+
+class ReentrantCallError(_Said, QjamError, RuntimeError):
+    """Raised when ``map`` (or ``restart``, ``shutdown``) is called on the thread that is running a
+    call of the same cluster, e.g. by an observer: waiting for that call would wait for ever."""
 
 
 class ReplayError(_Said, QjamError, LookupError):

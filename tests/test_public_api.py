@@ -8,7 +8,7 @@ PUBLIC = {
     "Cluster", "DataSet", "ListDataSet", "NumpyMatrixDataSet", "Master", "RemoteWorker", "default_reduce",
     "QjamError", "ProtocolError", "DataSetError", "ShippingError", "MapFuncError", "RemoteError", "ReduceError",
     "CallTimeoutError", "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
-    "ReplayError", "CaptureWarning",
+    "ForkedClusterError", "ReentrantCallError", "ReplayError", "CaptureWarning",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
     "SliceLost", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
 }

@@ -4,6 +4,8 @@
 
 * Everything acts on the cluster's thread (the one calling ``map``), like the
   rest of the cluster; a widget button runs there too (the kernel's thread).
+  Called while a call runs (from an observer, or another thread), an action
+  is armed for that call's next slice; in a forked child, it raises.
 * Now, between calls: ``kill`` sends the worker SIGKILL (locally, or with
   ``kill -KILL`` over ssh), ``drop`` closes its connection (its stdin pipe
   here, its ssh channel over ssh: the worker sees EOF and exits). Either way
@@ -86,6 +88,7 @@ class Chaos:
 
     def slow(self, worker: str | int, seconds: float) -> str:
         """Make the worker sleep ``seconds`` before every slice (a straggler); 0 makes it normal again."""
+        self._owned()
         name = self._name(worker)
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
                 or not math.isfinite(seconds) or seconds < 0:
@@ -99,6 +102,7 @@ class Chaos:
 
     def clear(self) -> None:
         """Disarm every armed kill and drop, and end every slowdown."""
+        self._owned()
         self.armed.clear()
         self.delays.clear()
         self.log.append("cleared")
@@ -134,19 +138,20 @@ class Chaos:
             self.armed.append(Armed(action, name, after_slices))
             return name
         handle = cluster._worker(name)
-        if handle.state == states.BUSY:
-            # Called during a call (an observer, another thread): the map loop does it at the next slice.
-            self.armed.append(Armed(action, name, 0))
-            return name
-        if handle.state != states.IDLE:
-            raise ValueError(f"cannot {action} {name}: it is {handle.state} ({handle.reason or 'no reason given'}); "
-                             "dead workers are started again before the next call (or cluster.restart())")
-        pool = cluster._pool
-        if action == KILL:
-            kill_process(handle.link)
-        else:
-            drop_link(handle.link)
-        pool.lose(handle, reason=REASONS[action])
+        with cluster._ownership.turn_if_free() as between_calls:
+            if not between_calls or handle.state == states.BUSY:
+                # Called during a call (an observer, another thread): the map loop does it at the next slice.
+                self.armed.append(Armed(action, name, 0))
+                return name
+            if handle.state != states.IDLE:
+                raise ValueError(f"cannot {action} {name}: it is {handle.state} "
+                                 f"({handle.reason or 'no reason given'}); dead workers are started again "
+                                 "before the next call (or cluster.restart())")
+            if action == KILL:
+                kill_process(handle.link)
+            else:
+                drop_link(handle.link)
+            cluster._pool.lose(handle, reason=REASONS[action])
         self.log.append(f"{action} {name}, between calls")
         return name
 
@@ -169,6 +174,12 @@ class Chaos:
         # As if its link had closed: dead now, its slices go to the others. Frames still on their way
         # from it are dropped (Cluster._handle ignores dead workers' frames).
         self._cluster._lost_in_call(handle, LinkClosed(reason), call, sched)
+
+    def _owned(self) -> None:
+        """In a forked child chaos, as every use of its cluster, raises ForkedClusterError."""
+        cluster = self._cluster_ref()
+        if cluster is not None:
+            cluster._ownership.check()
 
     def _name(self, worker: str | int) -> str:
         names = self._cluster.worker_names

@@ -1,9 +1,10 @@
 """``Cluster``: start workers, run ``map`` calls over cached slices, shut down.
 
-Everything happens on one thread: the one that calls ``map`` (or creates the
-cluster). It takes what the workers said from the pool's inbox (reading their
-streams itself, ``transport.link.Inbox``), tells the scheduler, folds results
-and emits events. Worker lifecycles
+Everything happens on one thread at a time: the one that calls ``map`` (or
+creates the cluster); a second thread waits for the running call, and a
+forked child may not use the cluster at all (``ownership``). It takes what
+the workers said from the pool's inbox (reading their streams itself,
+``transport.link.Inbox``), tells the scheduler, folds results and emits events. Worker lifecycles
 (start, revive, lose, cancel, stop) live in ``pool``. Nothing here touches a
 socket, a pipe or IPython directly.
 
@@ -49,6 +50,7 @@ from .chaos import Chaos
 from .echo import StreamEcho
 from .hosts import parse_hosts
 from .liveness import Liveness
+from .ownership import Ownership, one_at_a_time
 from .pool import WorkerHandle, WorkerPool
 from .progress import TqdmProgress
 from .reduce import OrderedFold
@@ -72,6 +74,9 @@ MAX_SLICE_DEATHS = 2
 #: Seconds between a busy worker's heartbeats; silent for ``liveness.MISSES`` of them (and using no
 #: CPU), it is judged unresponsive, killed and replaced.
 HEARTBEAT = 1.0
+#: Seconds the interpreter's exit waits for a call still running on another (daemon) thread; past
+#: that its workers are left to end by themselves, as they do once this process ends (their input closes).
+EXIT_WAIT = 5.0
 
 _live_clusters: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
@@ -115,6 +120,7 @@ class Cluster:
         for three of them, and not using CPU, is killed and its slices run elsewhere."""
         if not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
             raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
+        self._ownership = Ownership()  # this process's, one call at a time
         self.events = ev.EventBus()
         self.status = StatusModel()
         self.events.subscribe(self.status)
@@ -143,6 +149,7 @@ class Cluster:
             raise
 
     # -- lifecycle -----------------------------------------------------------
+    @one_at_a_time
     def restart(self) -> list[str]:
         """Start every dead worker again now (reconnecting hosts, ignoring backoff); returns their names."""
         self._check_open()
@@ -151,7 +158,22 @@ class Cluster:
         return [w.name for w in self._pool.revive(START_TIMEOUT)]
 
     def shutdown(self) -> None:
-        """Stop every worker. The cluster cannot be used afterwards."""
+        """Stop every worker. The cluster cannot be used afterwards.
+
+        From another thread while a call runs, it waits for that call to end (bounded by the
+        call's ``timeout=``). In a forked child it only marks the child's copy closed: the
+        workers are the parent's, and carry on serving it.
+        """
+        if self._ownership.forked():
+            self._closed = True
+            _live_clusters.discard(self)
+            return
+        if self._closed:
+            return
+        with self._ownership.turn("shutdown"):
+            self._stop()
+
+    def _stop(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -201,10 +223,12 @@ class Cluster:
         return {w.name: (len(w.cache), w.cached_bytes) for w in self.workers}
 
     def _check_open(self) -> None:
+        self._ownership.check()  # in a forked child: before anything else (and no lock)
         if self._closed:
             raise ClusterClosedError("this cluster was shut down: start a new one (Cluster(...) or %qjam_hosts)")
 
     # -- map -----------------------------------------------------------------
+    @one_at_a_time
     def map(
         self,
         mapfunc: Callable[[Any, Any], Any],
@@ -222,7 +246,8 @@ class Cluster:
         ``mapfunc(params, [])`` once. Slices stay cached on the workers, so a
         second call over the same data ships only the function and params.
         ``timeout`` (seconds) bounds the call: past it the call is stopped on
-        every worker and ``CallTimeoutError`` is raised.
+        every worker and ``CallTimeoutError`` is raised. Calls from several
+        threads take turns; in a forked child, make a new ``Cluster``.
         """
         self._check_open()
         check_signature(mapfunc)
@@ -273,6 +298,7 @@ class Cluster:
         here, where ``%debug`` and breakpoints work). ``ReplayError`` says why
         a slice cannot be replayed: out of range, call forgotten, data changed.
         """
+        self._ownership.check()
         return self._replays.replay(slice, call)
 
     def _run(self, call: _Call, alive: list[WorkerHandle], func_blob: bytes, params_part: tuple) -> Any:
@@ -705,8 +731,13 @@ def _as_dataset(dataset: Any, slice_size: int | None) -> DataSet | None:
 
 @atexit.register
 def _shutdown_all() -> None:
+    """Stop this process's clusters; a forked child's copies are only marked closed (see ``shutdown``)."""
     for cluster in list(_live_clusters):
         try:
-            cluster.shutdown()
-        except QjamError:
+            if cluster._ownership.forked():
+                cluster.shutdown()
+                continue
+            with cluster._ownership.turn("shutdown", EXIT_WAIT):
+                cluster._stop()
+        except (QjamError, TimeoutError):
             pass

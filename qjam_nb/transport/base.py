@@ -4,13 +4,24 @@ A transport knows how to reach one host (a child process here, later an ssh
 channel) and nothing about frames, slices or calls. Each started worker is a
 ``WorkerProcess``: a byte stream (stdin/stdout of the worker) read without
 waiting once polled, its stderr, and process control. ``qjam_nb.transport.link`` adds framing on top.
+
+Forked children. Whatever holds a worker's pipe, socket or pidfd registers
+with ``forget_in_children``; in every child forked from this process, each
+one's ``forget_in_child()`` points those descriptors at /dev/null (``forget``).
+A child then keeps no worker alive once this process dies (a worker exits when
+its input ends), and never writes into a stream this process is using. The
+numbers stay taken, so the child's copies of the Python objects that own them
+may close them later, closing only /dev/null. Nothing is sent from the child.
+Every descriptor the master opens to a worker is close-on-exec too, so an
+exec'd child (``subprocess``) gets none of them.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -85,6 +96,37 @@ def kill_group(pgid: int | None) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except OSError:  # no such group (left already), or not ours
         pass
+#: What holds descriptors to workers (weakly: an owner that goes needs no forgetting).
+_owners: weakref.WeakSet = weakref.WeakSet()
+
+
+def forget_in_children(owner: object) -> None:
+    """Have ``owner.forget_in_child()`` run in every child forked from now on, while ``owner`` lives."""
+    _owners.add(owner)
+
+
+def forget(fds: Iterable[int]) -> None:
+    """In a forked child: point each of ``fds`` at /dev/null (close-on-exec), keeping the numbers taken."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for fd in fds:
+            if fd >= 0 and fd != null:
+                os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+def _after_fork_in_child() -> None:
+    # Runs in the child, whose other threads are gone (and their locks with them): takes no lock.
+    for owner in list(_owners):
+        try:
+            owner.forget_in_child()
+        except Exception:  # one owner that cannot must not stop the others, nor the fork
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class PipeStreams:
@@ -97,6 +139,14 @@ class PipeStreams:
         self._fds = (stdout, stderr)
         for fd in (stdin, stdout, stderr):  # only this process uses these ends
             os.set_blocking(fd, False)
+        forget_in_children(self)
+
+    def held_fds(self) -> list[int]:
+        """The descriptors this process still holds to the worker (those not closed yet)."""
+        return [self._stdin, *self._fds]
+
+    def forget_in_child(self) -> None:
+        forget(self.held_fds())
 
     def poll_fds(self) -> tuple[int, ...]:
         return self._fds

@@ -15,6 +15,7 @@ stdio, which the worker and the ssh transport share.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import select
@@ -25,7 +26,16 @@ import threading
 import time
 
 from ..worker.pipes import widen
-from .base import WORKER_PACKAGE, CpuState, PipeStreams, forkserver_code, kill_group, local_cpu_state
+from .base import (
+    WORKER_PACKAGE,
+    CpuState,
+    PipeStreams,
+    forget,
+    forget_in_children,
+    forkserver_code,
+    kill_group,
+    local_cpu_state,
+)
 
 #: Seconds for the server to start Python and import the worker package.
 START_TIMEOUT = 30.0
@@ -33,6 +43,17 @@ START_TIMEOUT = 30.0
 
 class ForkServerError(OSError):
     """The fork server could not start or answer; the caller starts workers the slow way."""
+
+
+def _recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """``socket.recv_fds``, with the descriptors close-on-exec from the start, as every descriptor
+    to a worker is (Python 3.11's ``recv_fds`` drops its ``flags``)."""
+    fds = array.array("i")
+    message, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
 
 
 class ForkServer:
@@ -52,6 +73,7 @@ class ForkServer:
         finally:
             theirs.close()
         self.sock = mine
+        forget_in_children(self)
         self.exits: dict[int, int] = {}  # pid -> status, as the server reported them
         self._lock = threading.Lock()
         try:
@@ -115,7 +137,7 @@ class ForkServer:
         if not select.select([self.sock], [], [], max(0.0, left))[0]:
             raise TimeoutError("the fork server did not answer in time")
         try:
-            message, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
+            message, fds = _recv_fds(self.sock, 1 << 16, 1)
         except OSError as e:
             raise ForkServerError(f"the fork server is gone ({e})") from e
         if not message:
@@ -124,6 +146,9 @@ class ForkServer:
         if "exited" in body:
             self.exits[body["exited"]] = body["status"]
         return body, fds
+
+    def forget_in_child(self) -> None:
+        forget([self.sock.fileno()])  # -1 once closed: skipped
 
     def close(self) -> None:
         """End the server (its workers run on until their stdin closes) and reap it."""
@@ -146,6 +171,9 @@ class ForkedProcess(PipeStreams):
         self._pidfd = pidfd
         self._server = server
         self._open = [stdin, stdout, stderr, pidfd]
+
+    def held_fds(self) -> list[int]:
+        return list(self._open)
 
     def close(self) -> None:
         self._close(self._stdin)

@@ -28,6 +28,9 @@ class LocalProcess(PipeStreams):
         self.popen = popen
         self.pid = popen.pid
 
+    def held_fds(self) -> list[int]:
+        return [p.fileno() for p in (self.popen.stdin, self.popen.stdout, self.popen.stderr) if not p.closed]
+
     def close(self) -> None:
         try:
             self.popen.stdin.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import paramiko
 
 from ..errors import HostError
-from .base import CpuState, bootstrap_code, parse_stat
+from .base import CpuState, bootstrap_code, forget, forget_in_children, parse_stat
 from .payload import PROBE, UNPACK, payload
 from .sshconnect import PACKET_SIZE, PREFERRED_CIPHERS, WINDOW_SIZE, SshOptions, connect, resolve
 
@@ -64,6 +65,14 @@ def close_channel(channel: paramiko.Channel) -> None:
     channel.close()
 
 
+def quiet_in_child(channel: paramiko.Channel) -> None:
+    """In a forked child: let this copy of a channel only close, silently. Its lock may be held
+    by a parent's thread, which the child does not have; and a child must send nothing."""
+    channel.lock = threading.Lock()
+    channel.out_buffer_cv = threading.Condition(channel.lock)
+    channel.closed = True
+
+
 class SshProcess:
     """A worker on an ssh channel: the channel's stdin/stdout carry the frames."""
 
@@ -74,6 +83,10 @@ class SshProcess:
         self.channel = channel
         self.host = host
         self.pid: int | None = None  # the remote pid, learnt from the worker's hello
+        forget_in_children(self)
+
+    def forget_in_child(self) -> None:
+        quiet_in_child(self.channel)
 
     def poll_fds(self) -> tuple[int, ...]:
         return (self.channel.fileno(),)  # paramiko's pipe: readable while stdout or stderr data waits
@@ -191,6 +204,7 @@ class SshTransport:
         self.options = options or SshOptions()
         self.target = resolve(alias, self.options)
         self.transport, self._jumps = connect(self.target, self.options)
+        forget_in_children(self)
         try:
             self.python, self.directory, self.uploaded = self._bootstrap()
         except BaseException:
@@ -276,6 +290,18 @@ class SshTransport:
                                 "sshd_config") from None
             procs.append(SshProcess(name, channel, self))
         return procs
+
+    def forget_in_child(self) -> None:
+        """In a forked child: the TCP socket (this host's, or the first jump host's) points at /dev/null,
+        and the child's copies of the connections are dead, so they send nothing (``base.forget``)."""
+        fds = []
+        for t in (self.transport, *self._jumps):
+            t.active = False
+            if isinstance(t.sock, socket.socket):
+                fds.append(t.sock.fileno())
+            else:  # a channel of the jump host's connection
+                quiet_in_child(t.sock)
+        forget(fds)
 
     def close(self) -> None:
         self.transport.close()
