@@ -130,9 +130,33 @@ def copy_readable(source: str, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def runs_as_nobody(python: str, cwd: str) -> bool:
+    done = subprocess.run(as_nobody([python, "-I", "-c", "import sys; print(sys.version_info[:2])"]),
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+    return done.returncode == 0 and done.stdout.strip() == str(tuple(sys.version_info[:2]))
+
+
+def readable_copies(root: Path, modules: dict, site_dirs: list) -> Path:
+    """qjam_nb and the packages the master imports (with their bundled libraries and metadata), copied
+    where any uid can read them."""
+    copies = root / "copies"
+    (copies / "site").mkdir(parents=True)
+    copy_readable(str(CHECKOUT / "qjam_nb"), copies / "qjam_nb")
+    for f in modules.values():
+        source = os.path.dirname(f) if f.endswith("__init__.py") else f
+        copy_readable(source, copies / "site" / os.path.basename(source))
+    for site in site_dirs:
+        for extra in [*Path(site).glob("*.libs"), *Path(site).glob("*.dist-info")]:
+            if not (copies / "site" / extra.name).exists():
+                copy_readable(str(extra), copies / "site" / extra.name)
+    subprocess.run(["chmod", "-R", "a+rX", str(copies)], check=True)
+    return copies
+
+
 @pytest.fixture(scope="module")
 def nobody():
-    """(python, env, cwd, checkout) for running a master as uid 65534."""
+    """(python, env, cwd) for running a master as uid 65534: this checkout and the venv's packages
+    where they are if that uid can read them, else copies in a 0755 temporary directory."""
     if os.geteuid() != 0:
         pytest.skip("needs root: files are planted as root and the master runs as uid 65534 (setpriv)")
     if shutil.which("setpriv") is None:
@@ -144,35 +168,27 @@ def nobody():
         modules = site_modules()
         site_dirs = sorted({str(Path(f).parent.parent if f.endswith("__init__.py") else Path(f).parent)
                             for f in modules.values()})
-        problems = []
+        problems, copies = [], None
         for n, python in enumerate(interpreters()):
-            # As it is: this checkout and the site-packages where they are.
+            if not runs_as_nobody(python, str(root)):
+                problems.append(f"{python}: uid {NOBODY} cannot run it")
+                continue
             candidate = venv(root / f"venv{n}", python, [str(CHECKOUT), *site_dirs])
             problem = probe(candidate, env, str(root), str(CHECKOUT))
             if not problem:
-                yield candidate, env, str(root), str(CHECKOUT)
+                yield candidate, env, str(root)
                 return
-            # Or copies, readable: qjam_nb and the packages the master imports.
-            copies = root / f"copies{n}"
-            if not copies.exists():
-                (copies / "site").mkdir(parents=True)
-                copy_readable(str(CHECKOUT / "qjam_nb"), copies / "qjam_nb")
-                for name, f in modules.items():
-                    package = f.endswith("__init__.py")
-                    source = os.path.dirname(f) if package else f
-                    copy_readable(source, copies / "site" / os.path.basename(source))
-                for site in site_dirs:
-                    for libs in Path(site).glob("*.libs"):  # wheels' bundled shared libraries
-                        copy_readable(str(libs), copies / "site" / libs.name)
-                subprocess.run(["chmod", "-R", "a+rX", str(copies)], check=True)
-            candidate = venv(root / f"venv{n}c", python, [str(copies), str(copies / "site")])
+            if copies is None:
+                copies = readable_copies(root, modules, site_dirs)
+            candidate = venv(root / f"venv{n}-copies", python, [str(copies), str(copies / "site")])
             again = probe(candidate, env, str(root), str(copies))
             if not again:
-                yield candidate, env, str(root), str(copies)
+                yield candidate, env, str(root)
                 return
-            problems.append(f"{python}: {problem}; copied: {again}")
-        pytest.skip("no Python of this version that uid 65534 can run and import numpy, cloudpickle and "
-                    "qjam_nb with, even from copies in a 0755 directory: " + "; ".join(problems))
+            problems.append(f"{python}: {problem}; from copies: {again}")
+        pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that uid {NOBODY} can run and import "
+                    "numpy, cloudpickle and qjam_nb with, even from copies in a 0755 directory: "
+                    + "; ".join(problems))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -225,7 +241,7 @@ def observe(event):
 with Cluster(["local:2"], echo=False, observers=[observe]) as cluster:
     pids = [w.hello["pid"] for w in cluster.workers]
     print(json.dumps({"pids": pids, "names": [w.name for w in cluster.workers],
-                      "dir": getattr(sharedmem, "own_directory", lambda: None)(), "uid": os.geteuid()}), flush=True)
+                      "dir": sharedmem.own_directory(), "uid": os.geteuid()}), flush=True)
     sys.stdin.readline()  # the test plants its files
     out = {}
     kill["victim"] = pids[0]
@@ -261,7 +277,7 @@ def remove(paths) -> None:
 
 
 def test_a_file_another_user_planted_stops_no_recovery_of_an_unprivileged_master(nobody):
-    python, env, cwd, _ = nobody
+    python, env, cwd = nobody
     master = Master(as_nobody([python]), RECOVERY, env=env, cwd=cwd)
     planted = []
     try:
@@ -272,8 +288,7 @@ def test_a_file_another_user_planted_stops_no_recovery_of_an_unprivileged_master
             # What the old recovery globbed (qjam-result-<worker pid>-*), and a file in the master's
             # own directory under the name a worker's result arena takes there: root's, not the master's.
             planted.append(plant(os.path.join(SHM, f"qjam-result-{pid}-planted{tag}")))
-            if hello["dir"]:
-                planted.append(plant(os.path.join(hello["dir"], f"{sharedmem.RESULT_PREFIX}{pid}-planted{tag}")))
+            planted.append(plant(os.path.join(hello["dir"], f"{sharedmem.RESULT_PREFIX}{pid}-planted{tag}")))
         before = {p: snapshot(p) for p in planted}
         master.say()
         out = master.read()
@@ -315,16 +330,15 @@ def test_recovery_as_root_never_deletes_another_users_files():
 
     try:
         with Cluster(["local:2"], echo=False, observers=[observe]) as cluster:
-            own = getattr(sharedmem, "own_directory", lambda: None)()
+            own = sharedmem.own_directory()
             (target / "kept").write_text("not qjam_nb's")
             for w in cluster.workers:
                 pid = w.hello["pid"]
                 planted.append(plant(os.path.join(SHM, f"qjam-result-{pid}-planted{tag}"), NOBODY))
-                if own:
-                    planted.append(plant(os.path.join(own, f"{sharedmem.RESULT_PREFIX}{pid}-planted{tag}"), NOBODY))
-                    link = os.path.join(own, f"{sharedmem.RESULT_PREFIX}{pid}-link{tag}")
-                    os.symlink(target / "kept", link)
-                    planted.append(link)
+                planted.append(plant(os.path.join(own, f"{sharedmem.RESULT_PREFIX}{pid}-planted{tag}"), NOBODY))
+                link = os.path.join(own, f"{sharedmem.RESULT_PREFIX}{pid}-link{tag}")
+                os.symlink(target / "kept", link)
+                planted.append(link)
             before = {p: snapshot(p) for p in planted}
             victim = cluster.workers[0]
             state["victim"] = victim.hello["pid"]
