@@ -387,9 +387,13 @@ def slow(params, xs):
 with Cluster(["local:2"], echo=False) as cluster:
     cluster.map(first, np.ones(2 << 17), [0])  # 2 MiB of params: the params arena
     if sys.argv[1] == "die":
+        stopped = cluster.workers[1].hello["pid"]
+        os.kill(stopped, signal.SIGSTOP)  # the slice shipped to it stays unread
+
         def die():
-            time.sleep(1.5)  # the workers are in their first slices, the next ones wait unread
+            time.sleep(1.5)  # worker 0 is in its first slice, worker 1 has not read its own
             print(json.dumps({"made": made}), flush=True)
+            os.kill(stopped, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
         threading.Thread(target=die, daemon=True).start()
         cluster.map(slow, None, np.zeros((1600, 1024)), slice_size=200)  # 8 slices of 1.6 MiB
@@ -409,7 +413,8 @@ def test_a_sigkilled_masters_shared_memory_is_swept_at_the_next_start_and_nothin
         dead.proc.wait(30)
         assert dead.proc.returncode == -signal.SIGKILL
         left_over = [p for p in left if os.path.lexists(p)]
-        assert left_over, f"the killed master left nothing to sweep: {left}"  # its params arena at least
+        kinds = {m[1] for p in left_over if (m := re.search(r"(params|slice)-", os.path.basename(p)))}
+        assert {"params", "slice"} <= kinds, f"the killed master left no params arena or no unread slice: {left}"
         live = Master([sys.executable], RECORDING, "live", cwd=str(CHECKOUT))
         live_files = live.read()["made"]
         assert live_files and all(os.path.exists(p) for p in live_files)
@@ -479,3 +484,32 @@ def test_names_carry_the_masters_pid_and_start_and_are_not_guessable():
         assert (os.lstat(a.path).st_mode & 0o777) == 0o600
     finally:
         a.close()
+
+
+def test_a_forked_child_makes_its_own_directory_and_leaves_its_parents_alone():
+    import fcntl
+
+    parent = sharedmem.own_directory()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            child = sharedmem.own_directory()
+            os.write(w, child.encode())
+            sharedmem._remove_own_directory()  # what its exit runs (atexit)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read()
+    os.waitpid(pid, 0)
+    assert child and child != parent and not os.path.lexists(child)
+    assert os.path.isdir(parent)
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):  # still locked: this process lives
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    assert parent not in sharedmem.sweep()
