@@ -19,7 +19,6 @@ dead workers are started again before the next call.
 from __future__ import annotations
 
 import atexit
-import os
 import pickle
 import queue
 import sys
@@ -142,6 +141,7 @@ class Cluster:
         self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
         self._pool = WorkerPool(self.events, self.hosts, self.ssh_options)
         _live_clusters.add(self)
+        sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
         try:
             self._pool.start(start_timeout)
         except BaseException:
@@ -390,12 +390,15 @@ class Cluster:
             body = {"func": func, "params": params_part, "beat": self._liveness.beat}
             frames[False] = protocol.encode(Kind.CALL, body, call=call.id), 0
         if local:
-            body, beside = {"func": func, "params": params_part, "beat": self._liveness.beat, "share": True}, 0
+            # "share": where the workers may put big results (our own directory), if shared memory is here.
+            body = {"func": func, "params": params_part, "beat": self._liveness.beat,
+                    "share": sharedmem.sharing_directory()}
+            beside = 0
             views = sharedmem.byte_views(params_part[1])
             if views is not None:
                 beside = sum(v.nbytes for v in views)
                 try:
-                    self._params_arena = sharedmem.arena_for(self._params_arena, beside, f"qjam-params-{os.getpid()}-")
+                    self._params_arena = sharedmem.arena_for(self._params_arena, beside, sharedmem.PARAMS_PREFIX)
                     body.update(params=(params_part[0], []), params_arena=self._params_arena.write(views))
                 except OSError:  # /dev/shm full: the pipe it is
                     beside = 0

@@ -194,7 +194,7 @@ class Worker:
         self.func = None
         self.params = None
         self.call_failed = False
-        self.share_results = False  # the master said: big results may go through /dev/shm
+        self.share_dir: str | None = None  # the master's shared-memory directory: big results may go there
         self.params_reader = sharedmem.ArenaReader()  # the master's params arena
         self.result_arena: sharedmem.Arena | None = None
         self.result_arena_free = True  # no result of this call in it yet
@@ -349,7 +349,8 @@ class Worker:
         self.result_arena_free = True
         try:
             body = frame.body()
-            self.share_results = body.get("share", False)
+            share = body.get("share")
+            self.share_dir = share if isinstance(share, str) else None
             self.beat = body.get("beat", HEARTBEAT)
             self.func = self.functions.load(body["func"])
             data, buffers = body["params"]
@@ -369,14 +370,14 @@ class Worker:
         arena, where the master reads them; it is written again in a later call only, unless the
         master said the last result is still in use (``retire``): see ``sharedmem``."""
         body = {"value": value, "seconds": seconds}
-        if self.share_results and self.result_arena_free and sharedmem.may_be_big(value):
+        if self.share_dir and self.result_arena_free and sharedmem.may_be_big(value):
             buffers: list = []
             pickled = dumps_plain_first(value, buffer_callback=buffers.append)
             views = sharedmem.byte_views(buffers)
             try:
                 if views is not None:
-                    self.result_arena = sharedmem.arena_for(
-                        self.result_arena, sum(v.nbytes for v in views), f"{sharedmem.RESULT_PREFIX}{os.getpid()}-")
+                    self.result_arena = sharedmem.arena_for(self.result_arena, sum(v.nbytes for v in views),
+                                                            f"{sharedmem.RESULT_PREFIX}{os.getpid()}-", self.share_dir)
                     body = {"pickled": pickle.PickleBuffer(pickled), "arena": self.result_arena.write(views),
                             "seconds": seconds}
                     self.result_arena_free = False

@@ -18,10 +18,11 @@ FLOATS_PER_MIB = (1 << 20) // 8
 
 
 def arena_files() -> set[str]:
-    directory = sharedmem.DIRECTORY
+    """The arenas in this process's own shared-memory directory (no other process makes files there)."""
+    directory = sharedmem.sharing_directory()
     if directory is None:
         return set()
-    return {f for f in os.listdir(directory) if f.startswith(("qjam-params-", sharedmem.RESULT_PREFIX))}
+    return {f for f in os.listdir(directory) if f.startswith((sharedmem.PARAMS_PREFIX, sharedmem.RESULT_PREFIX))}
 
 
 def test_big_params_and_results_are_right_call_after_call(make_cluster, backend):
@@ -86,7 +87,7 @@ def test_nothing_is_left_in_shared_memory_after_shutdown(backend):
         theta = np.ones(2 * FLOATS_PER_MIB)
         kept = cluster.map(lambda t, xs: t + 1.0, theta)
         if sharedmem.DIRECTORY is not None:
-            assert any(f.startswith(f"qjam-params-{os.getpid()}-") for f in arena_files())
+            assert any(f.startswith(sharedmem.PARAMS_PREFIX) for f in arena_files())
     assert arena_files() == before
     np.testing.assert_array_equal(kept, 4.0)  # still readable: the mapping outlives the file
 
@@ -130,8 +131,9 @@ def test_an_arena_that_cannot_grow_leaves_the_old_one_usable(monkeypatch):
 def test_a_dead_workers_result_arena_is_deleted():
     if sharedmem.DIRECTORY is None:
         pytest.skip("no /dev/shm here")
-    left = os.path.join(sharedmem.DIRECTORY, f"{sharedmem.RESULT_PREFIX}999999999-abc")
-    other = os.path.join(sharedmem.DIRECTORY, f"{sharedmem.RESULT_PREFIX}9999999990-abc")
+    own = sharedmem.own_directory()  # where this master's local workers make their result arenas
+    left = os.path.join(own, f"{sharedmem.RESULT_PREFIX}999999999-abc")
+    other = os.path.join(own, f"{sharedmem.RESULT_PREFIX}9999999990-abc")
     for path in (left, other):
         open(path, "wb").close()
     try:

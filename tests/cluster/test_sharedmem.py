@@ -1,4 +1,7 @@
-"""Local workers get large array slices through shared memory; nothing is left in /dev/shm."""
+"""Local workers get large array slices through shared memory; nothing is left in /dev/shm.
+
+Only the files this test's own cluster made are looked at (their names, as ``export`` returned
+them): other qjam_nb processes on the machine make and delete files there at the same time."""
 
 from __future__ import annotations
 
@@ -10,22 +13,19 @@ from qjam_nb.cluster import cluster as cluster_module
 from qjam_nb.worker import sharedmem
 
 
-def qjam_files() -> set[str]:
-    directory = sharedmem.DIRECTORY or "/tmp"
-    return {f for f in os.listdir(directory) if f.startswith("qjam-slice-")}
-
-
 def test_large_slices_go_through_shared_memory_locally_and_the_pipe_over_ssh(make_cluster, backend, monkeypatch):
     exported = []
+    paths = []  # the files this cluster made
     real_export = sharedmem.export
 
     def counting(array):
         handle = real_export(array)
         exported.append(handle is not None)
+        if handle is not None:
+            paths.append(handle["path"])
         return handle
 
     monkeypatch.setattr(cluster_module.sharedmem, "export", counting)
-    before = qjam_files()
     cluster = make_cluster(["local:2"])
     X = np.random.default_rng(1).standard_normal((1600, 1024))  # 8 slices of 1.6 MiB
     got = cluster.map(lambda p, xs: (xs.sum(axis=0), xs.flags.writeable), None, X, slice_size=200)
@@ -35,7 +35,8 @@ def test_large_slices_go_through_shared_memory_locally_and_the_pipe_over_ssh(mak
         assert exported == [True] * 8
     else:
         assert exported == []  # another machine: no shared memory
-    assert qjam_files() == before  # every file was taken and deleted
+    assert len(paths) == len(set(paths)) == exported.count(True)
+    assert [p for p in paths if os.path.lexists(p)] == []  # every file was taken and deleted
     # Cached second call: nothing exported again.
     cluster.map(lambda p, xs: 0, None, X, slice_size=200)
     assert len(exported) == (8 if backend == "local" else 0)
