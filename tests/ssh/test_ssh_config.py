@@ -86,6 +86,15 @@ def world(ssh_world, keys, tmp_path, monkeypatch) -> World:
                  pub(other.host_key.with_suffix(".pub")), pub(ecdsa.with_suffix(".pub")), ssh_world.key, wrong)
 
 
+def listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture
 def agent(world):
     """``start(*keys)`` -> the socket of an ssh-agent of this test's own holding ``keys``; killed by its pid."""
@@ -98,7 +107,7 @@ def agent(world):
                                    stderr=subprocess.DEVNULL)
         started.append((process, directory))
         deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
+        while not listening(sock):  # (the socket's file exists a moment before it accepts)
             assert process.poll() is None and time.monotonic() < deadline, "ssh-agent did not start"
             time.sleep(0.02)
         for key in keys:
