@@ -451,7 +451,7 @@ class Cluster:
                 link.detach()
                 self._lost_in_call(worker, LinkClosed(None), call, sched)
                 continue
-            verdict = live.verdict(name, link.traffic, link.partial, link.process.cpu_state)
+            verdict = live.verdict(name, link.traffic, link.partial, link.process.cpu_state, link.waiting)
             if verdict is None:
                 continue
             live.forget(name)

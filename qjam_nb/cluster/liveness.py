@@ -17,7 +17,9 @@ rest of the bound is unresponsive (stopped, swapped out, stuck on a dead
 mount, or deadlocked). Where CPU time cannot be read (no ``/proc`` on the
 host), only twice the bound of silence condemns. A frame from the worker that
 stops arriving mid-way for the bound ends the link whatever the CPU says: a
-worker writes a frame whole, and the master is reading.
+worker writes a frame whole, and the master is reading. Silence is what
+the master did not hear while it listened: bytes that wait unread (the
+master was busy in a long reduce) are not silence.
 """
 
 from __future__ import annotations
@@ -62,11 +64,14 @@ class Liveness:
         self.next_check = now + self.beat / 2
         return True
 
-    def verdict(self, name: str, traffic: int, partial: bool, cpu: Callable[[], Any]) -> str | None:
+    def verdict(self, name: str, traffic: int, partial: bool, cpu: Callable[[], Any],
+                waiting: Callable[[], bool] = lambda: False) -> str | None:
         """None while worker ``name`` is heard from, or busy; else why it is to be killed.
 
-        ``cpu()`` gives an object with ``state`` and ``ticks`` (or None when it cannot
-        be read); it is called only once the worker has been silent for a beat.
+        ``waiting()`` says whether bytes from it wait unread (the master itself was
+        busy: a long reduce, say): that is not silence. ``cpu()`` gives an object
+        with ``state`` and ``ticks`` (or None when it cannot be read). Both are
+        called only once the worker has been silent for a beat.
         """
         now = self.clock()
         silence = self._silences.get(name)
@@ -75,6 +80,9 @@ class Liveness:
             return None
         quiet = now - silence.since
         if quiet < self.beat:
+            return None
+        if waiting():
+            silence.since, silence.ticks = now, None
             return None
         if partial and now - silence.since >= self.bound:
             return (f"a frame from it stopped arriving mid-way: nothing more for {quiet:.1f} s "

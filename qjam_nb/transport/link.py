@@ -215,6 +215,10 @@ class Link:
             self.pump()
         return True
 
+    def waiting(self) -> bool:
+        """Bytes from the worker wait unread (no system call but a zero-timeout select)."""
+        return bool(select.select(self.process.poll_fds()[:1], [], [], 0)[0]) and not self.ended
+
     @property
     def partial(self) -> bool:
         """Part of a frame from the worker has come and the rest has not yet."""

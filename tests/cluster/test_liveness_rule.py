@@ -78,6 +78,15 @@ def test_traffic_starts_the_silence_again():
     assert live.verdict("w", 1, False, cpu("S", 1)) is None
 
 
+def test_bytes_waiting_unread_are_not_silence():
+    """The master itself was busy (a long reduce): what a worker sent meanwhile waits in its pipe."""
+    live, clock = started()
+    clock.now += 10 * MISSES * BEAT
+    assert live.verdict("w", 0, False, never, waiting=lambda: True) is None
+    clock.now += MISSES * BEAT - 0.1
+    assert live.verdict("w", 0, False, cpu("S", 1), waiting=lambda: False) is None
+
+
 def test_a_half_read_frame_condemns_whatever_the_cpu_says():
     live, clock = started()
     clock.now += MISSES * BEAT

@@ -264,7 +264,21 @@ def builtin_for(params, xs):
     return [time.perf_counter() - started]
 
 
-for f in (nap, deaf_after_a_long_slice, fork_a_helper, stall_mid_frame, numpy_for, builtin_for):
+def slow_add(a, b):
+    import time
+
+    time.sleep(0.3)  # the master's own work: the workers' answers wait in their pipes meanwhile
+    return a + b
+
+
+def test_a_slow_reduce_here_is_not_the_workers_silence(make_cluster, record):
+    cluster = make_cluster(["local:2"], heartbeat=BEAT / 2)
+    log = record(cluster)
+    assert cluster.map(nap, 0.0, list(range(16)), reduce=slow_add, slice_size=1) == sum(range(16))
+    assert not [e for e in log.of(ev.WorkerStateChanged) if e.state in (states.UNRESPONSIVE, states.DEAD)]
+
+
+for f in (nap, slow_add, deaf_after_a_long_slice, fork_a_helper, stall_mid_frame, numpy_for, builtin_for):
     f.__module__ = "__main__"  # ship them by value, as a notebook's functions: ssh workers cannot import tests
 
 
