@@ -81,6 +81,10 @@ def close_channel(channel: paramiko.Channel) -> None:
     channel.close()
 
 
+#: Seconds a channel's close waits for a write under way to finish (see ``SshProcess._close``).
+CLOSE_WAIT = 0.1
+
+
 class SshProcess:
     """A worker on an ssh channel: the channel's stdin/stdout carry the frames."""
 
@@ -91,6 +95,7 @@ class SshProcess:
         self.channel = channel
         self.host = host
         self.pid: int | None = None  # the remote pid, learnt from the worker's hello
+        self._writing = threading.Lock()  # held by ``write``: the channel closes between writes (``_close``)
 
     def poll_fds(self) -> tuple[int, ...]:
         return (self.channel.fileno(),)  # paramiko's pipe: readable while stdout or stderr data waits
@@ -116,6 +121,10 @@ class SshProcess:
         with their neighbours, and a big buffer tops that packet up before going out
         whole: a round trip of 1 MiB params to two workers then sends 70 packets, not 78.
         """
+        with self._writing:
+            self._write(chunks)
+
+    def _write(self, chunks: list) -> None:
         send, packet = self.channel.sendall, self.channel.out_max_packet_size
         pending: list = []  # pieces of the next packet
         filled = 0
@@ -162,13 +171,28 @@ class SshProcess:
 
     def kill(self) -> None:
         self._signal("KILL")
-        close_channel(self.channel)
+        self._close()
 
     def interrupt(self) -> None:
         self._signal("INT")
 
     def release(self) -> None:
-        close_channel(self.channel)
+        self._close()
+
+    def _close(self) -> None:
+        """Close the channel once no write is under way, or after ``CLOSE_WAIT`` at most.
+
+        A data packet is prepared under the channel's lock and sent after it, as an EOF is
+        (see ``close``): one still on its way when the CLOSE goes out would reach sshd after
+        it, and sshd drops the connection for it. A writer that waits for the window (the
+        worker reads nothing) has nothing prepared: the close wakes it, and it stops.
+        """
+        writing = self._writing.acquire(timeout=CLOSE_WAIT)
+        try:
+            close_channel(self.channel)
+        finally:
+            if writing:
+                self._writing.release()
 
     def _signal(self, name: str) -> None:
         if self.pid is not None and self.host.alive:
