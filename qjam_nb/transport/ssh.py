@@ -426,7 +426,7 @@ def greeting_message(greeting: str, shell: str) -> str:
     if kind != "bash":
         files += f" (for bash: {STARTUP_FILES['bash']})"
         fix += f" (for bash: {STARTUP_FIXES['bash']})"
-    shown = greeting.strip()[:120] or repr(greeting[:40])
+    shown = greeting.strip()[:120] or greeting[:40]  # (blank lines alone corrupt the frames too)
     return (f"the login shell{' (' + shell + ')' if shell else ''} printed {shown!r} before running qjam_nb's "
             "command: the workers' frames travel on that same stdout, so it would corrupt them. A shell "
             f"start-up file prints it even for non-interactive ssh commands: look in {files}. Make it print "
