@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Sequence
 
 from ..errors import HostError, WorkerError
 from ..transport.local import LocalTransport
-from ..transport.ssh import SshOptions, SshTransport
+from ..transport.ssh import Opening, SshOptions, SshTransport
 
 LOCAL = "local"
 HOST_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
+#: Seconds to wait for the connecting threads once their connections are closed (they end at once).
+ABANDON_WAIT = 10.0
 
 
 def parse_hosts(hosts: Sequence[str] | str, workers_per_host: int = 1) -> list[tuple[str, int]]:
@@ -41,21 +44,53 @@ def parse_hosts(hosts: Sequence[str] | str, workers_per_host: int = 1) -> list[t
 
 
 def open_transports(hosts: Sequence[str], options: SshOptions) -> dict[str, LocalTransport | SshTransport]:
-    """Connect to every distinct host at once; all of them, or an error naming each that failed."""
+    """Connect to every distinct host at once; all of them, or an error naming each that failed.
+
+    Each host opens on a thread of its own. Anything raised in the calling
+    thread meanwhile (Ctrl-C's ``KeyboardInterrupt``) abandons them all: every
+    socket and ssh connection made so far is closed, which ends each thread's
+    wait within a moment; the threads are joined, and the exception goes on.
+    Nothing is left running in a kernel that lives on.
+    """
     opened: dict[str, LocalTransport | SshTransport] = {}
     errors: dict[str, BaseException] = {}
+    distinct = list(dict.fromkeys(hosts))
+    openings = {h: Opening() for h in distinct if h != LOCAL}
+
+    finished = {h: threading.Event() for h in distinct}
 
     def open_one(host: str) -> None:
         try:
-            opened[host] = LocalTransport() if host == LOCAL else SshTransport(host, options)
+            opened[host] = LocalTransport() if host == LOCAL else SshTransport(host, options, openings[host])
         except BaseException as exc:  # reported below, on the caller's thread
             errors[host] = exc
+        finally:
+            finished[host].set()
 
-    threads = [threading.Thread(target=open_one, args=(h,), daemon=True) for h in dict.fromkeys(hosts)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads = [threading.Thread(target=open_one, args=(h,), name=f"qjam-connect-{h}", daemon=True)
+               for h in distinct]
+    try:
+        for t in threads:
+            t.start()
+        # Not Thread.join: interrupted by Ctrl-C, it takes the thread for ended (CPython
+        # gh-90882, 3.11) and a later join returns at once, the thread still running.
+        for done in finished.values():
+            done.wait()
+    except BaseException:
+        for opening in openings.values():
+            opening.abandon()
+        deadline = time.monotonic() + ABANDON_WAIT
+        for t in threads:
+            if t.ident is not None:  # started
+                t.join(max(0.0, deadline - time.monotonic()))
+        for transport in list(opened.values()):
+            if isinstance(transport, SshTransport):
+                transport.close(deadline)
+            else:
+                transport.close()
+        for opening in openings.values():
+            opening.wait(deadline)
+        raise
     if errors:
         for transport in opened.values():
             transport.close()

@@ -31,17 +31,21 @@ from ..worker.pipes import write_all, write_some
 WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
 
 
-def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None) -> str:
+def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None, safe_path: bool = False) -> str:
     """The ``python -c`` program that starts a worker from ``package_dir``.
 
     It loads the worker package by file location under the name
     ``qjam_worker``, so it needs no install and never imports qjam_nb itself
     (which would drag the master's dependencies in). ``fallback_path`` is
     appended to ``sys.path``: it holds the cloudpickle we uploaded, used only
-    where the host's Python has none of its own.
+    where the host's Python has none of its own. ``safe_path`` (ssh hosts)
+    takes the current directory off ``sys.path`` before anything is imported:
+    ``python -c`` puts it first, and there it is the home directory, where a
+    stray ``random.py`` would shadow the standard library. (Local workers keep
+    it: it is the notebook's directory, whose modules the notebook imports too.)
     """
     extend = f"sys.path.append({fallback_path!r});" if fallback_path else ""
-    return _load_worker_package(package_dir, extend) + f"import qjam_worker.main as w;w.main({name!r})"
+    return _load_worker_package(package_dir, extend, safe_path) + f"import qjam_worker.main as w;w.main({name!r})"
 
 
 def forkserver_code(package_dir: str, fd: int) -> str:
@@ -49,9 +53,10 @@ def forkserver_code(package_dir: str, fd: int) -> str:
     return _load_worker_package(package_dir) + f"import qjam_worker.forkserver as f;f.serve({fd})"
 
 
-def _load_worker_package(package_dir: str, extend: str = "") -> str:
+def _load_worker_package(package_dir: str, extend: str = "", safe_path: bool = False) -> str:
+    first = "import sys;sys.path[:]=[p for p in sys.path if p];" if safe_path else "import sys;"
     return (
-        f"import importlib.util as u,sys;{extend}"
+        f"{first}import importlib.util as u;{extend}"
         f"p={package_dir!r};"
         "s=u.spec_from_file_location('qjam_worker',p+'/__init__.py',submodule_search_locations=[p]);"
         "m=u.module_from_spec(s);sys.modules['qjam_worker']=m;s.loader.exec_module(m);"

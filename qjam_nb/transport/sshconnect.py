@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,13 +160,28 @@ def _expand(alias: str, key: str, text: str, tokens: dict[str, str] | None) -> s
     return re.sub(r"%(.)|\$\{(\w+)\}", one, text)
 
 
-def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport, list[paramiko.Transport]]:
-    """An authenticated Transport to ``target`` (and the jump hosts' Transports it rides on)."""
+def _ignore(thing: object) -> None:
+    pass
+
+
+#: Called with each socket and Transport made while connecting (see ``connect``).
+Track = Callable[[object], None]
+
+
+def connect(target: SshTarget, options: SshOptions, track: Track | None = None,
+            ) -> tuple[paramiko.Transport, list[paramiko.Transport]]:
+    """An authenticated Transport to ``target`` (and the jump hosts' Transports it rides on).
+
+    ``track`` is given each socket and Transport as soon as it exists, so that another thread
+    can close them to abandon a connection that waits (Ctrl-C: ``ssh.Opening``).
+    """
+    track = track or _ignore
     jumps: list[paramiko.Transport] = []
     sock = transport = None
     try:
-        sock = _open_socket(target, options, jumps)
+        sock = _open_socket(target, options, jumps, track)
         transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=PACKET_SIZE)
+        track(transport)
         security = transport.get_security_options()
         offered = set(security.ciphers)
         security.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
@@ -196,7 +212,8 @@ def connect(target: SshTarget, options: SshOptions) -> tuple[paramiko.Transport,
         raise
 
 
-def _open_socket(target: SshTarget, options: SshOptions, jumps: list) -> socket.socket | paramiko.Channel:
+def _open_socket(target: SshTarget, options: SshOptions, jumps: list, track: Track,
+                 ) -> socket.socket | paramiko.Channel:
     if target.proxy_jump:
         hop = target.proxy_jump.split(",")[-1]
         user, _, hostport = hop.rpartition("@")
@@ -206,7 +223,7 @@ def _open_socket(target: SshTarget, options: SshOptions, jumps: list) -> socket.
         hop_target = resolve(name, hop_options)
         if ",".join(target.proxy_jump.split(",")[:-1]):
             hop_target.proxy_jump = ",".join(target.proxy_jump.split(",")[:-1])
-        jump, more = connect(hop_target, hop_options)
+        jump, more = connect(hop_target, hop_options, track)
         jumps.extend([*more, jump])
         try:
             return jump.open_channel("direct-tcpip", (target.hostname, target.port), ("127.0.0.1", 0),
@@ -215,7 +232,7 @@ def _open_socket(target: SshTarget, options: SshOptions, jumps: list) -> socket.
             raise HostError(target.alias, f"jumping through {name}",
                             f"{name} would not forward to {target.hostname}:{target.port} ({exc})") from None
     try:
-        sock = socket.create_connection((target.hostname, target.port), timeout=options.timeout)
+        sock = _tcp_connect(target.hostname, target.port, options.timeout, track)
         # Small frames (a TASK, a RESULT) must not wait for Nagle's algorithm: ~40 ms a call otherwise.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
@@ -232,6 +249,23 @@ def _open_socket(target: SshTarget, options: SshOptions, jumps: list) -> socket.
                         f"no answer from {target.hostname}:{target.port} within {options.timeout:.0f} s") from None
     except OSError as exc:
         raise HostError(target.alias, "connecting", f"{target.hostname}:{target.port}: {exc}") from None
+
+
+def _tcp_connect(hostname: str, port: int, timeout: float, track: Track) -> socket.socket:
+    """``socket.create_connection``, with each socket tracked before it connects (a ``shutdown``
+    from another thread ends a connect that waits)."""
+    error: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(hostname, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        track(sock)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"{hostname} has no address")
 
 
 @dataclass
