@@ -321,7 +321,7 @@ class Cluster:
             raise
         ok = False
         live = self._liveness
-        live.start({w.name: w.link.traffic for w in alive})
+        live.start()
         try:
             try:
                 self._feed(call, sched)

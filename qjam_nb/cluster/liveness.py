@@ -50,11 +50,11 @@ class Liveness:
         self.next_check = 0.0
         self._silences: dict[str, _Silence] = {}
 
-    def start(self, traffic: dict[str, int]) -> None:
-        """A call begins: every worker's silence starts now (nobody read their streams between calls)."""
-        now = self.clock()
-        self._silences = {name: _Silence(count, now) for name, count in traffic.items()}
-        self.next_check = now + self.beat / 2
+    def start(self) -> None:
+        """A call begins: silences are counted afresh (nobody read the streams between calls), each from
+        the first look at it, half a beat in: a call that ends sooner costs nothing more."""
+        self._silences = {}
+        self.next_check = self.clock() + self.beat / 2
 
     def due(self) -> bool:
         """Time for another look (twice a beat)?"""

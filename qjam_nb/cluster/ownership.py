@@ -57,7 +57,16 @@ class Ownership:
     def turn(self, what: str, timeout: float | None = None) -> Iterator[None]:
         """Hold the cluster for ``what``: wait (up to ``timeout`` s, then TimeoutError) while another
         thread runs a call; ``ReentrantCallError`` on the thread that runs one."""
-        self.check()
+        self.take(what, timeout)
+        try:
+            yield
+        finally:
+            self.give_back()
+
+    def take(self, what: str, timeout: float | None = None) -> None:
+        """The turn, as ``turn`` takes it (without a context manager: ``map`` takes it every call)."""
+        if os.getpid() != self.pid:
+            self.check()
         me = threading.get_ident()
         if self._holder == me:
             raise ReentrantCallError(
@@ -67,12 +76,11 @@ class Ownership:
             )
         if not self._turn.acquire(timeout=-1 if timeout is None else timeout):
             raise TimeoutError(f"{what}(): a call of this cluster still runs on another thread")
-        try:
-            self._holder = me
-            yield
-        finally:
-            self._holder = None
-            self._turn.release()
+        self._holder = me
+
+    def give_back(self) -> None:
+        self._holder = None
+        self._turn.release()
 
     @contextmanager
     def turn_if_free(self) -> Iterator[bool]:
@@ -92,9 +100,15 @@ class Ownership:
 def one_at_a_time(method: F) -> F:
     """Run a cluster method in the cluster's turn (``self._ownership``), after the fork check."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     def in_turn(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._ownership.turn(method.__name__):
+        ownership = self._ownership
+        ownership.take(name)
+        try:
             return method(self, *args, **kwargs)
+        finally:
+            ownership.give_back()
 
     return in_turn  # type: ignore[return-value]

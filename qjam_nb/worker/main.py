@@ -291,7 +291,8 @@ class Worker:
                 if time.perf_counter() - beaten >= self.beat:
                     self.heartbeat(this)
                     beaten = time.perf_counter()
-            self.timer.arm(0.0)  # look again at once: another slice may run already
+            # Look again when the slice running now (if one is) turns WATCH_AFTER, at once if it has.
+            self.timer.arm(max(0.0, self.slice_started + WATCH_AFTER - time.perf_counter()) if self.computing else 0.0)
 
     def announce(self) -> None:
         """STARTED for the running slice, once it has run ``WATCH_AFTER`` s (the watcher, then).
@@ -410,9 +411,15 @@ class Worker:
             self.channel.send(Kind.NEED, {"key": key}, call, index, dumps=pickle.dumps)
             return
         self.pump.start_slice(call, index)
-        with self.announce_lock:
-            self.unannounced, self.running_call = (call, index), call
-            self.slices += 1
+        # Set before looking at ``cancelled`` again: a CANCEL noted meanwhile (the watcher reads) either
+        # sees this slice running and leaves its CANCELLED to the slice's end, or is seen here.
+        self.running_call = call
+        if call in self.cancelled:
+            self.running_call = 0
+            self.answer_cancel(call)
+            return
+        self.unannounced = (call, index)
+        self.slices += 1
         start = self.slice_started = time.perf_counter()
         try:
             self.running = self.computing = True

@@ -19,7 +19,8 @@ class Clock:
 def started(traffic: int = 0) -> tuple[Liveness, Clock]:
     clock = Clock()
     live = Liveness(BEAT, clock)
-    live.start({"w": traffic})
+    live.start()
+    assert live.verdict("w", traffic, False, never) is None  # the first look starts its silence
     return live, clock
 
 
