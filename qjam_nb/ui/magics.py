@@ -74,10 +74,12 @@ class QjamMagics(Magics):
     @argument("--user", default=None, help="remote user name (default: QJAM_USER, ~/.ssh/config, your name)")
     @argument("--port", type=int, default=None, help="ssh port (default: ~/.ssh/config, else 22)")
     @argument("--identity", default=None, help="private key file to log in with (besides agent and ~/.ssh keys)")
-    @argument("--python", default=None, help="Python on the ssh hosts (default: QJAM_REMOTE_PYTHON, this "
-              "notebook's interpreter path if it exists there, else python3)")
+    @argument("--python", default=None, help="Python on the ssh hosts, or a wrapper script that runs it (it "
+              "starts the workers too); default: QJAM_REMOTE_PYTHON, this notebook's interpreter path if it "
+              "exists there, else python3")
     @argument("--accept-new-host", action="store_true",
-              help="trust a host whose key is not in ~/.ssh/known_hosts yet, and record its key there")
+              help="trust a host whose key is in no known-hosts file yet, and record its key in the first "
+              "(~/.ssh/known_hosts unless UserKnownHostsFile says otherwise)")
     def qjam_hosts(self, line: str = "") -> Cluster:
         """Start workers, or show the cluster widget again; returns the Cluster.
 
@@ -91,9 +93,11 @@ class QjamMagics(Magics):
             cluster = %qjam_hosts local:2  # keep the Cluster, for cluster.map(...) in loops
 
         ssh hosts are reached as ``ssh`` would: ``~/.ssh/config`` (HostName, User,
-        Port, IdentityFile, ProxyJump), your ssh agent and keys, and host keys
-        checked against ``~/.ssh/known_hosts``. Nothing needs installing there
-        but Python.
+        Port, IdentityFile, IdentitiesOnly, ProxyJump, HostKeyAlias,
+        UserKnownHostsFile, GlobalKnownHostsFile, HashKnownHosts), your ssh agent
+        and keys, and host keys checked against the known-hosts files
+        (``~/.ssh/known_hosts`` and ``/etc/ssh/ssh_known_hosts`` by default).
+        Nothing needs installing there but Python.
 
         Starting a new cluster stops the previous one (and drops its cache).
         """
