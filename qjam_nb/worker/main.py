@@ -187,7 +187,7 @@ class Worker:
         self.slices = 0  # slices begun so far: the watcher tells one slice from the next by it
         self.beat = HEARTBEAT  # seconds between ALIVEs while a slice runs (the CALL says)
         self.unannounced: tuple | None = None  # (call, slice) running, its STARTED not sent yet
-        self.running_call = 0  # the call whose slice runs now (0: none), under announce_lock
+        self.running_call = 0  # the call whose slice runs now (0: none); cleared under announce_lock
         self.owe_cancelled: set = set()  # calls cancelled while one of their slices ran: answer at its end
         self.announce_lock = threading.Lock()
         self.call = 0
