@@ -23,7 +23,8 @@ ratio against the best peer. The numbers (every sample) go to
 
 Rows (``--only`` takes these names, comma-separated): ``trivial``,
 ``params``, ``dataset`` (first and second call), ``cold``, ``scale``,
-``paper`` (``benchmarks/sparse_autoencoder.py``'s ``measure``).
+``paper`` (``benchmarks/sparse_autoencoder.py``'s ``measure``), ``qjam2010``
+(qjam 2010's ``Master.run`` of its autoencoder, ``benchmarks/qjam2010_autoencoder.py``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ MB = 1e6
 COLS = 1024  # dataset rows of 1024 float64 (8 KiB)
 RESULTS_DIR = HERE / "results"
 ALIAS = "bench"
-GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper")
+GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper", "qjam2010")
 GROUP_ALIASES = {"first": "dataset", "second": "dataset"}
 
 QJAM = "qjam_nb"
@@ -133,6 +134,10 @@ ROWS: dict[str, tuple[str, str, str, bool]] = {
     "paper_1000": ("paper", "qjam's paper: sparse autoencoder, 1k patches, per L-BFGS evaluation", "s/eval", False),
     "paper_10000": ("paper", "qjam's paper: 10k patches", "s/eval", False),
     "paper_100000": ("paper", "qjam's paper: 100k patches", "s/eval", False),
+    "qjam2010_1000": ("qjam2010", "qjam 2010's Master.run: its autoencoder, a half per worker, 1k patches", "s/eval",
+                      False),
+    "qjam2010_10000": ("qjam2010", "qjam 2010's Master.run: 10k patches", "s/eval", False),
+    "qjam2010_100000": ("qjam2010", "qjam 2010's Master.run: 100k patches", "s/eval", False),
 }
 
 
@@ -1267,6 +1272,30 @@ class Bench:
             if not self.res.rows[row]:
                 self.res.add(row, QJAM, "qjam", status="not measured (--quick)")
 
+    def qjam2010_block(self) -> None:
+        log("-- qjam 2010's Master.run: its autoencoder on local:2 (benchmarks/qjam2010_autoencoder.py)")
+        rows = [f"qjam2010_{n}" for n in (1000, 10000, 100000)]
+        try:
+            module = importlib.import_module("qjam2010_autoencoder")
+            out = module.measure(self.cfg.paper_sizes, 3 if self.cfg.quick else None, verbose=True)
+        except Exception as exc:
+            traceback.print_exc()
+            for row in rows:
+                self.res.add(row, QJAM, "qjam", status=f"not available: {type(exc).__name__}: {exc}"[:200])
+            return
+        self.res.extra["qjam2010_blas"] = out.get("blas", {})
+        kinds = {module.ONE_PROCESS: ("ref", "cost_and_grad of all the patches in this process"),
+                 module.SET: ("qjam", "one mapfunc call per worker on its half; BLAS threads: a core's share each"),
+                 module.LEFT: ("qjam+", "the same, workers' BLAS threads left to numpy (as many as cores)")}
+        for n, cells in out["rows"].items():
+            row = f"qjam2010_{int(n)}"
+            for name, st in cells.items():
+                kind, note = kinds[name]
+                self.res.add(row, name if kind != "qjam" else f"{QJAM} {name}", kind, st["samples"], note)
+        for row in rows:
+            if not self.res.rows[row]:
+                self.res.add(row, QJAM, "qjam", status="not measured (--quick)")
+
 
 # -- targets ------------------------------------------------------------------------------------------------
 PEERS_ALL = [MP, PPE, IPP, DASK, XN, JOBLIB]
@@ -1292,6 +1321,8 @@ TARGETS: list[tuple[str, str, tuple]] = [
     ("paper_1000", ">= 1.0x one-process numpy (2 workers)", ("speedup", [], 1.0)),
     ("paper_10000", ">= 1.5x one-process numpy (2 workers)", ("speedup", [], 1.5)),
     ("paper_100000", ">= 1.7x one-process numpy (2 workers)", ("speedup", [], 1.7)),
+    ("qjam2010_10000", "2 workers beat one process (>= 1.0x)", ("speedup", [], 1.0)),
+    ("qjam2010_100000", "2 workers beat one process (>= 1.0x)", ("speedup", [], 1.0)),
 ]
 
 
@@ -1545,6 +1576,8 @@ def run(cfg: Config, groups: set[str], out_dir: Path) -> Results:
             bench.scale16_block()
         if "paper" in groups:
             bench.paper_block()
+        if "qjam2010" in groups:
+            bench.qjam2010_block()
     return res
 
 
