@@ -117,7 +117,7 @@ class Cluster:
         ``start_timeout`` bounds connecting, bootstrapping and the handshake;
         ``heartbeat`` is the seconds between a busy worker's signs of life: one silent
         for three of them, and not using CPU, is killed and its slices run elsewhere."""
-        if not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
+        if isinstance(heartbeat, bool) or not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
             raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
         self._ownership = Ownership()  # this process's, one call at a time
         self.events = ev.EventBus()

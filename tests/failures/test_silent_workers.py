@@ -302,3 +302,11 @@ def test_long_slices_on_a_healthy_worker_are_left_alone(make_cluster, record):
     assert took >= 5 * BEAT
     assert not [e for e in log.of(ev.WorkerStateChanged) if e.state in (states.UNRESPONSIVE, states.DEAD)]
     assert cluster.workers[0].starts == 1
+
+
+@pytest.mark.parametrize("beat", [0, -1.0, float("inf"), float("nan"), True, "1"])
+def test_a_heartbeat_that_is_not_a_positive_number_of_seconds_is_refused_before_anything_starts(beat):
+    from qjam_nb import Cluster
+
+    with pytest.raises(ValueError, match="heartbeat must be a positive number of seconds"):
+        Cluster(["local:1"], heartbeat=beat)
