@@ -2,7 +2,8 @@
 
 ``Cluster(["local:2"]).map(mapfunc, params, dataset)`` runs ``mapfunc`` over
 slices of ``dataset`` that stay cached on the workers; ``%load_ext qjam_nb``
-adds the notebook magics. ``Master``/``RemoteWorker`` keep qjam's 2010 API.
+adds the notebook magics. ``qjam_nb.qjam2010`` is qjam's 2010 API (``Master`` and
+``RemoteWorker`` are also here, the same classes).
 """
 
 from ._version import __version__ as __version__

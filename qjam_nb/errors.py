@@ -8,7 +8,7 @@
      ├── ShippingError        mapfunc, its closure or params cannot be pickled to travel
      ├── MapFuncError         mapfunc is missing or cannot take (params, slice)
      ├── RemoteError          mapfunc raised on a worker (carries worker, slice, traceback)
-     ├── ReduceError          two results could not be combined (names both slices)
+     ├── ReduceError          two results could not be combined (names both slices; also a TypeError)
      ├── CallTimeoutError     a map call ran past its timeout (also a TimeoutError)
      ├── ReplayError          a slice cannot be replayed (out of range, forgotten, or its data changed)
      ├── WorkerError          a worker could not start, or died, or every worker is gone
@@ -67,8 +67,10 @@ class MapFuncError(_Said, QjamError, TypeError):
     """Raised before any worker runs when mapfunc is missing or has the wrong signature."""
 
 
-class ReduceError(_Said, QjamError):
-    """Raised when the reduce cannot combine two results; names both slices and types."""
+class ReduceError(_Said, QjamError, TypeError):
+    """Raised when the reduce cannot combine two results; names both slices and types.
+
+    Also a ``TypeError``, as qjam 2010's ``Master.run`` raised for results that do not add up."""
 
 
 class CallTimeoutError(_Said, QjamError, TimeoutError):

@@ -1,7 +1,15 @@
-"""Host entries (``local:2``, ``node1``, ``bob@node2:4``) and opening their transports in parallel."""
+"""Host entries (``local:2``, ``node1``, ``bob@node2:4``, ``ssh://node3:2222:4``); opening their transports at once.
+
+An entry names a host and how many workers to start there. ``ssh://[user@]host:port``
+(OpenSSH's own URI form) also carries the host's ssh port, for that host alone:
+it overrides ``Cluster(port=)`` and ``~/.ssh/config``'s ``Port``, so one host may
+appear twice with two ports (two sshds, two hosts). Its worker count, if any,
+comes after the port: ``ssh://node3:2222:4``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -13,6 +21,7 @@ from ..transport.ssh import Opening, SshOptions, SshTransport
 
 LOCAL = "local"
 HOST_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
+SSH_URI = re.compile(r"^ssh://(?P<alias>[A-Za-z0-9_.\-@]+)(?::(?P<port>\d+))?(?::(?P<count>\d+))?$")
 #: Seconds to wait for the connecting threads once their connections are closed (they end at once).
 ABANDON_WAIT = 10.0
 
@@ -25,6 +34,9 @@ def parse_hosts(hosts: Sequence[str] | str, workers_per_host: int = 1) -> list[t
         raise WorkerError(f"workers_per_host must be a whole number of at least 1, not {workers_per_host!r}")
     out = []
     for spec in hosts:
+        if str(spec).startswith("ssh://"):
+            out.append(_parse_uri(str(spec), workers_per_host))
+            continue
         host, _, count = str(spec).rpartition(":") if ":" in str(spec) else (str(spec), "", "")
         if count:
             if not count.isdigit() or int(count) < 1:
@@ -41,6 +53,26 @@ def parse_hosts(hosts: Sequence[str] | str, workers_per_host: int = 1) -> list[t
     if not out:
         raise WorkerError("no hosts given: name at least one, e.g. 'local:2'")
     return out
+
+
+def _parse_uri(spec: str, workers_per_host: int) -> tuple[str, int]:
+    """``ssh://[user@]host[:port][:N]`` -> (``ssh://[user@]host:port`` or ``[user@]host``, N)."""
+    m = SSH_URI.match(spec)
+    if not m or (m["port"] is not None and not 1 <= int(m["port"]) <= 65535) or m["count"] == "0":
+        raise WorkerError(
+            f"bad host entry {spec!r}: write ssh://[user@]host:port, optionally followed by ':N' workers "
+            "(a port from 1 to 65535, N at least 1)"
+        )
+    n = int(m["count"]) if m["count"] else workers_per_host
+    return (f"ssh://{m['alias']}:{int(m['port'])}" if m["port"] else m["alias"]), n
+
+
+def ssh_destination(host: str, options: SshOptions) -> tuple[str, SshOptions]:
+    """The alias to resolve and the options for a host entry: an ``ssh://`` entry's port is its own."""
+    if not host.startswith("ssh://"):
+        return host, options
+    alias, _, port = host[len("ssh://"):].rpartition(":")
+    return alias, dataclasses.replace(options, port=int(port))
 
 
 def open_transports(hosts: Sequence[str], options: SshOptions) -> dict[str, LocalTransport | SshTransport]:
@@ -61,7 +93,10 @@ def open_transports(hosts: Sequence[str], options: SshOptions) -> dict[str, Loca
 
     def open_one(host: str) -> None:
         try:
-            opened[host] = LocalTransport() if host == LOCAL else SshTransport(host, options, openings[host])
+            if host == LOCAL:
+                opened[host] = LocalTransport()
+            else:
+                opened[host] = SshTransport(*ssh_destination(host, options), openings[host])
         except BaseException as exc:  # reported below, on the caller's thread
             errors[host] = exc
         finally:

@@ -30,7 +30,7 @@ from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
 from .handshake import master_versions, mismatch
-from .hosts import LOCAL, open_transports
+from .hosts import LOCAL, open_transports, ssh_destination
 
 BACKOFF_MAX = 60.0
 
@@ -122,7 +122,7 @@ class WorkerPool:
                         transport.close()
                     # A lost host must cost a call seconds, not the full connect timeout.
                     quick = dataclasses.replace(self.ssh_options, timeout=min(self.ssh_options.timeout, 10.0))
-                    transport = SshTransport(host, quick)
+                    transport = SshTransport(*ssh_destination(host, quick))
                 except (HostError, WorkerError, OSError) as exc:
                     wait = min(BACKOFF_MAX, 2.0**failures)
                     self.retry[host] = (failures + 1, now + wait)

@@ -271,7 +271,8 @@ def test_seed_api_uses_the_modules_reduce_and_qjam_datasets(master, tmp_path, mo
         monkeypatch,
     )
     got = master.run(module, "p", ListDataSet(list(range(7)), slice_size=3))
-    assert got == [("p", [0, 1, 2]), ("p", [3, 4, 5]), ("p", [6])]
+    # qjam 2010's Master.run: one contiguous slice per RemoteWorker, ceil(7 / 2) = 4 items (issue 21).
+    assert got == [("p", [0, 1, 2, 3]), ("p", [4, 5, 6])]
     rows = master.run(module, None, NumpyMatrixDataSet(np.eye(4), slice_size=2))
     assert [len(r[1]) for r in rows] == [2, 2]
     # Without a dataset, each of the two RemoteWorkers runs mapfunc once.
