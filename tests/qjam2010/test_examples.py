@@ -120,7 +120,7 @@ def test_autoencoder_cost_as_qjam_computed_it(master):
     import tempfile
     from pathlib import Path
 
-    from tests.qjam2010.test_master import SAECOST, load  # the 2010 cost function, in our words
+    from tests.qjam2010.sources import SAECOST, load  # the 2010 cost function, in our words
 
     with tempfile.TemporaryDirectory() as tmp:
         module = load(Path(tmp), "qjam2010_ex_saecost", SAECOST)
