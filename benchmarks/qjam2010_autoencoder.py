@@ -85,7 +85,7 @@ def measure(sizes: Sequence[int] = (1000, 10000, 100000), evals: int | None = No
                 master.run(module, theta, dataset)  # ships the halves; later runs find them cached
                 cells[name] = _stats(_time(lambda master=master, dataset=dataset: master.run(module, theta, dataset),
                                            k))
-                blas[name] = [w.hello.get("blas_threads", w.hello.get("threads")) for w in master.cluster.workers]
+                blas[name] = [(w.hello.get("blas") or {}).get("threads") for w in master.cluster.workers]
             rows[n] = cells
             if verbose:
                 print(format_row(n, cells), flush=True)

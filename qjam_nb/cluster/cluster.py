@@ -110,13 +110,28 @@ class Cluster:
         observers: Sequence[ev.Observer] = (),
         start_timeout: float = START_TIMEOUT,
         heartbeat: float = HEARTBEAT,
+        blas_threads: int | bool | None = None,
     ) -> None:
         """``echo`` prints worker output here, tagged; ``progress`` shows a text bar
         for calls that take over half a second (default: when stderr is a terminal);
         ``observers`` are subscribed before anything starts, so they see every event;
         ``start_timeout`` bounds connecting, bootstrapping and the handshake;
         ``heartbeat`` is the seconds between a busy worker's signs of life: one silent
-        for three of them, and not using CPU, is killed and its slices run elsewhere."""
+        for three of them, and not using CPU, is killed and its slices run elsewhere.
+
+        ``blas_threads`` bounds each worker's BLAS/OpenMP threads (the ``OMP_NUM_THREADS``,
+        ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS`` and
+        ``NUMEXPR_NUM_THREADS`` it starts with), since numpy in every worker would otherwise start a
+        thread per core and the workers of a host fight over its cores. None (the default): its share,
+        max(1, usable cores of its host // this cluster's workers there), where usable is what its
+        affinity and cgroup CPU quota allow, unless its environment sets one of them (a local
+        worker's is this process's; an ssh worker's is its host's: this one's is not forwarded),
+        which is then kept; N: N threads each; False: the environment is left alone. What each
+        worker got is in ``%qjam_status`` and the widget."""
+        if not (blas_threads is None or blas_threads is False
+                or (type(blas_threads) is int and blas_threads >= 1)):
+            raise ValueError(f"blas_threads must be None (each worker's share of its host's cores), a whole "
+                             f"number of threads of at least 1, or False (leave them alone), not {blas_threads!r}")
         if isinstance(heartbeat, bool) or not (isinstance(heartbeat, (int, float)) and 0 < heartbeat < float("inf")):
             raise ValueError(f"heartbeat must be a positive number of seconds, not {heartbeat!r}")
         self._ownership = Ownership()  # this process's, one call at a time
@@ -139,7 +154,7 @@ class Cluster:
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
-        self._pool = WorkerPool(self.events, self.hosts, self.ssh_options)
+        self._pool = WorkerPool(self.events, self.hosts, self.ssh_options, blas_threads)
         _live_clusters.add(self)
         sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
         try:

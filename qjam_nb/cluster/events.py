@@ -40,6 +40,14 @@ class WorkerStateChanged(NamedTuple):
 
 
 @_event
+class WorkerThreads(NamedTuple):
+    """What a started worker's BLAS/OpenMP libraries run with, as its HELLO said ("1 (2 cores // 2 workers)")."""
+
+    worker: str
+    threads: str
+
+
+@_event
 class HostReady(NamedTuple):
     """A host is connected and bootstrapped; ``uploaded_bytes`` is 0 when it had the worker already."""
 

@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
 from ..transport.ssh import SshOptions, SshTransport
-from ..worker import sharedmem
+from ..worker import sharedmem, threads
 from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
@@ -71,8 +71,12 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, events: ev.EventBus, plan: Sequence[tuple[str, int]], ssh_options: SshOptions) -> None:
+    def __init__(self, events: ev.EventBus, plan: Sequence[tuple[str, int]], ssh_options: SshOptions,
+                 blas_threads: int | bool | None = None) -> None:
+        """``blas_threads``: None, each worker's share of its host's cores; N, N each; False, left alone
+        (``worker/threads.py`` applies it)."""
         self.events = events
+        self.blas_threads = blas_threads
         self.ssh_options = ssh_options
         self.inbox = Inbox()
         self.transports: dict[str, Any] = {}
@@ -150,7 +154,7 @@ class WorkerPool:
         for host in dict.fromkeys(w.host for w in workers):
             batch = [w for w in workers if w.host == host]
             try:
-                procs = self.transports[host].start([w.name for w in batch])
+                procs = self.transports[host].start([w.name for w in batch], env=self.thread_request(host))
             except (HostError, OSError) as exc:
                 for w in batch:
                     self.set_state(w, states.DEAD, f"could not start: {exc}")
@@ -164,6 +168,15 @@ class WorkerPool:
                 w.hello, w.running = {}, None
                 w.starts += 1
                 self.by_link[id(w.link)] = w
+
+    def thread_request(self, host: str) -> dict[str, str]:
+        """What the workers of ``host`` are told of their BLAS threads (``worker.threads.REQUEST``):
+        a share among this cluster's workers on that host (all of them, not only those starting)."""
+        if self.blas_threads is False:
+            return {}
+        if self.blas_threads is None:
+            return {threads.REQUEST: f"share:{sum(w.host == host for w in self.workers)}"}
+        return {threads.REQUEST: str(self.blas_threads)}
 
     def await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -210,6 +223,7 @@ class WorkerPool:
 
     def _hello(self, worker: WorkerHandle, hello: dict) -> None:
         worker.hello = hello
+        self.events.emit(ev.WorkerThreads(worker.name, describe_threads(hello.get("blas"))))
         if getattr(worker.link.process, "pid", None) is None:
             worker.link.process.pid = hello.get("pid")
         problem = mismatch(worker.name, hello, self.versions)
@@ -397,3 +411,19 @@ def describe(transport: Any) -> str:
 def _unpickling_failed(worker: WorkerHandle, what: str, cause: object) -> ShippingError:
     return ShippingError(f"{what} from worker {worker.name} could not be unpickled here: {cause}. "
                          "Return values built from modules the notebook can import too.")
+
+
+def describe_threads(blas: dict | None) -> str:
+    """What a worker's HELLO says of its BLAS threads, in a few words: "1 (2 cores // 2 workers)"."""
+    if not blas:
+        return "?"
+    n = blas.get("threads")
+    why = {
+        "share": f"{blas.get('cores')} cores // {blas.get('workers')} workers",
+        "environment": "set in its environment",
+        "option": "blas_threads",
+        "off": "left alone",
+    }.get(blas.get("source"), "")
+    if n is None:
+        return f"default ({why}; {blas.get('cores')} cores)" if why else "default"
+    return f"{n} ({why})" if why else str(n)

@@ -23,6 +23,7 @@ class WorkerRow:
     assigned: int = 0
     cached_slices: int = 0
     cached_bytes: int = 0
+    threads: str = ""  # its BLAS threads, and why (``pool.describe_threads``)
 
 
 @dataclass
@@ -70,6 +71,9 @@ class StatusModel:
     def _host_ready(self, event: ev.HostReady) -> None:
         self.hosts[event.host] = event
 
+    def _threads(self, event: ev.WorkerThreads) -> None:
+        self.row(event.worker).threads = event.threads
+
     def _state_changed(self, event: ev.WorkerStateChanged) -> None:
         row = self.row(event.worker)
         row.state, row.reason = event.state, event.reason
@@ -103,6 +107,7 @@ class StatusModel:
     _folds = {
         ev.HostReady: _host_ready,
         ev.WorkerStateChanged: _state_changed,
+        ev.WorkerThreads: _threads,
         ev.CallStarted: _call_started,
         ev.SliceAssigned: _slice_assigned,
         ev.SliceDone: _slice_done,
@@ -116,11 +121,11 @@ class StatusModel:
 
     def text(self) -> str:
         """A plain table, for terminals and logs."""
-        lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'MiB':>9}"]
+        lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'MiB':>9}  BLAS"]
         for row in self.rows.values():
             lines.append(
                 f"{row.name:<16} {row.state:<9} {f'{row.done}/{row.assigned}':>10} "
-                f"{row.cached_slices:>8} {row.cached_bytes / 2**20:>9.2f}"
+                f"{row.cached_slices:>8} {row.cached_bytes / 2**20:>9.2f}  {row.threads or '?'}"
             )
         for host in self.hosts.values():
             lines.append(f"{host.host}: {host.detail}")

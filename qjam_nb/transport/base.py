@@ -31,7 +31,8 @@ from ..worker.pipes import write_all, write_some
 WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
 
 
-def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None, safe_path: bool = False) -> str:
+def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None, safe_path: bool = False,
+                   env: dict[str, str] | None = None) -> str:
     """The ``python -c`` program that starts a worker from ``package_dir``.
 
     It loads the worker package by file location under the name
@@ -42,9 +43,12 @@ def bootstrap_code(package_dir: str, name: str, fallback_path: str | None = None
     takes the current directory off ``sys.path`` before anything is imported:
     ``python -c`` puts it first, and there it is the home directory, where a
     stray ``random.py`` would shadow the standard library. (Local workers keep
-    it: it is the notebook's directory, whose modules the notebook imports too.)
+    it: it is the notebook's directory, whose modules the notebook imports too.) ``env`` is added
+    to the worker's environment first (in the program, not the command: any login shell runs it).
     """
     extend = f"sys.path.append({fallback_path!r});" if fallback_path else ""
+    if env:
+        extend += f"import os;os.environ.update({dict(env)!r});"
     return _load_worker_package(package_dir, extend, safe_path) + f"import qjam_worker.main as w;w.main({name!r})"
 
 
@@ -225,7 +229,7 @@ class Transport(Protocol):
     host: str
     alive: bool  # False once the connection to the host dropped
 
-    def start(self, names: Sequence[str]) -> list[WorkerProcess]:
+    def start(self, names: Sequence[str], env: dict[str, str] | None = None) -> list[WorkerProcess]:
         """Start one worker per name, all at once, and return them started."""
 
     def close(self) -> None:

@@ -83,11 +83,14 @@ class LocalTransport:
         self._server: ForkServer | None = None
         self._server_failed = False
 
-    def start(self, names: Sequence[str]) -> list[LocalProcess | ForkedProcess]:
+    def start(self, names: Sequence[str], env: dict[str, str] | None = None) -> list[LocalProcess | ForkedProcess]:
         """Fork the workers from this transport's fork server (started on first use: Python and the
-        worker package once, not once a worker); where it fails, start each as a new interpreter."""
+        worker package once, not once a worker); where it fails, start each as a new interpreter.
+        ``env`` is added to this process's environment, which they get."""
+        extra = env or {}
         env = dict(os.environ)
         env["QJAM_EXTRA_PATH"] = os.pathsep.join(p for p in sys.path if p)
+        env.update(extra)
         procs: list[LocalProcess | ForkedProcess] = []
         for name in names:
             proc = self._fork(name, env)

@@ -395,10 +395,13 @@ class SshTransport:
             uploaded = len(data)
         return command, shown, f"{root}/{version}", uploaded
 
-    def start(self, names: Sequence[str]) -> list[SshProcess]:
+    def start(self, names: Sequence[str], env: dict[str, str] | None = None) -> list[SshProcess]:
+        """Start the workers, ``env`` added to the environment they get on the host (by the program
+        itself, so any login shell runs it); the notebook's own environment does not travel."""
         procs = []
         for name in names:
-            code = bootstrap_code(f"{self.directory}/qjam_worker", name, f"{self.directory}/deps", safe_path=True)
+            code = bootstrap_code(f"{self.directory}/qjam_worker", name, f"{self.directory}/deps", safe_path=True,
+                                  env=env)
             try:
                 channel = self.transport.open_session(window_size=WINDOW_SIZE, max_packet_size=PACKET_SIZE)
                 # Not ``exec``: the shell stays to turn a death by signal into exit status 128+N,

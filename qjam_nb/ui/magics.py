@@ -80,6 +80,12 @@ class QjamMagics(Magics):
     @argument("--accept-new-host", action="store_true",
               help="trust a host whose key is in no known-hosts file yet, and record its key in the first "
               "(~/.ssh/known_hosts unless UserKnownHostsFile says otherwise)")
+    @argument("--blas-threads", default="auto",
+              help="BLAS/OpenMP threads of each worker (OMP_NUM_THREADS, OPENBLAS_NUM_THREADS, MKL_NUM_THREADS, "
+              "VECLIB_MAXIMUM_THREADS, NUMEXPR_NUM_THREADS): auto (default) gives each its share of its host's "
+              "usable cores (affinity and cgroup quota) // this cluster's workers there, unless the worker's "
+              "environment sets one (a local worker's is this notebook's; an ssh host's own is kept, this "
+              "notebook's is not forwarded); N: N each; off: leave the environment alone")
     def qjam_hosts(self, line: str = "") -> Cluster:
         """Start workers, or show the cluster widget again; returns the Cluster.
 
@@ -89,6 +95,7 @@ class QjamMagics(Magics):
             %qjam_hosts local -n 4         # the same, four of them
             %qjam_hosts node1 node2 -n 4   # four workers on each of two hosts, over ssh
             %qjam_hosts --user bob --port 2222 --identity ~/.ssh/id_ed25519 --python /opt/py/bin/python3 node3
+            %qjam_hosts local:2 --blas-threads off  # numpy's threads as the environment says (see below)
             %qjam_hosts                    # show the running cluster again
             cluster = %qjam_hosts local:2  # keep the Cluster, for cluster.map(...) in loops
 
@@ -99,6 +106,10 @@ class QjamMagics(Magics):
         (``~/.ssh/known_hosts`` and ``/etc/ssh/ssh_known_hosts`` by default).
         Nothing needs installing there but Python.
 
+        Each worker's BLAS threads are its share of its host's cores (``--blas-threads``),
+        so that numpy in two workers on two cores runs two BLAS threads, not four
+        (hover a worker's name in the widget, or see ``%qjam_status``'s BLAS column).
+
         Starting a new cluster stops the previous one (and drops its cache).
         """
         args = parse_argstring(self.qjam_hosts, line)
@@ -108,6 +119,7 @@ class QjamMagics(Magics):
             self._start(
                 args.hosts, workers_per_host=args.workers_per_host, user=args.user, port=args.port,
                 identity=args.identity, python=args.python, accept_new_host=args.accept_new_host,
+                blas_threads=blas_threads_option(args.blas_threads),
             )
         elif self.cluster is None:
             raise UsageError("no cluster is running: start one with %qjam_hosts local:2")
@@ -119,8 +131,9 @@ class QjamMagics(Magics):
         """Show every worker's state, progress and cached slices, the last call's timeline, and the chaos buttons.
 
         Each row is a worker: its state (hover it for why: "restarted",
-        "killed by chaos" ...), its progress in the current call, and which
-        slices of the last call's dataset it holds in its cache. Outside
+        "killed by chaos" ...; hover its name for its BLAS threads, and why), its
+        progress in the current call, and which slices of the last call's
+        dataset it holds in its cache. Outside
         Jupyter it prints the same as text.
 
         Examples::
@@ -331,3 +344,15 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get("QjamMagics")
     if magics is not None:
         magics.shutdown()
+
+
+def blas_threads_option(text: str) -> int | bool | None:
+    """``--blas-threads``'s value as ``Cluster(blas_threads=)`` takes it: auto -> None, off -> False, N -> N."""
+    word = text.strip().lower()
+    if word == "auto":
+        return None
+    if word == "off":
+        return False
+    if word.isdigit() and int(word) >= 1:
+        return int(word)
+    raise UsageError(f"--blas-threads takes auto, off or a number of threads of at least 1, not {text!r}")

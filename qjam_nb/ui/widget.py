@@ -40,7 +40,8 @@ def row_cells(row: WorkerRow) -> dict[str, str]:
     colour = STATE_COLOURS.get(row.state, "#000")
     title = html.escape(row.reason or row.state, quote=True)
     return {
-        "name": f"<code>{html.escape(row.name)}</code>",
+        "name": (f'<code title="BLAS threads: {html.escape(row.threads, quote=True)}">' if row.threads else "<code>")
+        + f"{html.escape(row.name)}</code>",
         "state": f'<b style="color:{colour}" title="{title}">{row.state}</b>',
         "progress": f"{row.done}/{row.assigned}",
         "cached": f"{row.cached_slices} slices, {row.cached_bytes / 2**20:.1f} MiB",

@@ -39,7 +39,7 @@ from collections import deque
 
 import cloudpickle
 
-from . import protocol, sharedmem
+from . import protocol, sharedmem, threads
 from .pipes import write_all
 from .protocol import Kind
 
@@ -709,6 +709,7 @@ def main(name: str | None = None) -> None:
     """Take over this process's stdio and serve the master until stdin closes."""
     global STDERR_FD
     name = name or os.environ.get("QJAM_WORKER_NAME") or f"{socket.gethostname()}/{os.getpid()}"
+    blas = threads.apply()  # before anything loads numpy here (see threads)
     for entry in os.environ.get("QJAM_EXTRA_PATH", "").split(os.pathsep):
         if entry and entry not in sys.path:
             sys.path.append(entry)
@@ -730,7 +731,7 @@ def main(name: str | None = None) -> None:
     worker = Worker(name, fd_in, channel)
     worker.pump = OutputPump(channel)
     signal.signal(signal.SIGINT, worker.interrupt)
-    hello = {"worker": name, "pid": os.getpid(), "host": socket.gethostname(), **versions()}
+    hello = {"worker": name, "pid": os.getpid(), "host": socket.gethostname(), "blas": blas, **versions()}
     channel.send(Kind.HELLO, hello)
     threading.Thread(target=worker.watch, name="qjam-watch", daemon=True).start()
     worker.serve()

@@ -125,8 +125,8 @@ def _widget_states(nb) -> list[dict]:
 def test_widget_model_shows_a_row_per_worker_with_state_progress_and_cache(executed):
     nb, _, _ = executed
     values = [s.get("value") for s in _widget_states(nb) if isinstance(s.get("value"), str)]
-    names = {v for v in values if re.fullmatch(rf"<code>{WORKER}</code>", v)}
-    assert len(names) == 2
+    names = {v for v in values if re.fullmatch(rf'<code title="BLAS threads: [^"<>]+">{WORKER}</code>', v)}
+    assert len(names) == 2  # hovering a name shows its BLAS threads
     assert any(re.search(r">(idle|stopped)<", v) for v in values)
     # done/total of the 400-slice call, per worker: they add up to 400
     counts = [tuple(map(int, v.split("/"))) for v in values if re.fullmatch(r"\d+/\d+", v)]

@@ -24,9 +24,11 @@ def test_four_workers_labelled_by_host(two_hosts):
 def test_widget_shows_four_rows_labelled_by_host(two_hosts):
     widget = ClusterWidget(two_hosts)
     assert sorted(widget.rows) == ["sshhost/0", "sshhost/1", "sshhost2/0", "sshhost2/1"]
-    assert [r["name"].value for r in widget.rows.values()] == [
-        "<code>sshhost/0</code>", "<code>sshhost/1</code>", "<code>sshhost2/0</code>", "<code>sshhost2/1</code>",
+    assert [r["name"].value.split(">", 1)[1] for r in widget.rows.values()] == [
+        "sshhost/0</code>", "sshhost/1</code>", "sshhost2/0</code>", "sshhost2/1</code>",
     ]
+    # each host's two workers share its cores (the title is the BLAS threads each got)
+    assert all(" // 2 workers)" in r["name"].value for r in widget.rows.values())
     assert all(">idle<" in r["state"].value for r in widget.rows.values())
 
 

@@ -54,3 +54,19 @@ def test_qjam_replay_returns_the_slices_value_and_explains_a_bad_slice(ip):
     error = error_of(ip, "%qjam_replay 8")
     assert isinstance(error, ReplayError)
     assert "call 1 has no slice 8: it had 8 slices, numbered 0..7" in str(error)
+
+
+def test_qjam_hosts_blas_threads_option(ip, monkeypatch):
+    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+              "NUMEXPR_NUM_THREADS"):
+        monkeypatch.delenv(v, raising=False)
+    cluster = ip.run_cell("%qjam_hosts local:1 --blas-threads 1").result
+    assert [w.hello["blas"]["threads"] for w in cluster.workers] == [1]
+    assert [w.hello["blas"]["source"] for w in cluster.workers] == ["option"]
+    cluster = ip.run_cell("%qjam_hosts local:1 --blas-threads off").result
+    assert [w.hello["blas"]["source"] for w in cluster.workers] == ["off"]
+    cluster = ip.run_cell("%qjam_hosts local:1 --blas-threads auto").result
+    assert [w.hello["blas"]["source"] for w in cluster.workers] == ["share"]
+    message = str(error_of(ip, "%qjam_hosts local:1 --blas-threads many"))
+    assert "--blas-threads takes auto, off or a number of threads of at least 1, not 'many'" in message
+    ip.run_cell("%qjam_shutdown")

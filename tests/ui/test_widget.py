@@ -16,6 +16,12 @@ def test_row_cells_say_name_state_progress_and_cache():
     assert cells["cached"] == "5 slices, 3.0 MiB"
 
 
+def test_the_name_cells_title_says_the_workers_blas_threads():
+    cells = row_cells(WorkerRow("local/0", threads="1 (2 cores // 2 workers)"))
+    assert cells["name"] == '<code title="BLAS threads: 1 (2 cores // 2 workers)">local/0</code>'
+    assert "<" not in row_cells(WorkerRow("x", threads="<2>"))["name"].split(">")[0][1:]
+
+
 def test_row_cells_escape_html_in_names_and_reasons():
     cells = row_cells(WorkerRow("<b>x", state="dead", reason='exited "9" <oops>'))
     assert "<b>x" not in cells["name"]
