@@ -44,9 +44,11 @@ from .errors import (
     VersionMismatchError,
     WorkerError,
 )
+from .transport.registry import SshOptions
 
 __all__ = [
     "Cluster",
+    "SshOptions",
     "DataSet",
     "ListDataSet",
     "NumpyMatrixDataSet",

@@ -190,3 +190,99 @@ def test_checker_flags_every_planted_violation(fake_package):
         "qjam_nb/worker/main.py:3: imports ...",
         "qjam_nb/worker/main.py:3: imports ...nothing",
     ]
+
+
+# -- the transport's doors: what the layers above may know of it ------------------------------------------
+
+#: The transport modules the layers above may import: the registry opens hosts, ``link`` frames a worker's
+#: stream, ``base`` says what a transport is. Every transport itself (local, forked, ssh, ...) stays behind them.
+TRANSPORT_DOORS = ("qjam_nb.transport", "qjam_nb.transport.registry", "qjam_nb.transport.link",
+                   "qjam_nb.transport.base")
+#: Classes of particular transports, which code above the transport must not name.
+TRANSPORT_CLASSES = ("SshTransport", "LocalTransport", "SshProcess", "LocalProcess", "ForkedProcess", "ForkServer")
+#: Above the transport: the cluster, the notebook UI, and the package's own top-level modules.
+ABOVE_TRANSPORT = ("cluster", "ui")
+
+
+def above_transport(root: Path = PACKAGE) -> list[Path]:
+    return py_files(*ABOVE_TRANSPORT, root=root) + sorted(root.glob("*.py"))
+
+
+def behind_the_doors(name: str) -> bool:
+    if not under(name, "qjam_nb.transport"):
+        return False
+    # a door, or a name imported from a door module (not from the package: there it is a module)
+    return name not in TRANSPORT_DOORS and name.rpartition(".")[0] not in TRANSPORT_DOORS[1:]
+
+
+def named_transports(files, root: Path = PACKAGE) -> list[str]:
+    """One line per mention (a name, an attribute, an imported name) of a particular transport's class."""
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Name):
+                names = [node.id]
+            elif isinstance(node, ast.Attribute):
+                names = [node.attr]
+            elif isinstance(node, ast.ImportFrom):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if name in TRANSPORT_CLASSES:
+                    bad.append(f"{path.relative_to(root.parent)}:{node.lineno}: names {name}")
+    return sorted(set(bad))
+
+
+def reaches_into_process(files, root: Path = PACKAGE) -> list[str]:
+    """One line per ``x.process`` (a link's worker process) in ``files``: the link's own verbs are the door."""
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "process":
+                bad.append(f"{path.relative_to(root.parent)}:{node.lineno}: reaches into {ast.unparse(node)}")
+    return sorted(set(bad))
+
+
+def test_the_cluster_opens_hosts_through_the_registry_only():
+    bad = violations(above_transport(), behind_the_doors)
+    bad += named_transports(above_transport())
+    assert bad == [], ("above the transport, hosts are opened through transport.registry (open_host) and "
+                       "workers reached through their Link; no transport is named:\n" + "\n".join(bad))
+
+
+def test_nothing_above_the_transport_reaches_into_a_link_process():
+    bad = reaches_into_process(above_transport())
+    assert bad == [], ("use the Link's verbs (kill, interrupt, exit_status, cpu_state, wait, free, drop, "
+                       "shares_memory, learn_pid), not its process:\n" + "\n".join(bad))
+
+
+def test_checker_flags_transports_named_and_processes_reached(tmp_path):
+    root = tmp_path / "qjam_nb"
+    files = {
+        "__init__.py": "from .transport.registry import SshOptions\n",
+        "cluster/__init__.py": "",
+        "cluster/good.py": ("from ..transport.link import Link, LinkClosed\nfrom ..transport import registry\n"
+                            "from ..transport.registry import open_host\ndef f(link):\n    link.kill()\n"),
+        "cluster/bad.py": ("from ..transport.ssh import SshOptions\nfrom ..transport import local\n"
+                           "from ..transport.registry import LocalTransport\nimport qjam_nb.transport.forked\n"
+                           "def f(link, m):\n    link.process.kill()\n    return m.SshTransport\n"),
+        "ui/__init__.py": "def g(w):\n    return w.link.process.pid\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    files = above_transport(root)
+    assert violations(files, behind_the_doors, root) == [
+        "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh",
+        "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh.SshOptions",
+        "qjam_nb/cluster/bad.py:2: imports qjam_nb.transport.local",
+        "qjam_nb/cluster/bad.py:4: imports qjam_nb.transport.forked",
+    ]
+    assert named_transports(files, root) == [
+        "qjam_nb/cluster/bad.py:3: names LocalTransport",
+        "qjam_nb/cluster/bad.py:7: names SshTransport",
+    ]
+    assert reaches_into_process(files, root) == [
+        "qjam_nb/cluster/bad.py:6: reaches into link.process",
+        "qjam_nb/ui/__init__.py:2: reaches into w.link.process",
+    ]

@@ -11,6 +11,7 @@ PUBLIC = {
     "ForkedClusterError", "ReentrantCallError", "ReplayError", "CaptureWarning",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
     "SliceLost", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
+    "SshOptions",
 }
 
 

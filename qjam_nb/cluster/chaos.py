@@ -197,7 +197,7 @@ class Chaos:
 
 def kill_process(link: Link) -> None:
     """SIGKILL the worker (before its stdin closes: it would exit on that by itself), and send it nothing more."""
-    link.process.kill()
+    link.kill()
     link.close()
 
 
@@ -208,7 +208,4 @@ def drop_link(link: Link) -> None:
     the channel itself closes. The worker sees EOF and exits; the master sees
     the stream end.
     """
-    link.close()
-    channel = getattr(link.process, "channel", None)
-    if channel is not None:
-        channel.close()
+    link.drop()

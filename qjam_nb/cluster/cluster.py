@@ -19,6 +19,7 @@ dead workers are started again before the next call.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import pickle
 import queue
 import sys
@@ -40,7 +41,7 @@ from ..errors import (
     WorkerError,
 )
 from ..transport.link import LinkClosed
-from ..transport.ssh import SshOptions
+from ..transport.registry import SshOptions
 from ..worker import protocol, sharedmem
 from ..worker.protocol import Frame, Kind
 from . import events as ev
@@ -100,6 +101,7 @@ class Cluster:
         hosts: Sequence[str] | str | None = None,
         *,
         workers_per_host: int = 1,
+        ssh: SshOptions | None = None,
         user: str | None = None,
         port: int | None = None,
         identity: str | None = None,
@@ -118,6 +120,10 @@ class Cluster:
         ``start_timeout`` bounds connecting, bootstrapping and the handshake;
         ``heartbeat`` is the seconds between a busy worker's signs of life: one silent
         for three of them, and not using CPU, is killed and its slices run elsewhere.
+
+        ``ssh=SshOptions(user=, port=, identity=, python=, accept_new_host=)`` holds what is said of
+        every ssh host; the same settings may be given as keyword arguments of their own instead (not
+        both). Connecting takes ``start_timeout`` or ``SshOptions.timeout`` (30 s), the shorter, at most.
 
         ``blas_threads`` bounds each worker's BLAS/OpenMP threads (the ``OMP_NUM_THREADS``,
         ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ``VECLIB_MAXIMUM_THREADS`` and
@@ -153,7 +159,8 @@ class Cluster:
         self._params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
-        self.ssh_options = SshOptions(user, port, identity, python, accept_new_host, min(start_timeout, 30.0))
+        self.ssh_options = ssh_settings(ssh, start_timeout, user=user, port=port, identity=identity, python=python,
+                                        accept_new_host=accept_new_host)
         self._pool = WorkerPool(self.events, self.hosts, self.ssh_options, blas_threads)
         _live_clusters.add(self)
         sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
@@ -328,7 +335,7 @@ class Cluster:
             calls = self._call_frames(call, alive, func_blob, params_part)
             for w in alive:
                 w.link.hold()  # the CALL and the first slices go out together
-                chunks, beside = calls[w.link.process.shares_memory]
+                chunks, beside = calls[w.link.shares_memory]
                 call.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, call.id) + beside
                 self._pool.set_state(w, states.BUSY, f"call {call.id}")
         except BaseException:
@@ -397,7 +404,7 @@ class Cluster:
         cluster's params arena, written once for all of them, and may answer through theirs."""
         func = pickle.PickleBuffer(func_blob)
         frames = {}
-        local = [w for w in alive if w.link.process.shares_memory]
+        local = [w for w in alive if w.link.shares_memory]
         for w in local:  # before a worker may write its arena again: is its last result still in use?
             if w.results.lent and w.results.retained():
                 w.retire_arena = True
@@ -462,18 +469,18 @@ class Cluster:
             if not in_flight or worker.state != states.BUSY:
                 continue
             link = worker.link
-            if link.process.exit_status() is not None:
+            if link.exit_status() is not None:
                 link.detach()
                 self._lost_in_call(worker, LinkClosed(None), call, sched)
                 continue
-            verdict = live.verdict(name, link.traffic, link.partial, link.process.cpu_state, link.waiting)
+            verdict = live.verdict(name, link.traffic, link.partial, link.cpu_state, link.waiting)
             if verdict is None:
                 continue
             live.forget(name)
             self._pool.set_state(worker, states.UNRESPONSIVE, verdict)
             link.detach()
             link.close()
-            link.process.kill()
+            link.kill()
             self._lost_in_call(worker, None, call, sched, reason=f"{verdict}; killed")
 
     def _feed(self, call: _Call, sched: Scheduler) -> None:
@@ -565,7 +572,7 @@ class Cluster:
         key, size = call.keyed[index]
         data = call.data.slice(index)
         body = {"key": key, "data": data, "task": task}
-        if worker.link.process.shares_memory:
+        if worker.link.shares_memory:
             try:
                 handle = sharedmem.export(data)
             except OSError:  # /dev/shm full or missing: the pipe it is
@@ -759,3 +766,16 @@ def _shutdown_all() -> None:
                 cluster._stop()
         except (QjamError, TimeoutError):
             pass
+
+
+def ssh_settings(ssh: SshOptions | None, start_timeout: float, **keywords: Any) -> SshOptions:
+    """``Cluster``'s ssh settings, from ``ssh=`` or from the keyword arguments of each (the older form)."""
+    given = [name for name, value in keywords.items() if value is not None and value is not False]
+    if ssh is None:
+        return SshOptions(**keywords, timeout=min(start_timeout, SshOptions.timeout))
+    if not isinstance(ssh, SshOptions):
+        raise TypeError(f"ssh= takes an SshOptions (from qjam_nb import SshOptions), not {type(ssh).__name__}")
+    if given:
+        raise TypeError(f"give ssh settings once: either ssh=SshOptions(...) or {', '.join(n + '=' for n in given)} "
+                        f"on their own, not both (here: put {given[0]}= inside SshOptions)")
+    return dataclasses.replace(ssh, timeout=min(start_timeout, ssh.timeout))

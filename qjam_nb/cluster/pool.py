@@ -14,7 +14,6 @@ handshake stays dead: starting it again would only be refused again.
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 import queue
 import signal
@@ -24,13 +23,12 @@ from typing import Any
 
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
-from ..transport.ssh import SshOptions, SshTransport
+from ..transport.registry import SshOptions, Transport, open_hosts, reopen_host
 from ..worker import sharedmem, threads
 from ..worker.protocol import Frame, Kind, ProtocolError
 from . import events as ev
 from . import states
 from .handshake import master_versions, mismatch
-from .hosts import LOCAL, open_transports, ssh_destination
 
 BACKOFF_MAX = 60.0
 
@@ -79,7 +77,7 @@ class WorkerPool:
         self.blas_threads = blas_threads
         self.ssh_options = ssh_options
         self.inbox = Inbox()
-        self.transports: dict[str, Any] = {}
+        self.transports: dict[str, Transport] = {}
         self.versions = master_versions()
         self.workers: list[WorkerHandle] = []
         self.by_link: dict[int, WorkerHandle] = {}
@@ -97,7 +95,7 @@ class WorkerPool:
         for w in self.workers:  # observers see every worker from STARTING on
             self.events.emit(ev.WorkerStateChanged(w.name, states.STARTING, states.STARTING, "connecting"))
         started = time.perf_counter()
-        self.transports = open_transports([w.host for w in self.workers], self.ssh_options)
+        self.transports = open_hosts([w.host for w in self.workers], self.ssh_options)
         for host, transport in self.transports.items():
             self._ready(host, transport, started)
         self._spawn(self.workers)
@@ -124,9 +122,7 @@ class WorkerPool:
                 try:
                     if transport is not None:
                         transport.close()
-                    # A lost host must cost a call seconds, not the full connect timeout.
-                    quick = dataclasses.replace(self.ssh_options, timeout=min(self.ssh_options.timeout, 10.0))
-                    transport = SshTransport(*ssh_destination(host, quick))
+                    transport = reopen_host(host, self.ssh_options)  # within seconds, not the full timeout
                 except (HostError, WorkerError, OSError) as exc:
                     wait = min(BACKOFF_MAX, 2.0**failures)
                     self.retry[host] = (failures + 1, now + wait)
@@ -146,8 +142,8 @@ class WorkerPool:
             self.await_hellos(reborn, timeout)
         return [w for w in reborn if w.state == states.IDLE]
 
-    def _ready(self, host: str, transport: Any, started: float) -> None:
-        self.events.emit(ev.HostReady(host, describe(transport), getattr(transport, "uploaded", 0),
+    def _ready(self, host: str, transport: Transport, started: float) -> None:
+        self.events.emit(ev.HostReady(host, transport.describe(), transport.uploaded,
                                       time.perf_counter() - started))
 
     def _spawn(self, workers: list[WorkerHandle]) -> None:
@@ -163,7 +159,7 @@ class WorkerPool:
                 if w.link is not None:  # the dead worker's: let its pipes or channel go
                     self.by_link.pop(id(w.link), None)
                     w.link.detach()
-                    w.link.process.release()
+                    w.link.free()
                 w.link = Link(proc, self.inbox)
                 w.hello, w.running = {}, None
                 w.starts += 1
@@ -185,7 +181,7 @@ class WorkerPool:
             if left <= 0:
                 for w in workers:
                     if w.state == states.STARTING:
-                        w.link.process.kill()
+                        w.link.kill()
                         self.set_state(w, states.DEAD, f"no hello within {timeout:.0f} s (handshake timed out)")
                 return
             try:
@@ -224,8 +220,7 @@ class WorkerPool:
     def _hello(self, worker: WorkerHandle, hello: dict) -> None:
         worker.hello = hello
         self.events.emit(ev.WorkerThreads(worker.name, describe_threads(hello.get("blas"))))
-        if getattr(worker.link.process, "pid", None) is None:
-            worker.link.process.pid = hello.get("pid")
+        worker.link.learn_pid(hello.get("pid"))
         problem = mismatch(worker.name, hello, self.versions)
         if problem:
             worker.refused = True
@@ -279,11 +274,11 @@ class WorkerPool:
         Its process group is killed too: helpers that mapfunc forked do not outlive it.
         """
         if not reason:
-            status = worker.link.process.wait(0.5)
+            status = worker.link.wait(0.5)
             reason = (closed.error if closed and closed.error else None) or exit_reason(status)
-        worker.link.process.kill()
+        worker.link.kill()
         worker.running = None
-        if worker.link.process.shares_memory and worker.hello.get("pid"):
+        if worker.link.shares_memory and worker.hello.get("pid"):
             sharedmem.discard_results_of(worker.hello["pid"])
             worker.results.close()
         self.set_state(worker, states.DEAD, reason)
@@ -313,7 +308,7 @@ class WorkerPool:
         # Every busy worker: one may be in a slice too young to have said STARTED (it does at 3 ms).
         # A worker between slices ignores SIGINT.
         for w in busy:
-            w.link.process.interrupt()
+            w.link.interrupt()
         traffic = {w.name: w.link.traffic for w in busy}
         self._wait(lambda: all(w.cancelled == call or w.state != states.BUSY for w in busy), grace)
         for w in busy:
@@ -341,13 +336,13 @@ class WorkerPool:
         deadline = time.monotonic() + 5
         for w in self.workers:
             if w.link is not None:
-                proc = w.link.process
-                if proc.wait(max(0.0, deadline - time.monotonic())) is None:
-                    proc.kill()
-                    proc.wait(1)
-                w.link.join(2.0)
-                w.link.detach()
-                proc.release()
+                link = w.link
+                if link.wait(max(0.0, deadline - time.monotonic())) is None:
+                    link.kill()
+                    link.wait(1)
+                link.join(2.0)
+                link.detach()
+                link.free()
             if w.state != states.STOPPED:
                 self.set_state(w, states.STOPPED, "shut down")
         for transport in self.transports.values():
@@ -396,16 +391,6 @@ def exit_reason(status: int | None) -> str:
             name = f"signal {-status}"
         return f"killed by {name} (exit status {status})"
     return f"exited with status {status}"
-
-
-def describe(transport: Any) -> str:
-    """One line on how a host was reached, for the HostReady event."""
-    if getattr(transport, "host", LOCAL) == LOCAL:
-        return "worker processes on this machine"
-    t = transport.target
-    upload = f"uploaded {transport.uploaded / 1024:.0f} KiB to" if transport.uploaded else "found the worker in"
-    return (f"{t.user}@{t.hostname}:{t.port} ({transport.cipher}); {upload} {transport.directory}; "
-            f"Python {transport.python}")
 
 
 def _unpickling_failed(worker: WorkerHandle, what: str, cause: object) -> ShippingError:

@@ -184,6 +184,7 @@ class WorkerProcess(Protocol):
 
     name: str
     shares_memory: bool  # on this machine: slices may be handed over in shared memory
+    pid: int | None  # on its host; None until known (an ssh worker's comes with its hello: ``Link.learn_pid``)
 
     def poll_fds(self) -> tuple[int, ...]:
         """File descriptors that poll readable when stdout or stderr has something (or ended):
@@ -222,15 +223,24 @@ class WorkerProcess(Protocol):
     def release(self) -> None:
         """Free what is left (pipes, channel) once the worker ended and its stream was read."""
 
+    def drop(self) -> None:
+        """Cut the connection as a failing network would (chaos), after ``close``: nothing more goes
+        either way. Where closing stdin is all there is (a pipe), nothing more to do."""
+
 
 class Transport(Protocol):
-    """Reaches one host and starts workers there."""
+    """Reaches one host and starts workers there. Opened through ``registry.open_host``."""
 
     host: str
     alive: bool  # False once the connection to the host dropped
+    uploaded: int  # bytes of the worker payload sent there when it opened (0: none needed)
+
+    def describe(self) -> str:
+        """One line on how the host was reached, for the HostReady event."""
 
     def start(self, names: Sequence[str], env: dict[str, str] | None = None) -> list[WorkerProcess]:
         """Start one worker per name, all at once, and return them started."""
 
-    def close(self) -> None:
-        """Release the host (its connection); call after its workers ended."""
+    def close(self, deadline: float | None = None) -> None:
+        """Release the host (its connection); call after its workers ended. With a ``deadline``
+        (``time.monotonic``), wait until then at most for what the connection runs to end."""

@@ -198,6 +198,9 @@ class ForkedProcess(PipeStreams):
     def wait(self, timeout: float | None = None) -> int | None:
         return self._server.exit_status(self.pid, 1e9 if timeout is None else timeout)
 
+    def drop(self) -> None:
+        """Nothing beyond ``close``: its stdin closes once what was queued is written."""
+
     def _signal(self, sig: int) -> None:
         if self._pidfd in self._open and self.exit_status() is None:
             try:

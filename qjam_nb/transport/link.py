@@ -33,7 +33,7 @@ import cloudpickle
 from ..worker import protocol
 from ..worker.pipes import remainder
 from ..worker.protocol import Kind, ProtocolError
-from .base import WorkerProcess
+from .base import CpuState, WorkerProcess
 
 #: Reads of one link per wake-up, at most (then the others get their turn).
 READS_PER_PUMP = 64
@@ -233,6 +233,49 @@ class Link:
         if not self.closed:
             self.closed = True
             self._outbox.put(None)
+
+    # -- the worker process: the only door to it from above (tests/test_layers.py) ------------------
+    @property
+    def shares_memory(self) -> bool:
+        """The worker is on this machine: slices and results may go through shared memory."""
+        return self.process.shares_memory
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's pid on its host, once known."""
+        return getattr(self.process, "pid", None)
+
+    def learn_pid(self, pid: int | None) -> None:
+        """Take the pid the worker's hello gives, where the transport did not know it (ssh)."""
+        if self.pid is None:
+            self.process.pid = pid
+
+    def kill(self) -> None:
+        """End the worker and its process group now, without waiting."""
+        self.process.kill()
+
+    def interrupt(self) -> None:
+        """SIGINT to the worker: it stops the mapfunc it runs."""
+        self.process.interrupt()
+
+    def exit_status(self) -> int | None:
+        return self.process.exit_status()
+
+    def cpu_state(self) -> CpuState | None:
+        return self.process.cpu_state()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` s for the worker's end; its exit status, or None if it still runs."""
+        return self.process.wait(timeout)
+
+    def free(self) -> None:
+        """Let the process's pipes or channel go, once it ended and this link is detached."""
+        self.process.release()
+
+    def drop(self) -> None:
+        """Cut the connection as a failing network would (chaos): nothing more goes either way."""
+        self.close()
+        self.process.drop()
 
     # -- reading (the inbox's thread) ----------------------------------------
     def pump(self, fd: int | None = None) -> None:

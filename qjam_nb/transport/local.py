@@ -67,6 +67,9 @@ class LocalProcess(PipeStreams):
         except subprocess.TimeoutExpired:
             return None
 
+    def drop(self) -> None:
+        """Nothing beyond ``close``: its stdin closes once what was queued is written."""
+
 
 class LocalTransport:
     """Starts workers with this interpreter, in this directory, seeing this ``sys.path``.
@@ -124,8 +127,12 @@ class LocalTransport:
             return None
 
     alive = True  # nothing to lose: no connection
+    uploaded = 0  # nothing to upload: the worker package is here
 
-    def close(self) -> None:
+    def describe(self) -> str:
+        return "worker processes on this machine"
+
+    def close(self, deadline: float | None = None) -> None:
         """End the fork server (each worker's pipes close with it)."""
         if self._server is not None:
             self._server.close()

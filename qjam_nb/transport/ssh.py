@@ -192,6 +192,10 @@ class SshProcess:
     def release(self) -> None:
         self._close()
 
+    def drop(self) -> None:
+        """Close the channel itself (once no write is under way): the worker sees EOF, we see the end."""
+        self._close()
+
     def _close(self) -> None:
         """Close the channel once no write is under way, or after ``CLOSE_WAIT`` at most.
 
@@ -336,6 +340,11 @@ class SshTransport:
     @property
     def cipher(self) -> str:
         return self.transport.remote_cipher
+
+    def describe(self) -> str:
+        t = self.target
+        upload = f"uploaded {self.uploaded / 1024:.0f} KiB to" if self.uploaded else "found the worker in"
+        return f"{t.user}@{t.hostname}:{t.port} ({self.cipher}); {upload} {self.directory}; Python {self.python}"
 
     def _bootstrap(self) -> tuple[str, str, str, int]:
         """(the command that starts Python there, how to name it, the worker's directory, bytes uploaded)."""

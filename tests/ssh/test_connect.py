@@ -135,6 +135,13 @@ def test_explicit_user_and_port_override_the_config(ssh_world, home):
     assert ready["wrong"].detail.startswith(f"{ME}@127.0.0.1:{h1.port} (")
 
 
+def test_grouped_ssh_options_override_the_config_as_the_keywords_do(ssh_world, home):
+    h1 = ssh_world.hosts[0]
+    home(entry("wrong", h1.address, sshd.free_port("127.0.0.1"), user=NOBODY))
+    ready = ready_events(["wrong"], ssh=SshOptions(port=h1.port, user=ME))
+    assert ready["wrong"].detail.startswith(f"{ME}@127.0.0.1:{h1.port} (")
+
+
 @pytest.mark.parametrize(
     "config_user, qjam_user, option, expected",
     [
