@@ -11,7 +11,8 @@ results, a STARTED for each slice that runs 3 ms, and an ALIVE from its
 watcher thread every ``beat`` seconds while a slice runs. One that has been
 silent for ``MISSES`` beats is suspect, but a watcher cannot beat while a
 builtin holds the GIL (``sorted`` of a big list), so its CPU time decides:
-sampled from the first beat of silence on, a worker whose CPU time grows is
+sampled from the first beat of silence on, a worker whose CPU time grows, or
+that is runnable (state R: on a loaded host it may wait for a core), is
 busy (its silence starts again), one whose CPU time stands still for the
 rest of the bound is unresponsive (stopped, swapped out, stuck on a dead
 mount, or deadlocked). Where CPU time cannot be read (no ``/proc`` on the
@@ -93,8 +94,9 @@ class Liveness:
                 return (f"silent for {quiet:.1f} s with work to do, and its CPU time could not be read "
                         f"(heartbeat every {self.beat:g} s)")
             return None
-        if silence.ticks is not None and sample.ticks != silence.ticks:
-            silence.since, silence.ticks = now, sample.ticks  # busy in something that holds the GIL
+        if sample.state == "R" or (silence.ticks is not None and sample.ticks != silence.ticks):
+            # Busy in something that holds the GIL, or runnable and waiting for a core on a loaded host.
+            silence.since, silence.ticks = now, sample.ticks
             return None
         silence.ticks = sample.ticks
         if quiet >= self.bound:

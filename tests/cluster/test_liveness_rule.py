@@ -69,6 +69,14 @@ def test_a_worker_burning_cpu_in_silence_is_busy_for_as_long_as_it_burns():
     assert verdict and clock.now - stood_still >= MISSES * BEAT - 0.5 * BEAT
 
 
+def test_a_runnable_worker_waiting_for_a_core_is_not_condemned():
+    """On a loaded host a worker may wait for a core, its CPU time standing still: state R is not hung."""
+    live, clock = started()
+    for _ in range(4 * MISSES):
+        clock.now += 0.5 * BEAT
+        assert live.verdict("w", 0, False, cpu("R", 7)) is None
+
+
 def test_traffic_starts_the_silence_again():
     live, clock = started()
     clock.now += (MISSES - 0.5) * BEAT
