@@ -1,11 +1,13 @@
-"""qjam 2010's autoencoder cost in our own words, and a loader for modules only the master can import,
-shared by the Master and the example tests."""
+"""qjam 2010's examples and its autoencoder cost, in our own words, and a loader for modules only the
+master can import: shared by the Master and the example tests (tests/qjam2010, tests/ssh)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: qjam 2010's examples/saecost.py, in our own words: tanh units, a sparsity penalty on the mean
@@ -51,3 +53,62 @@ def load(tmp_path: Path, name: str, source: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+#: qjam 2010's examples (its ``examples/`` and ``bin/qjam-run.py`` runs), each a module with a ``mapfunc``.
+EXAMPLES = {
+    "newton_sqrt": """
+        def mapfunc(n, x):
+            x = x[0]
+            return x - (x * x - n) / (2 * x)
+    """,
+    "sum_dataset": """
+        def mapfunc(params, dataset):
+            return dataset.sum()
+    """,
+    "char_count": """
+        def charcount(params, txtlines):
+            counts = [0] * 26
+            for c in "".join(txtlines).lower():
+                if "a" <= c <= "z":
+                    counts[ord(c) - ord("a")] += 1
+            return counts
+
+        mapfunc = charcount
+    """,
+    "multiply_sum": """
+        def multiply_sum(theta, xs):
+            return sum([theta * x for x in xs])
+
+        mapfunc = multiply_sum
+    """,
+    "numpy_inner_prod": """
+        import numpy
+
+        def inner_prod(theta, xs):
+            return sum([numpy.dot(numpy.transpose(theta), xi) for xi in xs])
+
+        x = numpy.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
+        theta = numpy.array([2, 4])
+        mapfunc = inner_prod
+    """,
+    "sequences": """
+        three = 3
+        onetoten = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+    """,
+}
+
+
+@contextmanager
+def imported_examples(root: Path, prefix: str) -> Iterator[dict]:
+    """EXAMPLES written to files under ``root`` as modules ``<prefix><name>``, imported (only here: the
+    workers get their code by value), and forgotten afterwards."""
+    for name, source in EXAMPLES.items():
+        (root / f"{prefix}{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(root))
+    try:
+        yield {name: importlib.import_module(f"{prefix}{name}") for name in EXAMPLES}
+    finally:
+        sys.path.remove(str(root))
+        for name in EXAMPLES:
+            sys.modules.pop(f"{prefix}{name}", None)

@@ -5,71 +5,21 @@ checked against the module run in one process; local workers and, on the ssh run
 
 from __future__ import annotations
 
-import importlib
 import math
 import string
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from qjam_nb.qjam2010 import DataSet, Master, NumpyMatrixDataSet, RemoteWorker, default_reduce
-
-EXAMPLES = {
-    "newton_sqrt": """
-        def mapfunc(n, x):
-            x = x[0]
-            return x - (x * x - n) / (2 * x)
-    """,
-    "sum_dataset": """
-        def mapfunc(params, dataset):
-            return dataset.sum()
-    """,
-    "char_count": """
-        def charcount(params, txtlines):
-            counts = [0] * 26
-            for c in "".join(txtlines).lower():
-                if "a" <= c <= "z":
-                    counts[ord(c) - ord("a")] += 1
-            return counts
-
-        mapfunc = charcount
-    """,
-    "multiply_sum": """
-        def multiply_sum(theta, xs):
-            return sum([theta * x for x in xs])
-
-        mapfunc = multiply_sum
-    """,
-    "numpy_inner_prod": """
-        import numpy
-
-        def inner_prod(theta, xs):
-            return sum([numpy.dot(numpy.transpose(theta), xi) for xi in xs])
-
-        x = numpy.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
-        theta = numpy.array([2, 4])
-        mapfunc = inner_prod
-    """,
-    "sequences": """
-        three = 3
-        onetoten = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
-    """,
-}
+from tests.qjam2010.sources import imported_examples
 
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qjam2010_examples")
-    for name, source in EXAMPLES.items():
-        (root / f"qjam2010_ex_{name}.py").write_text(textwrap.dedent(source))
-    sys.path.insert(0, str(root))
-    modules = {name: importlib.import_module(f"qjam2010_ex_{name}") for name in EXAMPLES}
-    yield modules
-    sys.path.remove(str(root))
-    for name in EXAMPLES:
-        sys.modules.pop(f"qjam2010_ex_{name}", None)
+    with imported_examples(tmp_path_factory.mktemp("qjam2010_examples"), "qjam2010_ex_") as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")

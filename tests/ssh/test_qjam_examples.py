@@ -8,72 +8,20 @@ its code by value.
 
 from __future__ import annotations
 
-import importlib
 import math
 import string
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from qjam_nb import DataSet, Master, NumpyMatrixDataSet, RemoteWorker
-
-EXAMPLES = {
-    "newton_sqrt": """
-        def mapfunc(n, x):
-            x = x[0]
-            return x - (x * x - n) / (2 * x)
-    """,
-    "sum_dataset": """
-        import numpy
-
-        def sum_dataset(params, dataset):
-            return numpy.sum(dataset)
-
-        mapfunc = sum_dataset
-    """,
-    "char_count": """
-        def charcount(params, lines):
-            counts = [0] * 26
-            for c in "".join(lines).lower():
-                if "a" <= c <= "z":
-                    counts[ord(c) - ord("a")] += 1
-            return counts
-
-        mapfunc = charcount
-    """,
-    "multiply_sum": """
-        def multiply_sum(theta, xs):
-            return sum([theta * x for x in xs])
-
-        mapfunc = multiply_sum
-    """,
-    "numpy_inner_prod": """
-        import numpy
-
-        def inner_prod(theta, xs):
-            import numpy
-            return sum([numpy.dot(numpy.transpose(theta), xi) for xi in xs])
-
-        x = numpy.array([[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]])
-        theta = numpy.array([2, 4])
-        mapfunc = inner_prod
-    """,
-}
+from tests.qjam2010.sources import imported_examples
 
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qjam_examples")
-    for name, source in EXAMPLES.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-    sys.path.insert(0, str(root))
-    modules = {name: importlib.import_module(name) for name in EXAMPLES}
-    yield modules
-    sys.path.remove(str(root))
-    for name in EXAMPLES:
-        sys.modules.pop(name, None)
+    with imported_examples(tmp_path_factory.mktemp("qjam_examples"), "") as modules:
+        yield modules
 
 
 @pytest.fixture(scope="module")
