@@ -8,20 +8,6 @@ adds the notebook magics. ``qjam_nb.qjam2010`` is qjam's 2010 API (``Master`` an
 
 from ._version import __version__ as __version__
 from .cluster.cluster import Cluster
-from .cluster.events import (
-    CacheChanged,
-    CallFinished,
-    CallStarted,
-    ErrorEvent,
-    HostReady,
-    SliceAssigned,
-    SliceDone,
-    SliceLost,
-    SliceSent,
-    SliceStarted,
-    StreamOutput,
-    WorkerStateChanged,
-)
 from .cluster.reduce import default_reduce
 from .cluster.seed import Master, RemoteWorker
 from .dataset import DataSet, ListDataSet, NumpyMatrixDataSet
@@ -43,6 +29,20 @@ from .errors import (
     ShippingError,
     VersionMismatchError,
     WorkerError,
+)
+from .events import (
+    CacheChanged,
+    CallFinished,
+    CallStarted,
+    ErrorEvent,
+    HostReady,
+    SliceAssigned,
+    SliceDone,
+    SliceLost,
+    SliceSent,
+    SliceStarted,
+    StreamOutput,
+    WorkerStateChanged,
 )
 from .transport.registry import SshOptions
 

@@ -14,8 +14,7 @@ import time
 
 import numpy as np
 
-from . import Cluster, DataSet
-from .cluster import events
+from . import Cluster, DataSet, events
 
 
 def newton_step(n: float, xs: list) -> float:

@@ -1,6 +1,6 @@
 """Imports point downward only (docs: DESIGN.md, "Layers").
 
-  ui (IPython, ipywidgets)  ->  cluster  ->  transport  ->  worker (protocol)
+  ui (IPython, ipywidgets)  ->  cluster (the face)  ->  executors  ->  transport  ->  worker (protocol)
 
 Read from the source with ``ast``, so a forbidden import is caught even inside
 a function or behind a branch that the test suite never runs.
@@ -85,16 +85,41 @@ def py_files(*relative: str, root: Path = PACKAGE) -> list[Path]:
     return files
 
 
-ENGINE = ("cluster", "transport", "worker", "dataset.py", "errors.py")
+ENGINE = ("cluster", "executors", "transport", "worker", "dataset.py", "errors.py", "events.py", "states.py")
 
 
 def test_the_layers_exist():
     for rel in ENGINE:
         assert py_files(rel), f"no Python files in qjam_nb/{rel}"
-    # the checker reads real imports: cluster uses the transport and the protocol
+    # the checker reads real imports: the face uses the executors, which use the transport and the protocol
     cluster_imports = {n for f in py_files("cluster") for _, n in imported_names(f)}
-    assert "qjam_nb.worker.protocol" in cluster_imports
-    assert any(under(n, "qjam_nb.transport") for n in cluster_imports)
+    assert "qjam_nb.executors.base" in cluster_imports
+    executor_imports = {n for f in py_files("executors") for _, n in imported_names(f)}
+    assert "qjam_nb.worker.protocol" in executor_imports
+    assert any(under(n, "qjam_nb.transport") for n in executor_imports)
+
+
+def face_below_the_seam(name: str) -> bool:
+    """``cluster/`` and ``ui/`` know no frame, link or worker module: a Dask executor needs none of them.
+    Of the transport they may name the registry (``SshOptions``, the ``local`` host entry) only."""
+    return under(name, "qjam_nb.worker") or (  # (the package itself is named by every "from ..transport import x")
+        under(name, "qjam_nb.transport") and name != "qjam_nb.transport"
+        and not under(name, "qjam_nb.transport.registry"))
+
+
+def executor_above_itself(name: str) -> bool:
+    return under(name, "qjam_nb.cluster") or under(name, "qjam_nb.ui")
+
+
+def test_the_face_reaches_workers_only_through_an_executor():
+    bad = violations(py_files("cluster", "ui"), face_below_the_seam)
+    assert bad == [], "the face hands calls to an executor (qjam_nb.executors):\n" + "\n".join(bad)
+
+
+def test_executors_never_import_the_face_and_transports_never_import_executors():
+    bad = violations(py_files("executors"), executor_above_itself)
+    bad += violations(py_files("transport"), lambda n: under(n, "qjam_nb.executors"))
+    assert bad == [], "imports point down: cluster -> executors -> transport:\n" + "\n".join(bad)
 
 
 def test_engine_never_imports_the_notebook_ui():
@@ -200,8 +225,8 @@ TRANSPORT_DOORS = ("qjam_nb.transport", "qjam_nb.transport.registry", "qjam_nb.t
                    "qjam_nb.transport.base")
 #: Classes of particular transports, which code above the transport must not name.
 TRANSPORT_CLASSES = ("SshTransport", "LocalTransport", "SshProcess", "LocalProcess", "ForkedProcess", "ForkServer")
-#: Above the transport: the cluster, the notebook UI, and the package's own top-level modules.
-ABOVE_TRANSPORT = ("cluster", "ui")
+#: Above the transport: the executors, the cluster, the notebook UI, and the package's own top-level modules.
+ABOVE_TRANSPORT = ("executors", "cluster", "ui")
 
 
 def above_transport(root: Path = PACKAGE) -> list[Path]:
@@ -267,11 +292,25 @@ def test_checker_flags_transports_named_and_processes_reached(tmp_path):
                            "from ..transport.registry import LocalTransport\nimport qjam_nb.transport.forked\n"
                            "def f(link, m):\n    link.process.kill()\n    return m.SshTransport\n"),
         "ui/__init__.py": "def g(w):\n    return w.link.process.pid\n",
+        "executors/__init__.py": "from ..cluster import good\n",
     }
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
     files = above_transport(root)
+    assert violations(py_files("cluster", "ui", root=root), face_below_the_seam, root) == [
+        "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh",
+        "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh.SshOptions",
+        "qjam_nb/cluster/bad.py:2: imports qjam_nb.transport.local",
+        "qjam_nb/cluster/bad.py:4: imports qjam_nb.transport.forked",
+        "qjam_nb/cluster/good.py:1: imports qjam_nb.transport.link",
+        "qjam_nb/cluster/good.py:1: imports qjam_nb.transport.link.Link",
+        "qjam_nb/cluster/good.py:1: imports qjam_nb.transport.link.LinkClosed",
+    ]
+    assert violations(py_files("executors", root=root), executor_above_itself, root) == [
+        "qjam_nb/executors/__init__.py:1: imports qjam_nb.cluster",
+        "qjam_nb/executors/__init__.py:1: imports qjam_nb.cluster.good",
+    ]
     assert violations(files, behind_the_doors, root) == [
         "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh",
         "qjam_nb/cluster/bad.py:1: imports qjam_nb.transport.ssh.SshOptions",

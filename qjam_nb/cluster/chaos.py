@@ -32,10 +32,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from ..transport.link import Link, LinkClosed
-from . import states
+from .. import states
 
-KILL, DROP = "kill", "drop"
+KILL, DROP = "kill", "drop"  # the executor's words for them (``Executor.lose``)
 #: How a worker's death reads in its state's reason (and so in the widget).
 REASONS = {KILL: "killed by chaos (SIGKILL)", DROP: "connection dropped by chaos"}
 
@@ -114,17 +113,14 @@ class Chaos:
         return "; ".join(parts) or "no chaos armed"
 
     # -- hooks for Cluster's map loop ---------------------------------------------------
-    def task_body(self, worker: str, key: str | None) -> dict:
-        """The TASK message for ``worker``: the slice key, and the straggler's delay if it has one."""
-        delay = self.delays.get(worker) if self.delays else None
-        return {"key": key, "delay": delay} if delay else {"key": key}
+    def progress(self, call: Any) -> None:
+        """Fire the armed actions whose slice count this call has reached (at its start, then per slice).
 
-    def progress(self, call: Any, sched: Any) -> None:
-        """Fire the armed actions whose slice count this call has reached (at its start, then per slice)."""
-        done = sched.done_count
+        ``call`` is the running call's ``cluster.call.CallDriver``; the delays travel in its ``CallSpec``."""
+        done = call.sched.done_count
         for armed in [a for a in self.armed if done >= a.after_slices]:
             self.armed.remove(armed)
-            self._fire(armed, call, sched, done)
+            self._fire(armed, call, done)
 
     # -- doing it ----------------------------------------------------------------------
     def _act(self, action: str, worker: str | int, after_slices: int | None) -> str:
@@ -147,15 +143,12 @@ class Chaos:
                 raise ValueError(f"cannot {action} {name}: it is {handle.state} "
                                  f"({handle.reason or 'no reason given'}); dead workers are started again "
                                  "before the next call (or cluster.restart())")
-            if action == KILL:
-                kill_process(handle.link)
-            else:
-                drop_link(handle.link)
-            cluster._pool.lose(handle, reason=REASONS[action])
+            cluster._executor.lose(name, action, REASONS[action])
         self.log.append(f"{action} {name}, between calls")
         return name
 
-    def _fire(self, armed: Armed, call: Any, sched: Any, done: int) -> None:
+    def _fire(self, armed: Armed, call: Any, done: int) -> None:
+        sched = call.sched
         handle = next((w for w in self._cluster.workers if w.name == armed.worker), None)
         if handle is None or handle.state != states.BUSY or armed.worker not in sched.alive:
             self.log.append(f"call {call.id}: did not {armed.action} {armed.worker}, which is not working in it")
@@ -165,15 +158,9 @@ class Chaos:
             return
         when = f"as call {call.id} started" if done == 0 else f"after {done} slices of call {call.id}"
         reason = f"{REASONS[armed.action]}, {when}"
-        if armed.action == KILL:
-            kill_process(handle.link)
-        else:
-            drop_link(handle.link)
         self.log.append(f"{armed.action} {armed.worker}, {when}")
-        handle.running = None  # chaos killed it, not the slice it was running: no blame on that slice
-        # As if its link had closed: dead now, its slices go to the others. Frames still on their way
-        # from it are dropped (Cluster._handle ignores dead workers' frames).
-        self._cluster._lost_in_call(handle, LinkClosed(reason), call, sched)
+        # Dead now, as if its link had closed: its slices go to the others.
+        call.run.lose(armed.worker, armed.action, reason)
 
     def _owned(self) -> None:
         """In a forked child chaos, as every use of its cluster, raises ForkedClusterError."""
@@ -194,18 +181,3 @@ class Chaos:
                              "(give a name or an index)")
         return name
 
-
-def kill_process(link: Link) -> None:
-    """SIGKILL the worker (before its stdin closes: it would exit on that by itself), and send it nothing more."""
-    link.kill()
-    link.close()
-
-
-def drop_link(link: Link) -> None:
-    """Close a worker's connection as a failing network would: nothing more goes either way.
-
-    Locally the worker's stdin pipe closes (after what was queued); over ssh
-    the channel itself closes. The worker sees EOF and exits; the master sees
-    the stream end.
-    """
-    link.drop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import events as ev
+from .. import events as ev
 
 
 class StreamEcho:

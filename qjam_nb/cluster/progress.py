@@ -11,7 +11,7 @@ import sys
 
 from tqdm.std import tqdm
 
-from . import events as ev
+from .. import events as ev
 
 
 class TqdmProgress:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import events as ev
-from .states import STARTING
+from .. import events as ev
+from ..states import STARTING
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import xxhash
 
-from . import events as ev
+from .. import events as ev
 
 #: Calls a cluster remembers (``cluster.calls``), and the slice records they may hold together
 #: (older calls are forgotten first; a record takes ~85 bytes, so 100,000 take ~9 MB).

@@ -14,7 +14,7 @@ itself, as far as the process takes it without blocking (``Link._deliver``).
 Everything that happens to a link reaches the cluster as an inbox item:
 frames, stderr text, and ``LinkClosed`` once. ``traffic`` counts the reads
 and writes that moved bytes, so that a silent worker can be told from one
-that talks or takes what it is sent (``qjam_nb.cluster.liveness``).
+that talks or takes what it is sent (``qjam_nb.executors.liveness``).
 """
 
 from __future__ import annotations

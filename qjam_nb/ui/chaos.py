@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from ..cluster import events as ev
+from .. import events as ev
 from ..cluster.cluster import Cluster
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ..cluster import events as ev
+from .. import events as ev
 from ..cluster.cluster import Cluster
 from ..cluster.timeline import CANCELLED, DONE, ERROR, LOST, CallRecord, SliceRecord, format_ranges, format_size
 from .views import _View

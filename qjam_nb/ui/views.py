@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
-from ..cluster import events as ev
+from .. import events as ev
 from ..cluster.cluster import Cluster
 from ..cluster.status import StatusModel
 

@@ -166,7 +166,7 @@ class Worker:
     (``SliceTimer``) that a slice arms when it finds it idle (see ``watch``).
     The watcher then also sends the slice's STARTED (``announce``), and an
     ALIVE every ``beat`` seconds for as long as the slice runs: the master
-    judges a silent worker hung (``qjam_nb.cluster.liveness``).
+    judges a silent worker hung (``qjam_nb.executors.liveness``).
     """
 
     def __init__(self, name: str, fd_in: int, channel: Channel) -> None:

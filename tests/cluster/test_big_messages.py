@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from qjam_nb import Cluster
-from qjam_nb.cluster import cluster as cluster_module
 from qjam_nb.errors import WorkerError
+from qjam_nb.executors import frames as frames_executor
 from qjam_nb.worker import sharedmem
 
 FLOATS_PER_MIB = (1 << 20) // 8
@@ -33,7 +33,7 @@ def test_big_params_and_results_are_right_call_after_call(make_cluster, backend)
         theta = rng.standard_normal(floats)
         got = cluster.map(lambda t, xs: t * 2.0, theta)
         np.testing.assert_array_equal(got, 4.0 * theta)  # each of the 2 workers once
-        arenas.append(cluster._params_arena.path if cluster._params_arena else None)
+        arenas.append(cluster._executor.params_arena.path if cluster._executor.params_arena else None)
     if backend == "local":
         assert arenas[0] == arenas[1] != arenas[2] == arenas[3]  # reused; replaced once, when outgrown
         assert all(w.results.path for w in cluster.workers)  # the results came through the arenas
@@ -96,11 +96,11 @@ def test_params_take_the_pipe_when_shared_memory_is_full(make_cluster, monkeypat
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cluster_module.sharedmem, "arena_for", full)
+    monkeypatch.setattr(frames_executor.sharedmem, "arena_for", full)
     cluster = make_cluster(["local:2"])
     theta = np.arange(2 * FLOATS_PER_MIB, dtype=np.float64)
     np.testing.assert_array_equal(cluster.map(lambda t, xs: t, theta), 2 * theta)
-    assert cluster._params_arena is None
+    assert cluster._executor.params_arena is None
 
 
 def test_big_params_reach_local_and_ssh_workers_of_one_cluster(ssh_world):

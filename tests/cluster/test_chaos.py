@@ -83,13 +83,13 @@ def test_slow_makes_a_straggler_until_cleared(make_cluster, record):
     log = record(cluster)
     slow = cluster.worker_names[1]
     cluster.chaos.slow(slow, 0.2)
-    assert cluster.chaos.task_body(slow, "k") == {"key": "k", "delay": 0.2}
+    assert cluster.chaos.delays == {slow: 0.2}  # each TASK to it carries the delay
     assert cluster.map(slow_sum, None, list(range(8)), slice_size=2) == sum(range(8))
     mine = [e.seconds for e in log.of(SliceDone) if e.worker == slow]
     assert mine and min(mine) >= 0.2  # the worker slept inside each slice's measured time
     assert "sleeps 0.2 s before each slice" in cluster.chaos.describe()
     cluster.chaos.clear()
-    assert cluster.chaos.task_body(slow, "k") == {"key": "k"}
+    assert cluster.chaos.delays == {}
     assert cluster.chaos.describe() == "no chaos armed"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qjam_nb.cluster.liveness import MISSES, Liveness
+from qjam_nb.executors.liveness import MISSES, Liveness
 from qjam_nb.transport.base import CpuState, parse_stat
 
 BEAT = 1.0

@@ -67,7 +67,7 @@ def test_without_the_fork_server_each_worker_is_a_new_interpreter(elsewhere, mon
 def test_a_killed_worker_reports_its_signal_through_the_server():
     with Cluster(["local:2"], echo=False) as cluster:
         (pid, *_), _ = cluster.map(whoami(), None, reduce=concatenate)
-        proc = next(w.link.process for w in cluster._pool.workers if w.link.process.pid == pid)
+        proc = next(w.link.process for w in cluster._executor.workers if w.link.process.pid == pid)
         assert isinstance(proc, local.ForkedProcess)
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(5) == -signal.SIGKILL

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from qjam_nb.cluster import cluster as cluster_module
+from qjam_nb.executors import frames as frames_executor
 from qjam_nb.worker import sharedmem
 
 
@@ -25,7 +25,7 @@ def test_large_slices_go_through_shared_memory_locally_and_the_pipe_over_ssh(mak
             paths.append(handle["path"])
         return handle
 
-    monkeypatch.setattr(cluster_module.sharedmem, "export", counting)
+    monkeypatch.setattr(frames_executor.sharedmem, "export", counting)
     cluster = make_cluster(["local:2"])
     X = np.random.default_rng(1).standard_normal((1600, 1024))  # 8 slices of 1.6 MiB
     got = cluster.map(lambda p, xs: (xs.sum(axis=0), xs.flags.writeable), None, X, slice_size=200)

@@ -19,8 +19,8 @@ from qjam_nb import (
     SliceSent,
     SliceStarted,
 )
-from qjam_nb.cluster.events import EventBus
 from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
+from qjam_nb.events import EventBus
 
 DATA = list(range(120))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from qjam_nb.cluster import events as ev
+from qjam_nb import events as ev
 from qjam_nb.cluster.echo import StreamEcho
 from qjam_nb.cluster.progress import TqdmProgress
 from qjam_nb.cluster.status import StatusModel

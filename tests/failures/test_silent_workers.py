@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from qjam_nb import CallTimeoutError
-from qjam_nb.cluster import events as ev
-from qjam_nb.cluster import states
+from qjam_nb import CallTimeoutError, states
+from qjam_nb import events as ev
 
 #: Heartbeat interval for these tests (seconds): short, so that silence is judged fast.
 BEAT = 0.2

@@ -147,7 +147,7 @@ def test_restart_brings_dead_workers_back_by_hand(make_cluster):
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and cluster.workers[0].state != "dead":
-        cluster._pool.drain()
+        cluster._executor.drain()
         time.sleep(0.05)
     assert cluster.workers[0].state == "dead"
     assert cluster.restart() == [cluster.workers[0].name]

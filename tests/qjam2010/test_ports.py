@@ -54,7 +54,7 @@ def test_two_ports_of_one_host_are_two_hosts(ssh_world, elsewhere):
     m = Master(workers, echo=False, progress=False)
     try:
         assert m.hosts == ["sshhost:2", f"ssh://{ALIAS}:{elsewhere}:1"]
-        assert len(m.cluster.workers) == 3 and len(m.cluster._transports) == 2
+        assert len(m.cluster.workers) == 3 and len(m.cluster._executor.pool.transports) == 2
     finally:
         m.shutdown()
 

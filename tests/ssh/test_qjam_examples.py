@@ -33,7 +33,7 @@ def master(ssh_world):
 
 def test_two_remote_workers_share_one_host(master):
     assert master.cluster.worker_names == ["sshhost/0", "sshhost/1"]
-    assert len(master.cluster._transports) == 1  # one ssh connection, two channels
+    assert len(master.cluster._executor.pool.transports) == 1  # one ssh connection, two channels
 
 
 def test_newton_sqrt(master, examples):

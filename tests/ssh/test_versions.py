@@ -9,7 +9,7 @@ import pytest
 from conftest import OTHER_CLOUDPICKLE
 
 from qjam_nb import Cluster, VersionMismatchError
-from qjam_nb.cluster.handshake import mismatch
+from qjam_nb.executors.handshake import mismatch
 
 
 def test_a_remote_cloudpickle_of_another_major_version_is_refused(ssh_world, python_with_other_cloudpickle):

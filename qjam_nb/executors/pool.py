@@ -1,6 +1,6 @@
-"""The workers of a cluster: starting, reviving, losing and stopping them.
+"""The frames executor's workers: starting, reviving, losing and stopping them.
 
-The pool owns every ``WorkerHandle`` and every host's transport, and is the
+The pool owns every ``FramesWorker`` and every host's transport, and is the
 only code that changes a worker's state (always along ``states``' table, and
 always with an event). It runs on the cluster's thread, which also reads
 the workers' streams, in ``inbox.get``.
@@ -21,51 +21,31 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import events as ev
+from .. import states
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
 from ..transport.registry import SshOptions, Transport, open_hosts, reopen_host
 from ..worker import sharedmem, threads
 from ..worker.protocol import Frame, Kind, ProtocolError
-from . import events as ev
-from . import states
+from .base import WorkerHandle
 from .handshake import master_versions, mismatch
 
 BACKOFF_MAX = 60.0
 
 
-class WorkerHandle:
-    """The master's view of one worker: its link, state, what it caches and runs."""
+class FramesWorker(WorkerHandle):
+    """A worker of the frames executor: the generic handle, with its link and what its stream said."""
 
     def __init__(self, name: str, host: str) -> None:
-        self.name = name
-        self.host = host
+        super().__init__(name, host)
         self.link: Link | None = None
-        self.state = states.STARTING
-        self.reason = ""
-        self.hello: dict = {}
-        self.cache: dict[str, int] = {}  # slice key -> bytes; change it through remember/forget
-        self.cached_bytes = 0
         self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED (after 3 ms) and not finished
         self.cancelled = 0  # the last call it answered CANCELLED for
         self.refused = False  # refused by the handshake: not started again
         self.starts = 0
         self.results = sharedmem.LentResults()  # its big results, in its arena (local workers)
         self.retire_arena = False  # something still uses its arena: its next TASK says to make a new one
-
-    def __repr__(self) -> str:
-        return f"<worker {self.name} {self.state}>"
-
-    def remember(self, key: str, nbytes: int) -> None:
-        self.cached_bytes += nbytes - self.cache.get(key, 0)
-        self.cache[key] = nbytes
-
-    def forget(self, key: str | None = None) -> None:
-        """Forget one cached slice, or (no key) all of them."""
-        if key is None:
-            self.cache.clear()
-            self.cached_bytes = 0
-        else:
-            self.cached_bytes -= self.cache.pop(key, 0)
 
 
 class WorkerPool:
@@ -79,14 +59,14 @@ class WorkerPool:
         self.inbox = Inbox()
         self.transports: dict[str, Transport] = {}
         self.versions = master_versions()
-        self.workers: list[WorkerHandle] = []
-        self.by_link: dict[int, WorkerHandle] = {}
+        self.workers: list[FramesWorker] = []
+        self.by_link: dict[int, FramesWorker] = {}
         self.retry: dict[str, tuple[int, float]] = {}  # host -> (failures, next attempt)
         counters: dict[str, int] = {}
         for host, n in plan:
             first = counters.get(host, 0)
             counters[host] = first + n
-            self.workers += [WorkerHandle(f"{host}/{i}", host) for i in range(first, first + n)]
+            self.workers += [FramesWorker(f"{host}/{i}", host) for i in range(first, first + n)]
         self.current_call = 0  # for events emitted between calls
 
     # -- starting ------------------------------------------------------------------
@@ -107,11 +87,11 @@ class WorkerPool:
         if dead:
             raise WorkerError("could not start " + "; ".join(self.obituary(w) for w in dead))
 
-    def revive(self, timeout: float) -> list[WorkerHandle]:
+    def revive(self, timeout: float) -> list[FramesWorker]:
         """Start dead workers again where their host allows it; returns those that came back."""
         dead = [w for w in self.workers if w.state == states.DEAD and not w.refused]
         now = time.monotonic()
-        reborn: list[WorkerHandle] = []
+        reborn: list[FramesWorker] = []
         for host in dict.fromkeys(w.host for w in dead):
             failures, next_try = self.retry.get(host, (0, 0.0))
             if now < next_try:
@@ -146,7 +126,7 @@ class WorkerPool:
         self.events.emit(ev.HostReady(host, transport.describe(), transport.uploaded,
                                       time.perf_counter() - started))
 
-    def _spawn(self, workers: list[WorkerHandle]) -> None:
+    def _spawn(self, workers: list[FramesWorker]) -> None:
         for host in dict.fromkeys(w.host for w in workers):
             batch = [w for w in workers if w.host == host]
             try:
@@ -174,7 +154,7 @@ class WorkerPool:
             return {threads.REQUEST: f"share:{sum(w.host == host for w in self.workers)}"}
         return {threads.REQUEST: str(self.blas_threads)}
 
-    def await_hellos(self, workers: list[WorkerHandle], timeout: float) -> None:
+    def await_hellos(self, workers: list[FramesWorker], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while any(w.state == states.STARTING for w in workers):
             left = deadline - time.monotonic()
@@ -191,7 +171,7 @@ class WorkerPool:
             self.handle(item)
 
     # -- the inbox, between calls ----------------------------------------------------
-    def worker_of(self, link: Link) -> WorkerHandle | None:
+    def worker_of(self, link: Link) -> FramesWorker | None:
         worker = self.by_link.get(id(link))
         return worker if worker is not None and worker.link is link else None
 
@@ -217,7 +197,7 @@ class WorkerPool:
             worker.cancelled = msg.call
         # Anything else belongs to a finished or cancelled call (or is an ALIVE): dropped.
 
-    def _hello(self, worker: WorkerHandle, hello: dict) -> None:
+    def _hello(self, worker: FramesWorker, hello: dict) -> None:
         worker.hello = hello
         self.events.emit(ev.WorkerThreads(worker.name, describe_threads(hello.get("blas"))))
         worker.link.learn_pid(hello.get("pid"))
@@ -239,13 +219,13 @@ class WorkerPool:
                 return
             self.handle(item)
 
-    def body(self, worker: WorkerHandle, frame: Frame, what: str) -> Any:
+    def body(self, worker: FramesWorker, frame: Frame, what: str) -> Any:
         try:
             return frame.body()
         except ProtocolError as exc:
             raise _unpickling_failed(worker, what, exc.__cause__ or exc) from exc
 
-    def result(self, worker: WorkerHandle, frame: Frame) -> tuple[Any, float]:
+    def result(self, worker: FramesWorker, frame: Frame) -> tuple[Any, float]:
         """A RESULT's value and the seconds its slice took; a big local result is built on the
         worker's arena, where it lies (see ``sharedmem.LentResults``)."""
         try:
@@ -268,7 +248,7 @@ class WorkerPool:
             raise _unpickling_failed(worker, f"the result of slice {frame.index}", cause) from exc
 
     # -- losing and stopping -------------------------------------------------------
-    def lose(self, worker: WorkerHandle, closed: LinkClosed | None = None, reason: str = "") -> None:
+    def lose(self, worker: FramesWorker, closed: LinkClosed | None = None, reason: str = "") -> None:
         """Mark a worker dead, with why (its exit status, or what broke), and forget its cache.
 
         Its process group is killed too: helpers that mapfunc forked do not outlive it.
@@ -287,12 +267,12 @@ class WorkerPool:
             worker.forget()
             self.cache_changed(worker)
 
-    def kill(self, worker: WorkerHandle, reason: str) -> None:
+    def kill(self, worker: FramesWorker, reason: str) -> None:
         """Kill a worker (with its process group) and mark it dead, without waiting for it."""
         worker.link.close()
         self.lose(worker, reason=reason)
 
-    def settle(self, call: int, workers: list[WorkerHandle], grace: float) -> None:
+    def settle(self, call: int, workers: list[FramesWorker], grace: float) -> None:
         """Stop a cancelled call on ``workers``, escalating: CANCEL, then SIGINT, then kill.
 
         A worker answers CANCEL with CANCELLED once no slice of the call runs
@@ -354,10 +334,10 @@ class WorkerPool:
                 break
 
     # -- bookkeeping ---------------------------------------------------------------
-    def alive(self) -> list[WorkerHandle]:
+    def alive(self) -> list[FramesWorker]:
         return [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
 
-    def set_state(self, worker: WorkerHandle, new: str, reason: str) -> None:
+    def set_state(self, worker: FramesWorker, new: str, reason: str) -> None:
         old = worker.state
         if old == new:
             return
@@ -365,14 +345,14 @@ class WorkerPool:
         worker.reason = reason
         self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
 
-    def cache_changed(self, worker: WorkerHandle) -> None:
+    def cache_changed(self, worker: FramesWorker) -> None:
         self.events.emit(ev.CacheChanged(worker.name, len(worker.cache), worker.cached_bytes))
 
-    def last_words(self, worker: WorkerHandle, lines: int = 5) -> str:
+    def last_words(self, worker: FramesWorker, lines: int = 5) -> str:
         tail = list(worker.link.stderr_tail)[-lines:] if worker.link is not None else []
         return "its last stderr lines: " + " | ".join(tail) if tail else "it printed nothing to stderr"
 
-    def obituary(self, worker: WorkerHandle) -> str:
+    def obituary(self, worker: FramesWorker) -> str:
         return f"{worker.name}: {worker.reason} ({self.last_words(worker)})"
 
     def obituaries(self) -> str:
@@ -393,7 +373,7 @@ def exit_reason(status: int | None) -> str:
     return f"exited with status {status}"
 
 
-def _unpickling_failed(worker: WorkerHandle, what: str, cause: object) -> ShippingError:
+def _unpickling_failed(worker: FramesWorker, what: str, cause: object) -> ShippingError:
     return ShippingError(f"{what} from worker {worker.name} could not be unpickled here: {cause}. "
                          "Return values built from modules the notebook can import too.")
 

@@ -1,0 +1,412 @@
+"""The frames executor: our own workers over byte streams (local pipes, ssh channels, memory).
+
+Its rules, beside the seam's (``executors.base``):
+
+* The pool (``executors.pool``) owns the workers and their links; a call
+  (``FramesCall``) reads the pool's inbox on the call's thread, and writes
+  frames to the workers' links.
+* A worker's tasks of one pass leave as one TASKS frame, in the order the face
+  handed them out: its cached slices, and small slices of plain items it
+  lacks, which travel in the frame with their task; other slices go singly,
+  in their DATA frame. Writes are held while one read's worth of messages is
+  handled and the face feeds the windows, so they leave in one write
+  (``flush``).
+* Local workers get big params and slices through shared memory (the
+  cluster's params arena, ``sharedmem.export``), and may answer with big
+  results through their own arena (``sharedmem.LentResults``).
+* Twice a heartbeat, a busy worker with work in flight that died unseen or
+  went silent is lost (``liveness``).
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import time
+from collections.abc import Sequence
+
+import cloudpickle
+
+from .. import events as ev
+from .. import states
+from ..dataset import pickles_plainly
+from ..errors import WorkerError
+from ..transport.link import LinkClosed
+from ..transport.registry import SshOptions
+from ..worker import protocol, sharedmem
+from ..worker.protocol import Frame, Kind
+from .base import CallReports, CallSpec
+from .liveness import Liveness
+from .pool import FramesWorker, WorkerPool
+
+#: A slice of plain items up to this size (pickled) may travel in a TASKS frame, with its task.
+BATCH_SLICE_BYTES = 64 << 10
+#: How chaos ends a worker: SIGKILL, or its stream closed as a failing network would.
+KILL, DROP = "kill", "drop"
+
+
+class FramesExecutor:
+    """``executors.base.Executor`` over the transports' byte streams."""
+
+    def __init__(self, events: ev.EventBus, plan: Sequence[tuple[str, int]], ssh_options: SshOptions,
+                 blas_threads: int | bool | None, heartbeat: float) -> None:
+        self.events = events
+        self.pool = WorkerPool(events, plan, ssh_options, blas_threads)
+        self.liveness = Liveness(heartbeat)
+        self.params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
+        sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
+
+    @property
+    def max_slice_bytes(self) -> int:
+        return protocol.MAX_FRAME  # read when asked: QJAM_MAX_FRAME (and tests) may change it
+
+    @property
+    def workers(self) -> list[FramesWorker]:
+        return self.pool.workers
+
+    def start(self, timeout: float) -> None:
+        self.pool.start(timeout)
+
+    def revive(self, timeout: float, now: bool = False) -> list[FramesWorker]:
+        if now:
+            self.pool.retry.clear()
+        return self.pool.revive(timeout)
+
+    def drain(self) -> None:
+        self.pool.drain()
+
+    def alive(self) -> list[FramesWorker]:
+        return self.pool.alive()
+
+    def obituaries(self) -> str:
+        return self.pool.obituaries()
+
+    def set_call(self, call: int) -> None:
+        self.pool.current_call = call
+
+    def begin(self, spec: CallSpec, workers: list[FramesWorker], reports: CallReports) -> FramesCall:
+        return FramesCall(self, spec, workers, reports)
+
+    def lose(self, worker: str, how: str, reason: str) -> None:
+        handle = next(w for w in self.pool.workers if w.name == worker)
+        end_link(handle, how)
+        self.pool.lose(handle, reason=reason)
+
+    def stop(self) -> None:
+        self.pool.stop()
+        if self.params_arena is not None:
+            self.params_arena.close()
+
+
+class FramesCall:
+    """One call on the frames executor: ``executors.base.CallRun``."""
+
+    def __init__(self, executor: FramesExecutor, spec: CallSpec, workers: list[FramesWorker],
+                 reports: CallReports) -> None:
+        self.executor = executor
+        self.pool = executor.pool
+        self.spec = spec
+        self.id = spec.id
+        self.reports = reports
+        self.workers = {w.name: w for w in workers}
+        self.alive = list(workers)
+        self.bytes_sent = 0
+        self.slice_bytes_sent = 0
+        self.slice_bytes_cached = 0
+        self.shared: list[dict] = []  # slices handed over in shared memory
+        self.cache_news: dict[str, FramesWorker] = {}  # workers sent slices since the last CacheChanged
+        self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
+        self.in_flight: dict[str, set[int]] = {w.name: set() for w in workers}  # sent, not answered
+        self.held = False
+        self.live = executor.liveness
+        self.live.start()
+        calls = self._call_frames(spec)
+        self._hold()  # the CALL and the first slices go out together
+        for w in workers:
+            chunks, beside = calls[w.link.shares_memory]
+            self.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, spec.id) + beside
+            self.pool.set_state(w, states.BUSY, f"call {spec.id}")
+
+    def _call_frames(self, spec: CallSpec) -> dict[bool, tuple[list, int]]:
+        """The CALL frame for workers on other machines and for local ones (by ``shares_memory``),
+        with the bytes each gets beside the pipe. Local workers read big params from the
+        executor's params arena, written once for all of them, and may answer through theirs."""
+        func = pickle.PickleBuffer(spec.func)
+        frames = {}
+        local = [w for w in self.alive if w.link.shares_memory]
+        for w in local:  # before a worker may write its arena again: is its last result still in use?
+            if w.results.lent and w.results.retained():
+                w.retire_arena = True
+        beat = self.live.beat
+        if len(local) < len(self.alive):
+            body = {"func": func, "params": spec.params, "beat": beat}
+            frames[False] = protocol.encode(Kind.CALL, body, call=spec.id), 0
+        if local:
+            # "share": where the workers may put big results (our own directory), if shared memory is here.
+            body = {"func": func, "params": spec.params, "beat": beat, "share": sharedmem.sharing_directory()}
+            beside = 0
+            views = sharedmem.byte_views(spec.params[1])
+            if views is not None:
+                beside = sum(v.nbytes for v in views)
+                ex = self.executor
+                try:
+                    ex.params_arena = sharedmem.arena_for(ex.params_arena, beside, sharedmem.PARAMS_PREFIX)
+                    body.update(params=(spec.params[0], []), params_arena=ex.params_arena.write(views))
+                except OSError:  # /dev/shm full: the pipe it is
+                    beside = 0
+            frames[True] = protocol.encode(Kind.CALL, body, call=spec.id), beside
+        return frames
+
+    # -- writing ---------------------------------------------------------------------------
+    def _hold(self) -> None:
+        if not self.held:
+            self.held = True
+            for w in self.alive:
+                w.link.hold()
+
+    def flush(self) -> None:
+        if self.held:
+            self.held = False
+            for w in self.alive:
+                w.link.release()
+        if self.cache_news:
+            self._cache_news()
+
+    def assign(self, tasks: Sequence[tuple[str, int]]) -> None:
+        spec = self.spec
+        batches: dict[str, list] = {}  # worker -> the entries of its TASKS frame to come
+        data = spec.data
+        plain = data is not None and data.plain_items()
+        items, step = (data.data, data.slice_size) if plain else (None, 0)
+        delays = spec.delays
+        emit = self.executor.events.emit
+        for name, index in tasks:
+            worker = self.workers[name]
+            self.in_flight[name].add(index)
+            key, size = spec.keyed[index] if data is not None else (None, 0)
+            cached = key is None or key in worker.cache
+            emit(ev.SliceAssigned(self.id, index, name, cached and key is not None, key, size))
+            if delays or worker.retire_arena:  # a task body of its own
+                if name in batches:
+                    self._send_tasks(worker, batches.pop(name))
+                if cached:
+                    self.slice_bytes_cached += size
+                    self._task(worker, index, key)
+                else:
+                    self._ship_and_task(worker, index)
+                continue
+            if cached:
+                self.slice_bytes_cached += size
+                entry: tuple = (index, key)
+            elif plain and size <= BATCH_SLICE_BYTES:
+                entry = (index, key, items[index * step:(index + 1) * step])
+                self._shipped(worker, index, key, size)
+            else:
+                if name in batches:  # the worker runs its tasks in the order they come
+                    self._send_tasks(worker, batches.pop(name))
+                self._ship_and_task(worker, index)
+                continue
+            batch = batches.get(name)
+            if batch is None:
+                batches[name] = [entry]
+            else:
+                batch.append(entry)
+        for name, batch in batches.items():
+            self._send_tasks(self.workers[name], batch)
+
+    def _send_tasks(self, worker: FramesWorker, batch: list[tuple]) -> None:
+        if len(batch) == 1 and len(batch[0]) == 2:  # one cached slice: a TASK
+            self._task(worker, *batch[0])
+        else:
+            self.bytes_sent += worker.link.send(Kind.TASKS, batch, self.id, batch[0][0], dumps=pickle.dumps)
+
+    def _task(self, worker: FramesWorker, index: int, key: str | None) -> None:
+        self.bytes_sent += worker.link.send(Kind.TASK, self._task_body(worker, key), self.id, index,
+                                            dumps=pickle.dumps)
+
+    def _task_body(self, worker: FramesWorker, key: str | None) -> dict:
+        delay = self.spec.delays.get(worker.name) if self.spec.delays else None
+        body = {"key": key, "delay": delay} if delay else {"key": key}
+        if worker.retire_arena:
+            body["retire"], worker.retire_arena = True, False
+        return body
+
+    def _ship_and_task(self, worker: FramesWorker, index: int) -> None:
+        """Send slice ``index`` with its task in one DATA frame (one frame to make and read, one wake-up)."""
+        key, _ = self.spec.keyed[index]
+        data = self.spec.data.slice(index)
+        task = self._task_body(worker, key)
+        body = {"key": key, "data": data, "task": task}
+        if worker.link.shares_memory:
+            try:
+                handle = sharedmem.export(data)
+            except OSError:  # /dev/shm full or missing: the pipe it is
+                handle = None
+            if handle is not None:
+                body = {"key": key, "shared": handle, "task": task}
+                self.shared.append(handle)
+        dumps = pickle.dumps if pickles_plainly(data) else cloudpickle.dumps
+        nbytes = worker.link.send(Kind.DATA, body, self.id, index, dumps=dumps)
+        if "shared" in body:
+            nbytes += body["shared"]["nbytes"]  # shipped all the same, only faster
+        self.bytes_sent += nbytes
+        self._shipped(worker, index, key, nbytes)
+
+    def _shipped(self, worker: FramesWorker, index: int, key: str, nbytes: int) -> None:
+        """Slice ``index`` is on its way to ``worker`` (``nbytes`` of it; in a TASKS frame, its pickle)."""
+        self.slice_bytes_sent += nbytes
+        worker.remember(key, self.spec.keyed[index][1])
+        self.executor.events.emit(ev.SliceSent(self.id, index, worker.name, key, nbytes))
+        self.cache_news[worker.name] = worker
+
+    def _cache_news(self) -> None:
+        """One CacheChanged per worker whose cache grew since the last (a batch of slices, not one each)."""
+        for worker in self.cache_news.values():
+            self.pool.cache_changed(worker)
+        self.cache_news.clear()
+
+    def disown(self, worker: str, index: int) -> None:
+        self.stale[(worker, index)] = self.stale.get((worker, index), 0) + 1
+        self.slice_bytes_cached -= self.spec.keyed[index][1]
+
+    def rekeyed(self, keyed: list) -> None:
+        self.spec.keyed = keyed
+
+    # -- reading ---------------------------------------------------------------------------
+    def wait(self, deadline: float | None) -> bool:
+        """What the workers said next, all of one read handled before anything is written back
+        (the writes wait for ``flush``); meanwhile, twice a heartbeat, who has gone silent."""
+        live = self.live
+        inbox = self.pool.inbox
+        while True:
+            now = time.monotonic()
+            wait = live.next_check - now
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            try:
+                item = inbox.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._hold()
+                self._handle(item)
+                while (item := inbox.get_read()) is not None:
+                    self._handle(item)
+                if live.due():
+                    self._check_liveness()
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if live.due():
+                self._hold()
+                self._check_liveness()
+                self.flush()
+
+    def _handle(self, item: tuple) -> None:
+        link, msg = item
+        worker = self.pool.worker_of(link)
+        if worker is not None and isinstance(msg, Frame) and msg.call == self.id and worker.state != states.DEAD:
+            kind, index = msg.kind, msg.index
+            if self.stale and kind in (Kind.RESULT, Kind.ERROR, Kind.NEED) and (worker.name, index) in self.stale:
+                self._drop_stale(worker, kind, index)
+                return
+            if kind is Kind.STARTED:
+                worker.running = (self.id, index)
+                self.reports.started(worker.name, index)
+                return
+            if worker.running is not None and kind in (Kind.RESULT, Kind.ERROR) and worker.running == (self.id, index):
+                worker.running = None
+            if kind is Kind.RESULT:
+                value, seconds = self.pool.result(worker, msg)
+                self.in_flight[worker.name].discard(index)
+                self.reports.finished(worker.name, index, value, seconds)
+                return
+            if kind is Kind.ERROR:
+                self.reports.failed(worker.name, index, self.pool.body(worker, msg, "an error report"))
+                return
+            if kind is Kind.NEED:
+                worker.forget(self.pool.body(worker, msg, "a NEED")["key"])
+                self._ship_and_task(worker, index)
+                return
+        if worker is not None and isinstance(msg, LinkClosed) and worker.state == states.BUSY:
+            self.live.forget(worker.name)
+            self._lost(worker, msg)
+            return
+        self.pool.handle(item)
+
+    def _drop_stale(self, worker: FramesWorker, kind: Kind, index: int) -> None:
+        """The answer to a task sent under a wrongly guessed key: of old data, so of no use."""
+        left = self.stale.pop((worker.name, index)) - 1
+        if left:
+            self.stale[(worker.name, index)] = left
+        if kind is not Kind.NEED and worker.running == (self.id, index):
+            worker.running = None
+
+    def _check_liveness(self) -> None:
+        """Lose the workers with work in flight that died unseen or went silent (``liveness``).
+
+        A death is also learnt from the exit status (a helper that mapfunc forked can
+        keep the stream open after its worker died); a silent worker is marked
+        unresponsive and killed with its process group, without waiting on it (a
+        process in uninterruptible sleep cannot be reaped).
+        """
+        live = self.live
+        for name, in_flight in list(self.in_flight.items()):
+            worker = self.workers[name]
+            if not in_flight or worker.state != states.BUSY:
+                continue
+            link = worker.link
+            if link.exit_status() is not None:
+                link.detach()
+                self._lost(worker, LinkClosed(None))
+                continue
+            verdict = live.verdict(name, link.traffic, link.partial, link.cpu_state, link.waiting)
+            if verdict is None:
+                continue
+            live.forget(name)
+            self.pool.set_state(worker, states.UNRESPONSIVE, verdict)
+            link.detach()
+            link.close()
+            link.kill()
+            self._lost(worker, None, reason=f"{verdict}; killed")
+
+    def _lost(self, worker: FramesWorker, closed: LinkClosed | None, reason: str = "") -> None:
+        running = worker.running
+        self.pool.lose(worker, closed, reason)
+        self.in_flight[worker.name] = set()
+        self.reports.lost(worker.name, running[1] if running and running[0] == self.id else None,
+                          self.pool.obituary(worker).split(": ", 1)[1])
+
+    def lose(self, worker: str, how: str, reason: str) -> None:
+        handle = self.workers[worker]
+        end_link(handle, how)
+        handle.running = None  # chaos killed it, not the slice it was running: no blame on that slice
+        # As if its link had closed: dead now. Frames still on their way from it are dropped
+        # (``_handle`` ignores dead workers' frames).
+        self._lost(handle, LinkClosed(reason))
+
+    # -- ending ------------------------------------------------------------------------------
+    def cancel(self, grace: float) -> None:
+        self.flush()
+        self.pool.settle(self.id, self.alive, grace)
+
+    def close(self) -> None:
+        self.flush()
+        for handle in self.shared:  # taken (and deleted) by the workers, unless one died first
+            sharedmem.discard(handle)
+        self._cache_news()
+        for w in self.alive:
+            if w.state == states.BUSY:
+                self.pool.set_state(w, states.IDLE, "")
+
+
+def end_link(worker: FramesWorker, how: str) -> None:
+    """SIGKILL the worker (before its stdin closes: it would exit on that by itself), or close its
+    connection as a failing network would (its stdin pipe here, its ssh channel over ssh)."""
+    if how == KILL:
+        worker.link.kill()
+        worker.link.close()
+    elif how == DROP:
+        worker.link.drop()
+    else:
+        raise WorkerError(f"cannot end worker {worker.name} by {how!r}: say {KILL!r} or {DROP!r}")
