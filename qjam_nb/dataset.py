@@ -25,10 +25,10 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-import cloudpickle
 import numpy as np
 import xxhash
 
+from .codec import PLAIN_TYPES, dumps_for, is_plain
 from .errors import DataSetError
 from .writewatch import WriteWatch
 
@@ -233,7 +233,7 @@ class DataSet:
     def key_and_size(self, index: int) -> tuple[str, int]:
         """The slice's key and its size in bytes (raw array bytes, or pickle size)."""
         part = self.slice(index)
-        if type(part) is list and pickles_plainly(part):  # one-shot: lists of numbers are the usual tiny slices
+        if type(part) is list and is_plain(part):  # one-shot: lists of numbers are the usual tiny slices
             blob = pickle.dumps(part, protocol=5)
             return xxhash.xxh3_128_hexdigest(f"{self.kind}|".encode() + blob), len(blob)
         digest = xxhash.xxh3_128()
@@ -246,7 +246,7 @@ class DataSet:
             digest.update(flat.reshape(-1).view(np.uint8).data if flat.size else b"")
             nbytes = flat.nbytes
         else:
-            blob = (pickle if pickles_plainly(part) else cloudpickle).dumps(part, protocol=5)
+            blob = dumps_for(part)(part, protocol=5)
             digest.update(f"{self.kind}|".encode())
             digest.update(blob)
             nbytes = len(blob)
@@ -258,14 +258,6 @@ class DataSet:
         return None
 
 
-#: Types that plain ``pickle`` writes exactly as cloudpickle does (by value, no code involved).
-PLAIN_TYPES = frozenset((int, float, complex, str, bytes, bool, type(None)))
-
-
-def pickles_plainly(part: Any) -> bool:
-    """A list or tuple of numbers, strings and None: ``pickle`` makes the same bytes as cloudpickle,
-    ~7x faster (a first call over 100,000 one-item slices pickles each twice: for its key and to ship)."""
-    return type(part) in (list, tuple) and all(type(x) in PLAIN_TYPES for x in part)
 
 
 def _read_only(array: np.ndarray) -> bool:

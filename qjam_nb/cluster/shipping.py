@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..dataset import PLAIN_TYPES
+from ..codec import PLAIN_TYPES, dumps_for
 from ..errors import CaptureWarning, MapFuncError, ShippingError
 
 #: A pickled mapfunc over this size gets a CaptureWarning naming the big variables it captures.
@@ -223,8 +223,7 @@ def dumps_params(params: Any) -> tuple:
     """Pickle params once per call: (pickle, out-of-band buffers), reused for every worker."""
     buffers: list = []
     try:
-        dumps = pickle.dumps if _plain(params) else cloudpickle.dumps
-        data = dumps(params, protocol=5, buffer_callback=buffers.append)
+        data = dumps_for(params)(params, protocol=5, buffer_callback=buffers.append)
     except Exception as exc:
         where = _find_bad_item(params)
         at = f" (at params{where})" if where else ""
@@ -233,22 +232,6 @@ def dumps_params(params: Any) -> tuple:
             "Pass plain data (numbers, arrays, lists, dicts) as params."
         ) from exc
     return pickle.PickleBuffer(data), buffers
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """Data that ``pickle`` writes exactly as cloudpickle does (~5x faster): numbers, strings, numpy
-    arrays of numbers, and lists, tuples and dicts of them. Not functions or classes: ``pickle`` would
-    name them by reference (``__main__.f``), which a worker cannot look up."""
-    kind = type(value)
-    if kind in PLAIN_TYPES:
-        return True
-    if depth > 2:
-        return False
-    if kind in (list, tuple):
-        return len(value) <= 64 and all(_plain(v, depth + 1) for v in value)
-    if kind is dict:
-        return len(value) <= 64 and all(_plain(k, 3) and _plain(v, depth + 1) for k, v in value.items())
-    return kind.__module__ == "numpy" and kind.__name__ == "ndarray" and not value.dtype.hasobject
 
 
 def explain_unpicklable(func: Any, role: str, exc: Exception) -> str:

@@ -25,11 +25,9 @@ import queue
 import time
 from collections.abc import Sequence
 
-import cloudpickle
-
 from .. import events as ev
 from .. import states
-from ..dataset import pickles_plainly
+from ..codec import dumps_for
 from ..errors import WorkerError
 from ..transport.link import LinkClosed
 from ..transport.registry import SshOptions
@@ -245,8 +243,7 @@ class FramesCall:
             if handle is not None:
                 body = {"key": key, "shared": handle, "task": task}
                 self.shared.append(handle)
-        dumps = pickle.dumps if pickles_plainly(data) else cloudpickle.dumps
-        nbytes = worker.link.send(Kind.DATA, body, self.id, index, dumps=dumps)
+        nbytes = worker.link.send(Kind.DATA, body, self.id, index, dumps=dumps_for(data))
         if "shared" in body:
             nbytes += body["shared"]["nbytes"]  # shipped all the same, only faster
         self.bytes_sent += nbytes

@@ -261,12 +261,15 @@ def test_numpy_integer_slice_size_is_accepted():
 def test_plain_list_slices_are_keyed_as_cloudpickle_would_and_others_still_by_cloudpickle():
     import cloudpickle
 
-    from qjam_nb.dataset import pickles_plainly
+    from qjam_nb.codec import is_plain
 
     plain = [1, 2.5, "a", None, True, b"x", 1j]
-    assert pickles_plainly(plain) and pickles_plainly(tuple(plain))
+    assert is_plain(plain) and is_plain(tuple(plain))
     assert pickle.dumps(plain, protocol=5) == cloudpickle.dumps(plain, protocol=5)  # so keys did not change
-    assert not pickles_plainly([lambda: 1]) and not pickles_plainly([[1]]) and not pickles_plainly(np.arange(3))
+    nested = [[1, 2], {"a": np.arange(3)}, (np.ones(2), "b")]
+    assert is_plain(nested) and pickle.dumps(nested, protocol=5) == cloudpickle.dumps(nested, protocol=5)
+    assert not is_plain([lambda: 1]) and not is_plain([[[[1]]]]) and not is_plain([[1]] * 65)
+    assert not is_plain(np.array([object()])) and not is_plain({1: {2: {3: [4]}}})
     assert DataSet([lambda: 1, lambda: 2], 1).key(0) != DataSet([lambda: 2, lambda: 2], 1).key(0)
 
 
