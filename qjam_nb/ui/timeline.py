@@ -27,8 +27,10 @@ from collections.abc import Callable
 import ipywidgets as widgets
 
 from ..cluster import events as ev
+from ..cluster.callrecord import CallRecord
 from ..cluster.cluster import Cluster
-from ..cluster.timeline import CANCELLED, DONE, ERROR, LOST, CallRecord, SliceRecord, format_ranges, format_size
+from ..cluster.slicerows import CANCELLED, DONE, ERROR, LOST, SliceRecord
+from ..formats import format_ranges, format_size
 from .views import _View
 
 #: (bar, compute) fills for slices whose data was shipped, and for slices served from the cache.

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
+from ..cluster.cachemap import cache_map
 from ..cluster.cluster import Cluster
 from ..cluster.status import CallRow, WorkerRow
-from ..cluster.timeline import cache_map, format_ranges
+from ..formats import format_ranges
 from .chaos import chaos_controls
 from .timeline import TimelineWidget
 from .views import URGENT, Throttle, _View  # noqa: F401 (Throttle and URGENT: re-exported)
