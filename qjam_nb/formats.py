@@ -13,13 +13,22 @@ from collections.abc import Iterable
 __all__ = ["format_ranges", "format_size"]
 
 
+_UNITS = ("KiB", "MiB", "GiB", "TiB")
+
+
 def format_size(nbytes: int) -> str:
-    """Bytes as B, KiB or MiB, for people."""
+    """Bytes for people: ``"512 B"``, then one decimal in the largest binary unit that keeps the number
+    under 1024 once rounded (``2**20 - 1`` is ``"1.0 MiB"``, not ``"1024.0 KiB"``), up to TiB."""
+    if nbytes < 0:
+        return "-" + format_size(-nbytes)
     if nbytes < 2**10:
         return f"{nbytes} B"
-    if nbytes < 2**20:
-        return f"{nbytes / 2**10:.1f} KiB"
-    return f"{nbytes / 2**20:.2f} MiB"
+    value = nbytes / 2**10
+    for unit in _UNITS[:-1]:
+        if round(value, 1) < 2**10:
+            return f"{value:.1f} {unit}"
+        value /= 2**10
+    return f"{value:.1f} {_UNITS[-1]}"
 
 
 def format_ranges(indexes: Iterable[int]) -> str:

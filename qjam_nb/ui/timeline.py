@@ -195,7 +195,7 @@ def _wait(r: SliceRecord, x: Callable[[float], float], top: float) -> list[str]:
 
 
 def _tooltip(r: SliceRecord) -> str:
-    how = "from the cache" if r.cached else f"shipped {r.nbytes_sent} B"
+    how = "from the cache" if r.cached else f"shipped {format_size(r.nbytes_sent)}"
     times = ", ".join(f"{name} {t:.4f} s" for name, t in (
         ("assigned", r.assigned), ("sent", r.sent), ("started", r.started), ("done", r.done)) if t is not None)
     what = {DONE: f"done, compute {r.compute:.4f} s", LOST: "lost: its worker died, it ran elsewhere",
