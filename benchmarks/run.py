@@ -54,6 +54,7 @@ for _p in (str(ROOT), str(ROOT / "tests"), str(HERE)):
 
 from benchmarks.limits import SshWorld  # noqa: E402  (the package, found through ROOT above)
 from benchmarks.measure import Bench  # noqa: E402
+from benchmarks.peers.base import inc_slice, list_sum, one, plus_one, total  # noqa: E402, F401  (named __main__.*: see there)
 from benchmarks.report import evaluate, plot, print_tables, versions  # noqa: E402
 from benchmarks.rows import GROUP_ALIASES, GROUPS, MB, Config  # noqa: E402
 from benchmarks.samples import Results, log  # noqa: E402

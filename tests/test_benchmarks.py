@@ -28,8 +28,11 @@ def test_the_rows_and_targets_agree_and_every_peer_is_a_system():
 
 
 def test_the_workloads_travel_by_value(tmp_path):
+    from benchmarks import measure  # noqa: F401  (every peer module, as run.py imports them)
     from benchmarks.peers import base
 
+    # ...without registering a module by value, which would turn off qjam_nb's reuse of mapfunc pickles
+    assert not cloudpickle.list_registry_pickle_by_value()
     blob = cloudpickle.dumps([base.inc_slice, base.list_sum])
     code = "import pickle, sys; inc, total = pickle.load(sys.stdin.buffer); print(inc([1, 2]), total([3, 4]))"
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, timeout=60,
