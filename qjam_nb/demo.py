@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from . import Cluster, DataSet, events
+from .formats import format_size
 
 
 def newton_step(n: float, xs: list) -> float:
@@ -65,17 +66,17 @@ def main(hosts: list[str] | None = None) -> int:
         shipped = ShippedBytes()
         cluster.events.subscribe(shipped)
         print(f"\nColumn sums of a {matrix.shape[0]}x{matrix.shape[1]} matrix "
-              f"({matrix.nbytes / 2**20:.0f} MiB) in {len(data)} slices:")
+              f"({format_size(matrix.nbytes)}) in {len(data)} slices:")
         for label in ("first call (ships the slices)", "second call (slices cached)"):
             t0 = time.perf_counter()
             sums = cluster.map(column_sums, None, data)
             seconds = time.perf_counter() - t0
-            print(f"  {label}: {seconds * 1000:8.1f} ms, {shipped.slice_bytes / 2**20:6.1f} MiB of slices shipped")
+            print(f"  {label}: {seconds * 1000:8.1f} ms, {format_size(shipped.slice_bytes):>9} of slices shipped")
         reference = matrix.sum(axis=0)
         print(f"  matrix sum = {sums.sum():.6f} (numpy: {reference.sum():.6f}); "
               f"column sums match numpy to {np.abs(sums - reference).max():.1e}")
         for name, (count, nbytes) in cluster.cache_info().items():
-            print(f"  {name} caches {count} slices, {nbytes / 2**20:.1f} MiB")
+            print(f"  {name} caches {count} slices, {format_size(nbytes)}")
         ok = error < 1e-6 and np.allclose(sums, reference)
     print("\ndemo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1

@@ -23,6 +23,7 @@ import cloudpickle
 
 from ..codec import PLAIN_TYPES, dumps_for
 from ..errors import CaptureWarning, MapFuncError, ShippingError
+from ..formats import format_size
 
 #: A pickled mapfunc over this size gets a CaptureWarning naming the big variables it captures.
 CAPTURE_WARN_BYTES = 10 << 20
@@ -162,10 +163,10 @@ def _dumps_function(func: Callable, role: str, by_value: tuple) -> bytes:
 def warn_big_captures(func: Any, nbytes: int, role: str = "mapfunc") -> None:
     """Warn (``CaptureWarning``) that ``func`` pickles to ``nbytes``, naming the big variables it captures."""
     found = big_captures(func)
-    named = ", ".join(f"{label} ({size / 2**20:.1f} MiB)" for label, size in found)
+    named = ", ".join(f"{label} ({format_size(size)})" for label, size in found)
     because = f", because it uses {named}" if named else ""
     warnings.warn(
-        f"{role} pickles to {nbytes / 2**20:.1f} MiB, sent to every worker on every call{because}. "
+        f"{role} pickles to {format_size(nbytes)}, sent to every worker on every call{because}. "
         "Pass big data as the dataset instead (-d NAME in %%qjam_map, dataset= in map: it is sliced, and "
         "cached on the workers) or as params (-p NAME / params=), and take it from the function's arguments.",
         CaptureWarning,

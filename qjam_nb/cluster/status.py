@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import events as ev
+from ..formats import format_size
 from ..states import STARTING
 
 
@@ -121,11 +122,11 @@ class StatusModel:
 
     def text(self) -> str:
         """A plain table, for terminals and logs."""
-        lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'MiB':>9}  BLAS"]
+        lines = [f"{'worker':<16} {'state':<9} {'done/total':>10} {'cached':>8} {'bytes':>10}  BLAS"]
         for row in self.rows.values():
             lines.append(
                 f"{row.name:<16} {row.state:<9} {f'{row.done}/{row.assigned}':>10} "
-                f"{row.cached_slices:>8} {row.cached_bytes / 2**20:>9.2f}  {row.threads or '?'}"
+                f"{row.cached_slices:>8} {format_size(row.cached_bytes):>10}  {row.threads or '?'}"
             )
         for host in self.hosts.values():
             lines.append(f"{host.host}: {host.detail}")
@@ -134,10 +135,8 @@ class StatusModel:
             verb = "running" if c.running else f"done in {c.seconds:.3f} s"
             lines.append(
                 f"call {c.call}: {c.done}/{c.n_slices} slices, {verb}; "
-                f"{mib(c.slice_bytes_sent)} of slices shipped, {mib(c.slice_bytes_cached)} served from cache"
+                f"{format_size(c.slice_bytes_sent)} of slices shipped, "
+                f"{format_size(c.slice_bytes_cached)} served from cache"
             )
         return "\n".join(lines)
 
-
-def mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"

@@ -16,9 +16,9 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
+from ..cluster.cachemap import cache_map_text
 from ..cluster.cluster import DEFAULT_HOSTS, Cluster
 from ..cluster.progress import TqdmProgress
-from ..cluster.timeline import cache_map_text
 
 
 @magics_class

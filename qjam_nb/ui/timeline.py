@@ -27,8 +27,10 @@ from collections.abc import Callable
 import ipywidgets as widgets
 
 from .. import events as ev
+from ..cluster.callrecord import CallRecord
 from ..cluster.cluster import Cluster
-from ..cluster.timeline import CANCELLED, DONE, ERROR, LOST, CallRecord, SliceRecord, format_ranges, format_size
+from ..cluster.slicerows import CANCELLED, DONE, ERROR, LOST, SliceRecord
+from ..formats import format_ranges, format_size
 from .views import _View
 
 #: (bar, compute) fills for slices whose data was shipped, and for slices served from the cache.
@@ -193,7 +195,7 @@ def _wait(r: SliceRecord, x: Callable[[float], float], top: float) -> list[str]:
 
 
 def _tooltip(r: SliceRecord) -> str:
-    how = "from the cache" if r.cached else f"shipped {r.nbytes_sent} B"
+    how = "from the cache" if r.cached else f"shipped {format_size(r.nbytes_sent)}"
     times = ", ".join(f"{name} {t:.4f} s" for name, t in (
         ("assigned", r.assigned), ("sent", r.sent), ("started", r.started), ("done", r.done)) if t is not None)
     what = {DONE: f"done, compute {r.compute:.4f} s", LOST: "lost: its worker died, it ran elsewhere",

@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import ipywidgets as widgets
 
+from ..cluster.cachemap import cache_map
 from ..cluster.cluster import Cluster
 from ..cluster.status import CallRow, WorkerRow
-from ..cluster.timeline import cache_map, format_ranges
+from ..formats import format_ranges, format_size
 from .chaos import chaos_controls
 from .timeline import TimelineWidget
 from .views import URGENT, Throttle, _View  # noqa: F401 (Throttle and URGENT: re-exported)
@@ -44,7 +45,7 @@ def row_cells(row: WorkerRow) -> dict[str, str]:
         + f"{html.escape(row.name)}</code>",
         "state": f'<b style="color:{colour}" title="{title}">{row.state}</b>',
         "progress": f"{row.done}/{row.assigned}",
-        "cached": f"{row.cached_slices} slices, {row.cached_bytes / 2**20:.1f} MiB",
+        "cached": f"{row.cached_slices} slices, {format_size(row.cached_bytes)}",
     }
 
 
@@ -52,14 +53,13 @@ def call_summary(call: CallRow) -> str:
     """One line on the current or last call."""
     if not call.call:
         return "no call yet"
-    sent = call.slice_bytes_sent / 2**20
-    saved = call.slice_bytes_cached / 2**20
     if call.running:
         return f"call {call.call}: {call.done}/{call.n_slices} slices"
     state = "failed" if call.errors else "done"
     return (
         f"call {call.call}: {call.done}/{call.n_slices} slices, {state} in {call.seconds:.3f} s; "
-        f"{sent:.1f} MiB of slices shipped, {saved:.1f} MiB served from cache"
+        f"{format_size(call.slice_bytes_sent)} of slices shipped, "
+        f"{format_size(call.slice_bytes_cached)} served from cache"
     )
 
 

@@ -84,7 +84,8 @@ def test_no_warning_for_a_small_closure_and_the_three_biggest_when_none_is_big_a
 
     monkeypatch.setattr(shipping, "CAPTURE_WARN_BYTES", 20_000)
     message = warned(lambda: dumps_function(many))
-    assert "because it uses the variable 'd' (0.0 MiB), the variable 'c' (0.0 MiB), the variable 'b'" in message
+    assert ("because it uses the variable 'd' (31.4 KiB), the variable 'c' (23.6 KiB), "
+            "the variable 'b' (15.7 KiB)") in message
     assert "'a'" not in message
 
 

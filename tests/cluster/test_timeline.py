@@ -362,3 +362,24 @@ def test_a_record_read_from_another_thread_while_events_come_misses_none():
         alone.clock.now += 0.5
         alone(event)
     assert _seen(rec.last) == _seen(alone.last)
+
+
+def test_the_timeline_names_are_importable_from_timeline_and_live_in_one_module_each():
+    """``qjam_nb.cluster.timeline`` only re-exports: each name has one home, the module of its one job."""
+    import importlib
+
+    from qjam_nb.cluster import timeline
+
+    homes = {
+        "qjam_nb.cluster.slicerows": ("SliceRecord", "DONE", "LOST", "CANCELLED", "ERROR", "OUTCOMES", "TIMES"),
+        "qjam_nb.cluster.callrecord": ("CallRecord",),
+        "qjam_nb.cluster.recorder": ("CallRecorder", "KEEP_CALLS", "KEEP_RECORDS", "FOLD_EVERY", "KEEP_PENDING"),
+        "qjam_nb.cluster.cachemap": ("cache_map", "cache_map_text"),
+        "qjam_nb.cluster.params": ("params_hash",),
+        "qjam_nb.formats": ("format_size", "format_ranges"),
+    }
+    for module, names in homes.items():
+        home = importlib.import_module(module)
+        for name in names:
+            assert getattr(timeline, name) is getattr(home, name), f"timeline.{name} is not {module}.{name}"
+    assert sorted(timeline.__all__) == sorted(name for names in homes.values() for name in names)

@@ -49,10 +49,10 @@ def test_status_model_folds_events_into_rows_and_a_table():
     assert (row.state, row.done, row.assigned, row.cached_slices) == ("idle", 1, 2, 2)
     assert model.call.running and model.call.done == 1
     table = model.text()
-    assert "local/0" in table and "1/2" in table and "3.00" in table
+    assert "local/0" in table and "1/2" in table and "3.0 MiB" in table
     assert "call 1: 1/3 slices, running" in table
     model(ev.CallFinished(1, 0.5, 10, 3 << 20, 0, True))
-    assert "done in 0.500 s; 3.00 MiB of slices shipped" in model.text()
+    assert "done in 0.500 s; 3.0 MiB of slices shipped" in model.text()
 
 
 def test_events_held_reach_observers_in_order_once_released():

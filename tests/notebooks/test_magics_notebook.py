@@ -131,7 +131,7 @@ def test_widget_model_shows_a_row_per_worker_with_state_progress_and_cache(execu
     # done/total of the 400-slice call, per worker: they add up to 400
     counts = [tuple(map(int, v.split("/"))) for v in values if re.fullmatch(r"\d+/\d+", v)]
     assert any(a + b == 400 for (a, _), (b, _) in zip(counts, counts[1:], strict=False))
-    assert any(re.fullmatch(r"\d+ slices, \d+\.\d MiB", v) and not v.startswith("0 ") for v in values)
+    assert any(re.fullmatch(r"\d+ slices, (\d+ B|\d+\.\d [KMGT]iB)", v) and not v.startswith("0 ") for v in values)
 
 
 def test_status_and_shutdown(executed):

@@ -1,0 +1,64 @@
+"""benchmarks/ as a package: its modules import, its rows and targets agree, a saved run prints again,
+and the peers' workloads travel by value (ipyparallel's and dask's processes cannot import ``benchmarks``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cloudpickle
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def test_the_rows_and_targets_agree_and_every_peer_is_a_system():
+    from benchmarks import rows
+    from benchmarks.peers import base, dask_distributed, execnet_gateways, ipp, joblib_loky, pools, qjam
+
+    assert {row for row, _, _ in rows.TARGETS} <= set(rows.ROWS)
+    assert {group for group, *_ in rows.ROWS.values()} == set(rows.GROUPS)
+    systems = [qjam.Qjam, pools.MPPool, pools.PPool, ipp.IPyParallel, dask_distributed.Dask,
+               execnet_gateways.Execnet, joblib_loky.Joblib]
+    assert all(issubclass(s, base.System) for s in systems)
+    assert {s.name for s in systems if s.name} <= set(base.PEER_MODULES)
+
+
+def test_the_workloads_travel_by_value(tmp_path):
+    from benchmarks import measure  # noqa: F401  (every peer module, as run.py imports them)
+    from benchmarks.peers import base
+
+    # ...without registering a module by value, which would turn off qjam_nb's reuse of mapfunc pickles
+    assert not cloudpickle.list_registry_pickle_by_value()
+    blob = cloudpickle.dumps([base.inc_slice, base.list_sum])
+    code = "import pickle, sys; inc, total = pickle.load(sys.stdin.buffer); print(inc([1, 2]), total([3, 4]))"
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().split() == ["[2,", "3]", "7"]
+
+
+def test_a_saved_run_prints_its_tables_again_and_a_bad_row_is_named(tmp_path):
+    from benchmarks.rows import ROWS, Config
+    from benchmarks.samples import Results
+
+    res = Results(Config(2, True))
+    res.add("trivial", "qjam_nb local:2", "qjam", [0.2, 0.3])
+    res.add("trivial", "execnet popen", "peer", [0.25, 0.26])
+    res.add("params_ssh", "qjam_nb", "qjam", status="not available: no sshd")
+    meta = {"date": "2026-12-07 12:00:00", "repeat": 2, "quick": True, "cpus": 2, "versions": {"python": "3"},
+            "load_average_at_start": [0.1], "load_average_at_end": [0.2], "total_seconds": 1.0}
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"meta": meta, "rows": res.rows, "extra": {}}))
+    out = subprocess.run([sys.executable, str(RUN), "--report", str(saved)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert ROWS["trivial"][1] in out.stdout and "not available: no sshd" in out.stdout
+    summary = re.sub(r" +", " ", out.stdout)
+    assert "trivial | 0.25 ms/call | <= 1.5x execnet popen | 0.98x execnet popen (need <= 1.5x) | met" in summary
+    bad = subprocess.run([sys.executable, str(RUN), "--only", "trivial,nope"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "--only: unknown row 'nope'; rows are trivial, params" in bad.stderr
