@@ -44,7 +44,7 @@ from .progress import TqdmProgress
 from .replay import ReplayLog
 from .shipping import check_signature, dumps_function, dumps_params
 from .status import StatusModel
-from .timeline import CallRecord, CallRecorder, params_hash
+from .timeline import CallRecord, CallRecorder
 
 DEFAULT_HOSTS = ("local:2",)
 START_TIMEOUT = 60.0
@@ -296,7 +296,7 @@ class Cluster:
         self.events.hold()
         try:
             self.events.emit(ev.CallStarted(spec.id, driver.fold.n, tuple(w.name for w in alive),
-                                            params_hash(spec.params)))
+                                            spec.params.digest))
             run = begin(self._executor, driver, alive)
         finally:
             self.events.release()

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import xxhash
 
+from ..codec import Pickled, digest_of
 from ..dataset import DataSet
 from ..errors import ReplayError
 from .tracebacks import code_spans, point_back
@@ -48,7 +48,7 @@ class Recording:
     func_blob: bytes
     params_pickle: bytes
     params_buffers: list  # bytes copies, or the shipped buffers themselves when too big to copy
-    params_buffers_hash: str | None  # set when not copied: their XXH3-128 at call time
+    params_hash: str | None  # set when the buffers were not copied: the params' digest at call time
     data: DataSet | None
     keys: bytes  # every slice's content key (16 bytes of hash each): 1.6 MB for 100,000 slices, not ~15
     n_slices: int
@@ -61,16 +61,16 @@ class ReplayLog:
     def __init__(self, keep: int = KEEP) -> None:
         self.recordings: deque[Recording] = deque(maxlen=keep)
 
-    def remember(self, call: int, func_blob: bytes, params_part: tuple, data: DataSet | None,
+    def remember(self, call: int, func_blob: bytes, params: Pickled, data: DataSet | None,
                  keyed: list, n_slices: int, mapfunc: Any = None) -> None:
-        """Record a call as it starts (``params_part`` as ``shipping.dumps_params`` made it)."""
-        pickled, buffers = params_part
+        """Record a call as it starts (``params`` as ``shipping.dumps_params`` made them)."""
+        pickled, buffers = params.data, params.buffers
         views = [_view(b) for b in buffers]
         total = sum(v.nbytes for v in views)
         if total <= COPY_PARAMS_BYTES:
             kept, digest = [v.tobytes() for v in views], None
         else:
-            kept, digest = list(buffers), _digest(views)
+            kept, digest = list(buffers), params.digest
         keys = bytes.fromhex("".join([key for key, _ in keyed]))
         self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, keys,
                                          n_slices, mapfunc))
@@ -95,8 +95,7 @@ class ReplayLog:
             what = "slices" if rec.data is not None else "tasks (one per worker: it had no dataset)"
             raise ReplayError(f"call {rec.call} has no slice {index!r}: it had {rec.n_slices} {what}, "
                               f"numbered 0..{rec.n_slices - 1}. Replay one of those.")
-        if rec.params_buffers_hash is not None and _digest([_view(b) for b in rec.params_buffers]) \
-                != rec.params_buffers_hash:
+        if rec.params_hash is not None and digest_of(rec.params_pickle, rec.params_buffers) != rec.params_hash:
             raise ReplayError(f"the params of call {rec.call} changed in place since the call (they were too big "
                               f"to copy), so slice {index} cannot be replayed as the worker ran it: run the "
                               "call again, then replay it before changing its params")
@@ -125,9 +124,3 @@ def _as_worker_sees(part: Any) -> Any:
 def _view(buf: Any) -> memoryview:
     return buf.raw() if isinstance(buf, pickle.PickleBuffer) else memoryview(buf).cast("B")
 
-
-def _digest(views: list) -> str:
-    h = xxhash.xxh3_128()
-    for v in views:
-        h.update(v)
-    return h.hexdigest()

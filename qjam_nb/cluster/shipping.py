@@ -21,7 +21,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..codec import PLAIN_TYPES, dumps_for
+from ..codec import PLAIN_TYPES, Pickled, digest_of, dumps_for
 from ..errors import CaptureWarning, MapFuncError, ShippingError
 from ..formats import format_size
 
@@ -220,8 +220,8 @@ def pickled_size(value: Any) -> int:
     return len(blob) + sum(b.raw().nbytes for b in buffers)
 
 
-def dumps_params(params: Any) -> tuple:
-    """Pickle params once per call: (pickle, out-of-band buffers), reused for every worker."""
+def dumps_params(params: Any) -> Pickled:
+    """Pickle params once per call, reused for every worker, with their digest."""
     buffers: list = []
     try:
         data = dumps_for(params)(params, protocol=5, buffer_callback=buffers.append)
@@ -232,7 +232,8 @@ def dumps_params(params: Any) -> tuple:
             f"params cannot be pickled to travel to the workers{at}: {type(exc).__name__}: {exc}. "
             "Pass plain data (numbers, arrays, lists, dicts) as params."
         ) from exc
-    return pickle.PickleBuffer(data), buffers
+    data = pickle.PickleBuffer(data)
+    return Pickled(data, buffers, digest_of(data, buffers))
 
 
 def explain_unpicklable(func: Any, role: str, exc: Exception) -> str:

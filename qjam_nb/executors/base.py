@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .. import states
+from ..codec import Pickled
 from ..dataset import DataSet
 
 
@@ -35,7 +36,7 @@ class CallSpec:
 
     id: int
     func: bytes  # the mapfunc, pickled (``cluster.shipping.dumps_function``)
-    params: tuple  # (pickle, [out-of-band buffers]) (``cluster.shipping.dumps_params``)
+    params: Pickled  # pickled once, for every worker (``cluster.shipping.dumps_params``)
     data: DataSet | None  # None: every worker runs mapfunc(params, []) once
     keyed: list  # (slice key, bytes) per slice; guessed keys until ``CallRun.rekeyed``
     timeout: float | None = None

@@ -137,19 +137,20 @@ class FramesCall:
                 w.retire_arena = True
         beat = self.live.beat
         if len(local) < len(self.alive):
-            body = {"func": func, "params": spec.params, "beat": beat}
+            body = {"func": func, "params": spec.params.wire(), "beat": beat}
             frames[False] = protocol.encode(Kind.CALL, body, call=spec.id), 0
         if local:
             # "share": where the workers may put big results (our own directory), if shared memory is here.
-            body = {"func": func, "params": spec.params, "beat": beat, "share": sharedmem.sharing_directory()}
+            body = {"func": func, "params": spec.params.wire(), "beat": beat,
+                    "share": sharedmem.sharing_directory()}
             beside = 0
-            views = sharedmem.byte_views(spec.params[1])
+            views = sharedmem.byte_views(spec.params.buffers)
             if views is not None:
                 beside = sum(v.nbytes for v in views)
                 ex = self.executor
                 try:
                     ex.params_arena = sharedmem.arena_for(ex.params_arena, beside, sharedmem.PARAMS_PREFIX)
-                    body.update(params=(spec.params[0], []), params_arena=ex.params_arena.write(views))
+                    body.update(params=(spec.params.data, []), params_arena=ex.params_arena.write(views))
                 except OSError:  # /dev/shm full: the pipe it is
                     beside = 0
             frames[True] = protocol.encode(Kind.CALL, body, call=spec.id), beside

@@ -254,3 +254,21 @@ def test_globals_changed_between_calls_reach_the_workers(cluster2, cell):
     assert run("scaled", [1, 2]) == [3, 6]
     cell["SCALE"] = 5  # rebound
     assert run("scaled", [1, 2]) == [5, 10]
+
+
+def test_params_are_pickled_once_with_their_digest(cluster2, events):
+    """One ``Pickled`` a call: the digest the timeline shows is the one made with the pickle, not a second hash."""
+    import numpy as np
+
+    from qjam_nb.cluster.params import params_hash
+    from qjam_nb.cluster.shipping import dumps_params
+    from qjam_nb.codec import Pickled
+
+    params = {"w": np.arange(1000.0), "step": 0.5}
+    pickled = dumps_params(params)
+    assert isinstance(pickled, Pickled) and pickled.digest == params_hash(pickled.wire())
+    assert len(pickled.buffers) == 1  # the array travels beside the pickle, not in it
+    assert dumps_params({"w": np.arange(1000.0), "step": 0.25}).digest != pickled.digest
+    cluster2.map(lambda p, xs: p["step"], params)
+    [started] = [e for e in events.events if type(e).__name__ == "CallStarted"]
+    assert started.params_hash == pickled.digest == cluster2.last_call.params_hash
