@@ -8,7 +8,9 @@ workers, and changed data does not hit a stale entry (an accidental collision
 is as likely as one of SHA-256 cut to 128 bits; XXH3 is not built to resist
 data crafted to collide, and needs not: the data is the user's own). XXH3
 rather than SHA-256 because a writable array is hashed again on every call,
-and XXH3 reads ~15 GB/s where SHA-256 reads ~1.7.
+and XXH3 reads ~15 GB/s where SHA-256 reads ~1.7. A key is its 16 bytes of
+digest everywhere (events, caches, the wire, the timeline); hex only when
+shown to people.
 
 The default slice size, for ``n`` items of ``b`` bytes each (``b`` known for
 arrays only): ``ceil(n / 64)`` items, so at most 64 slices, but no more than
@@ -102,11 +104,11 @@ class DataSet:
             part = part.view(np.ndarray)  # ships as raw bytes, not as a file mapping
         return part
 
-    def key(self, index: int) -> str:
+    def key(self, index: int) -> bytes:
         """The content hash naming slice ``index`` in every cache."""
         return self.key_and_size(index)[0]
 
-    def keys_and_sizes(self) -> list[tuple[str, int]]:
+    def keys_and_sizes(self) -> list[tuple[bytes, int]]:
         """``key_and_size`` of every slice, for this call.
 
         Data that can change in place is hashed again on every call, unless the
@@ -140,15 +142,15 @@ class DataSet:
             self._plain = type(self.data) is list and PLAIN_TYPES.issuperset(map(type, self.data))
         return self._plain
 
-    def _plain_list_keys(self) -> list[tuple[str, int]]:
+    def _plain_list_keys(self) -> list[tuple[bytes, int]]:
         """``key_and_size`` of every slice of a list of numbers, strings and None, in one loop
         (~1.5 µs a slice where a call per slice took ~4: a list is hashed again every call)."""
-        data, size, dumps, digest = self.data, self.slice_size, pickle.dumps, xxhash.xxh3_128_hexdigest
+        data, size, dumps, digest = self.data, self.slice_size, pickle.dumps, xxhash.xxh3_128_digest
         prefix = f"{self.kind}|".encode()
         blobs = [dumps(data[start:start + size], 5) for start in range(0, self.n_items, size)]
         return [(digest(prefix + blob), len(blob)) for blob in blobs]
 
-    def guessed_keys(self) -> list[tuple[str, int]] | None:
+    def guessed_keys(self) -> list[tuple[bytes, int]] | None:
         """What ``keys_and_sizes`` gave last time for this very (writable) array, or None.
 
         A big writable array may have changed in place, so its slices are hashed
@@ -164,7 +166,7 @@ class DataSet:
             return None
         return known.keys
 
-    def _hash_and_watch(self, token: _ArrayToken, known: _KnownKeys | None) -> list[tuple[str, int]]:
+    def _hash_and_watch(self, token: _ArrayToken, known: _KnownKeys | None) -> list[tuple[bytes, int]]:
         """Hash every slice, watching the array's pages for writes from just before (if it pays)."""
         watch = None
         # Not an array of objects: they can change without a write to the array's own memory.
@@ -179,7 +181,7 @@ class DataSet:
         _GUESSED_KEYS[token] = _KnownKeys(list(keyed), watch, known is not None and known.keys == keyed)
         return keyed
 
-    def _watched_keys(self, known: _KnownKeys) -> list[tuple[str, int]] | None:
+    def _watched_keys(self, known: _KnownKeys) -> list[tuple[bytes, int]] | None:
         """Last call's keys with the slices the kernel saw written hashed again; None to hash all.
 
         Watching stops when over an eighth of the slices were written: each
@@ -230,12 +232,12 @@ class DataSet:
             return _ArrayToken(self.data, self.slice_size)
         return None
 
-    def key_and_size(self, index: int) -> tuple[str, int]:
+    def key_and_size(self, index: int) -> tuple[bytes, int]:
         """The slice's key and its size in bytes (raw array bytes, or pickle size)."""
         part = self.slice(index)
         if type(part) is list and is_plain(part):  # one-shot: lists of numbers are the usual tiny slices
             blob = pickle.dumps(part, protocol=5)
-            return xxhash.xxh3_128_hexdigest(f"{self.kind}|".encode() + blob), len(blob)
+            return xxhash.xxh3_128_digest(f"{self.kind}|".encode() + blob), len(blob)
         digest = xxhash.xxh3_128()
         if isinstance(part, np.ndarray) and not part.dtype.hasobject:
             flat = np.ascontiguousarray(part)
@@ -250,7 +252,7 @@ class DataSet:
             digest.update(f"{self.kind}|".encode())
             digest.update(blob)
             nbytes = len(blob)
-        return digest.hexdigest(), nbytes
+        return digest.digest(), nbytes
 
     def _row_nbytes(self) -> int | None:
         if isinstance(self.data, np.ndarray) and self.data.ndim and len(self.data):
@@ -294,7 +296,7 @@ class _KnownKeys:
 
     __slots__ = ("keys", "watch", "unchanged")
 
-    def __init__(self, keys: list[tuple[str, int]], watch: WriteWatch | None, unchanged: bool) -> None:
+    def __init__(self, keys: list[tuple[bytes, int]], watch: WriteWatch | None, unchanged: bool) -> None:
         self.keys, self.watch, self.unchanged = keys, watch, unchanged
 
 

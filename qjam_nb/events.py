@@ -71,7 +71,7 @@ class SliceAssigned(NamedTuple):
     index: int
     worker: str
     cached: bool
-    key: str | None = None  # the slice's content hash (None in calls without a dataset)
+    key: bytes | None = None  # the slice's content hash, 16 bytes (None in calls without a dataset)
     nbytes: int = 0  # the slice's size: what the cache saves when ``cached``
 
 
@@ -82,7 +82,7 @@ class SliceSent(NamedTuple):
     call: int
     index: int
     worker: str
-    key: str
+    key: bytes  # 16 bytes
     nbytes: int
 
 

@@ -155,20 +155,20 @@ class CacheHolders(Mapping):
     def __init__(self, workers: list[WorkerHandle]) -> None:
         self._caches = [(w.name, w.cache) for w in workers]
 
-    def get(self, key: str, default: Any = ()) -> Any:
+    def get(self, key: bytes, default: Any = ()) -> Any:
         found = ()
         for name, cache in self._caches:  # (a loop, not a generator: this runs once a slice)
             if key in cache:
                 found += (name,)
         return found or default
 
-    def __getitem__(self, key: str) -> tuple[str, ...]:
+    def __getitem__(self, key: bytes) -> tuple[str, ...]:
         found = self.get(key)
         if not found:
             raise KeyError(key)
         return found
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[bytes]:
         return iter(dict.fromkeys(key for _, cache in self._caches for key in cache))
 
     def __len__(self) -> int:

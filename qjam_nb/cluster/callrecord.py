@@ -190,7 +190,7 @@ class CallRecord:
         odd = self._rows.odd_keys
         return len(odd) < len(self._rows) or any(key is not None for key in odd.values())
 
-    def slice_keys(self) -> dict[str, set[int]]:
+    def slice_keys(self) -> dict[bytes, set[int]]:
         """Content hash -> the slice indexes with that content (equal slices share a key)."""
         out: dict[str, set[int]] = {}
         rows = self._rows

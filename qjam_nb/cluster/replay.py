@@ -71,7 +71,7 @@ class ReplayLog:
             kept, digest = [v.tobytes() for v in views], None
         else:
             kept, digest = list(buffers), params.digest
-        keys = bytes.fromhex("".join([key for key, _ in keyed]))
+        keys = b"".join([key for key, _ in keyed])
         self.recordings.append(Recording(call, func_blob, bytes(_view(pickled)), kept, digest, data, keys,
                                          n_slices, mapfunc))
 
@@ -101,10 +101,10 @@ class ReplayLog:
                               "call again, then replay it before changing its params")
         data = []
         if rec.data is not None:
-            key, recorded = rec.data.key(index), rec.keys[16 * index:16 * index + 16].hex()
+            key, recorded = rec.data.key(index), rec.keys[16 * index:16 * index + 16]
             if key != recorded:
                 raise ReplayError(f"slice {index} of call {rec.call} changed since the call (its content hash "
-                                  f"was {recorded}, it is now {key}): the data was modified. Run the "
+                                  f"was {recorded.hex()}, it is now {key.hex()}): the data was modified. Run the "
                                   "call again on the data as it is, then replay.")
             data = _as_worker_sees(rec.data.slice(index))
         func = cloudpickle.loads(rec.func_blob)

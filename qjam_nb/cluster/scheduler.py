@@ -31,8 +31,8 @@ class Scheduler:
     def __init__(
         self,
         workers: Sequence[str],
-        keys: Sequence[str | None],
-        holders: Mapping[str, Collection[str]],
+        keys: Sequence[bytes | None],
+        holders: Mapping[bytes, Collection[str]],
         window: int = 4,
         pinned: bool = False,
     ) -> None:

@@ -153,16 +153,17 @@ class BaseDataSet:
 
     # -- hashes
     def hash(self, index: int | None = None) -> str:
-        """Slice ``index``'s content key; without an index, a hash of every slice key (the whole cut dataset)."""
+        """Slice ``index``'s content key in hex, as qjam's were; without an index, a hash of every slice key
+        (the whole cut dataset)."""
         if index is None:
             return xxhash.xxh3_128_hexdigest("|".join(self.hash_list()).encode())
         index = self._check(index)
-        return self._cut().key(index)
+        return self._cut().key(index).hex()
 
     def hash_list(self) -> list[str]:
-        """Every slice's content key, in slice order (hashed again each time: the data may have changed)."""
+        """Every slice's content key in hex, in slice order (hashed again each time: the data may have changed)."""
         cut = self._cut()
-        return [key for key, _ in cut.keys_and_sizes()] if cut is not None else []
+        return [key.hex() for key, _ in cut.keys_and_sizes()] if cut is not None else []
 
     def slice_from_hash(self, hash_value: str) -> BaseDataSet:
         """The slice whose content key is ``hash_value``; ``KeyError`` if none is."""

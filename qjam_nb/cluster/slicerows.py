@@ -23,7 +23,7 @@ class SliceRecord:
     index: int
     worker: str
     cached: bool  # served from the worker's cache (no slice bytes travelled)
-    key: str | None = None  # the slice's content hash; None in calls without a dataset
+    key: bytes | None = None  # the slice's content hash (16 bytes); None in calls without a dataset
     nbytes: int = 0  # the slice's size (what the cache saved, when cached)
     nbytes_sent: int = 0  # slice bytes that travelled to the worker for this record
     assigned: float | None = None
@@ -47,7 +47,7 @@ OUTCOMES = (None, DONE, LOST, CANCELLED, ERROR)
 #: Outcomes as stored in ``SliceRows.outcome``: their places in OUTCOMES (0: still running).
 DONE_CODE, LOST_CODE, CANCELLED_CODE, ERROR_CODE = 1, 2, 3, 4
 NAN = float("nan")
-_KEY_BYTES = 16  # slice keys are 128-bit hashes, in hex
+_KEY_BYTES = 16  # slice keys are 128-bit hashes
 
 
 class SliceRows:
@@ -64,8 +64,8 @@ class SliceRows:
         self.names: list[str] = []
         self._ids: dict[str, int] = {}
         self.cached = bytearray()
-        self.keys = bytearray()  # _KEY_BYTES per row; a key that is not 32 hex digits goes to odd_keys
-        self.odd_keys: dict[int, str | None] = {}
+        self.keys = bytearray()  # _KEY_BYTES per row; a key of another length (or None) goes to odd_keys
+        self.odd_keys: dict[int, bytes | None] = {}
         self.nbytes = array("q")
         self.nbytes_sent = array("q")
         self.times = {name: array("d") for name in TIMES}
@@ -84,7 +84,7 @@ class SliceRows:
         self.outcome += bytes(extra)
         self.keys += bytes(_KEY_BYTES * extra)
 
-    def add(self, index: int, worker: str, cached: bool, key: str | None, nbytes: int, assigned: float) -> int:
+    def add(self, index: int, worker: str, cached: bool, key: bytes | None, nbytes: int, assigned: float) -> int:
         """A new record, as the scheduler assigns a slice; returns its row."""
         row = self.n
         if row == len(self.index):
@@ -97,11 +97,8 @@ class SliceRows:
         self.index[row] = index
         self.worker[row] = wid
         self.cached[row] = cached
-        if key is not None and len(key) == 2 * _KEY_BYTES:  # set_key, for a new row
-            try:
-                self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES] = bytes.fromhex(key)
-            except ValueError:
-                self.odd_keys[row] = key
+        if type(key) is bytes and len(key) == _KEY_BYTES:  # set_key, for a new row
+            self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES] = key
         else:
             self.odd_keys[row] = key
         self.nbytes[row] = nbytes
@@ -118,20 +115,17 @@ class SliceRows:
         self.outcome[row] = OUTCOMES.index(r.outcome)
         return row
 
-    def set_key(self, row: int, key: str | None) -> None:
-        if key is not None and len(key) == 2 * _KEY_BYTES:
-            try:
-                self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES] = bytes.fromhex(key)
-                self.odd_keys.pop(row, None)
-                return
-            except ValueError:
-                pass
-        self.odd_keys[row] = key
+    def set_key(self, row: int, key: bytes | None) -> None:
+        if type(key) is bytes and len(key) == _KEY_BYTES:
+            self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES] = key
+            self.odd_keys.pop(row, None)
+        else:
+            self.odd_keys[row] = key
 
-    def key(self, row: int) -> str | None:
+    def key(self, row: int) -> bytes | None:
         if row in self.odd_keys:
             return self.odd_keys[row]
-        return self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES].hex()
+        return bytes(self.keys[row * _KEY_BYTES:(row + 1) * _KEY_BYTES])
 
     def get(self, row: int) -> SliceRecord:
         times = {name: self.times[name][row] for name in TIMES}

@@ -54,17 +54,17 @@ class WorkerHandle:
         self.state = states.STARTING
         self.reason = ""
         self.hello: dict = {}
-        self.cache: dict[str, int] = {}  # slice key -> bytes; change it through remember/forget
+        self.cache: dict[bytes, int] = {}  # slice key -> its size in bytes; change it through remember/forget
         self.cached_bytes = 0
 
     def __repr__(self) -> str:
         return f"<worker {self.name} {self.state}>"
 
-    def remember(self, key: str, nbytes: int) -> None:
+    def remember(self, key: bytes, nbytes: int) -> None:
         self.cached_bytes += nbytes - self.cache.get(key, 0)
         self.cache[key] = nbytes
 
-    def forget(self, key: str | None = None) -> None:
+    def forget(self, key: bytes | None = None) -> None:
         """Forget one cached slice, or (no key) all of them."""
         if key is None:
             self.cache.clear()

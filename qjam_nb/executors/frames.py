@@ -219,11 +219,11 @@ class FramesCall:
         else:
             self.bytes_sent += worker.link.send(Kind.TASKS, batch, self.id, batch[0][0], dumps=pickle.dumps)
 
-    def _task(self, worker: FramesWorker, index: int, key: str | None) -> None:
+    def _task(self, worker: FramesWorker, index: int, key: bytes | None) -> None:
         self.bytes_sent += worker.link.send(Kind.TASK, self._task_body(worker, key), self.id, index,
                                             dumps=pickle.dumps)
 
-    def _task_body(self, worker: FramesWorker, key: str | None) -> dict:
+    def _task_body(self, worker: FramesWorker, key: bytes | None) -> dict:
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
         body = {"key": key, "delay": delay} if delay else {"key": key}
         if worker.retire_arena:
@@ -250,7 +250,7 @@ class FramesCall:
         self.bytes_sent += nbytes
         self._shipped(worker, index, key, nbytes)
 
-    def _shipped(self, worker: FramesWorker, index: int, key: str, nbytes: int) -> None:
+    def _shipped(self, worker: FramesWorker, index: int, key: bytes, nbytes: int) -> None:
         """Slice ``index`` is on its way to ``worker`` (``nbytes`` of it; in a TASKS frame, its pickle)."""
         self.slice_bytes_sent += nbytes
         worker.remember(key, self.spec.keyed[index][1])

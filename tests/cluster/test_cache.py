@@ -263,3 +263,15 @@ def test_a_watched_array_changed_in_place_ships_only_the_slices_written(make_clu
     assert sorted(e.index for e in log.of(SliceSent)) == [0, 62]
     assert log.of(SliceLost) == []
     assert 2 <= hashes[0] <= 4  # 0 and 62, and a neighbour each where a page straddles two slices
+
+
+def test_slice_keys_are_16_bytes_end_to_end(cluster2, events):
+    """One representation: the dataset's key is what the events, the worker's cache and the timeline hold."""
+    ds = DataSet([[i, i * 2] for i in range(30)], 4)
+    cluster2.map(lambda p, xs: len(xs), None, ds)
+    keys = [ds.key(i) for i in range(len(ds))]
+    assert all(type(k) is bytes and len(k) == 16 for k in keys)
+    assert [e.key for e in sorted(events.of(SliceAssigned), key=lambda e: e.index)] == keys
+    assert {e.key for e in events.of(SliceSent)} <= set(keys)
+    assert set(keys) <= {k for w in cluster2.workers for k in w.cache}
+    assert sorted((r.index, r.key) for r in cluster2.last_call.slices) == list(enumerate(keys))

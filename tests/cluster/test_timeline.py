@@ -276,8 +276,8 @@ def test_a_call_of_many_slices_is_kept_as_columns_not_as_an_object_per_slice():
     rec(CallStarted(1, 20_000, ("a", "b")))
     for i in range(20_000):
         worker = "ab"[i % 2]
-        rec(SliceAssigned(1, i, worker, False, f"{i:032x}", 8))
-        rec(SliceSent(1, i, worker, f"{i:032x}", 9))
+        rec(SliceAssigned(1, i, worker, False, i.to_bytes(16, "big"), 8))
+        rec(SliceSent(1, i, worker, i.to_bytes(16, "big"), 9))
         rec(SliceDone(1, i, worker, 0.5))
     rec(CallFinished(1, 1.0, 0, 180_000, 0, True))
     gc.collect()
@@ -286,7 +286,7 @@ def test_a_call_of_many_slices_is_kept_as_columns_not_as_an_object_per_slice():
     assert call.n_records == 20_000 and len(call.slice_keys()) == 20_000
     last = call.slices[-1]
     assert (last.index, last.worker, last.key, last.nbytes_sent, last.compute, last.outcome) == (
-        19_999, "b", f"{19_999:032x}", 9, 0.5, "done")
+        19_999, "b", (19_999).to_bytes(16, "big"), 9, 0.5, "done")
     # No SliceStarted came (slices under 3 ms send none): started is when it must have begun.
     assert last.started == max(last.sent, last.done - 0.5)
 
@@ -296,12 +296,12 @@ def _a_call_of_events(n: int) -> list:
     out = [CallStarted(1, n, ("a", "b"), "p")]
     for i in range(n):
         worker = "ab"[i % 2]
-        out.append(SliceAssigned(1, i, worker, i % 3 == 0, f"{i:032x}", 8))
+        out.append(SliceAssigned(1, i, worker, i % 3 == 0, i.to_bytes(16, "big"), 8))
         if i % 3:
-            out.append(SliceSent(1, i, worker, f"{i:032x}", 9))
+            out.append(SliceSent(1, i, worker, i.to_bytes(16, "big"), 9))
         if i == 1:
             out += [SliceStarted(1, i, worker), SliceLost(1, i, worker),
-                    SliceAssigned(1, i, "a", False, f"{i:032x}", 8)]
+                    SliceAssigned(1, i, "a", False, i.to_bytes(16, "big"), 8)]
             worker = "a"
         if i != n - 1:
             out.append(SliceDone(1, i, worker, 0.5))
