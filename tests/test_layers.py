@@ -140,6 +140,48 @@ def test_worker_imports_nothing_of_the_master():
     assert bad == [], "the worker travels alone; it may import only itself:\n" + "\n".join(bad)
 
 
+#: What the worker package may import besides itself: it travels to hosts that have a Python and cloudpickle.
+WORKER_MAY_IMPORT = ("cloudpickle", "__future__")
+
+
+def outside_the_worker(name: str) -> bool:
+    """True if a worker module importing ``name`` needs something a bare host lacks (or the master)."""
+    if name.startswith("."):  # climbs above the top package
+        return True
+    top = name.split(".")[0]
+    if top == "qjam_nb":
+        return not under(name, "qjam_nb.worker")
+    return top not in sys.stdlib_module_names and top not in WORKER_MAY_IMPORT
+
+
+def test_worker_imports_only_itself_the_standard_library_and_cloudpickle():
+    bad = violations(py_files("worker"), outside_the_worker)
+    assert bad == [], ("qjam_nb/worker/ travels to bare hosts: it may import itself, the standard library and "
+                       "cloudpickle only:\n" + "\n".join(bad))
+
+
+def test_checker_flags_a_worker_importing_a_third_party_package(tmp_path):
+    root = tmp_path / "qjam_nb"
+    files = {
+        "__init__.py": "",
+        "worker/__init__.py": "",
+        "worker/ok.py": ("from __future__ import annotations\nimport os, ctypes\nimport cloudpickle\n"
+                         "from . import protocol\nfrom .protocol import Kind\nimport importlib.util\n"),
+        "worker/bad.py": ("import numpy as np\ndef f():\n    import xxhash\n    from ..cluster import pool\n"
+                          "    import importlib\n    return importlib.import_module('paramiko')\n"),
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    assert violations(py_files("worker", root=root), outside_the_worker, root) == [
+        "qjam_nb/worker/bad.py:1: imports numpy",
+        "qjam_nb/worker/bad.py:3: imports xxhash",
+        "qjam_nb/worker/bad.py:4: imports qjam_nb.cluster",
+        "qjam_nb/worker/bad.py:4: imports qjam_nb.cluster.pool",
+        "qjam_nb/worker/bad.py:6: imports paramiko",
+    ]
+
+
 def test_plain_import_loads_no_notebook_package():
     # the same rule at run time, where third-party imports count too
     code = (

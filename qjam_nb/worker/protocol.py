@@ -22,29 +22,9 @@ A frame is a fixed header, a table of part lengths, then the parts::
 slice (-1 for none), so a frame reads as ``RESULT call=3 index=12`` in traces
 (set ``QJAM_DEBUG=1``) without unpickling anything.
 
-Message kinds, who sends them, and their bodies:
-
-========= ===== ==========================================================
-HELLO     w->m  {"worker", "pid", "host", "python", "cloudpickle", "numpy", "protocol"}
-CALL      m->w  {"func": pickled mapfunc, "params": (pickle, [buffers]), "beat": heartbeat seconds,
-                  "share"?, "params_arena"?}
-DATA      m->w  {"key": slice key, "data": the slice, "task"?: a TASK's body}; with "task",
-                  run it as that TASK once cached (a slice shipped for a task: one frame)
-TASK      m->w  {"key": slice key or None, "delay"?: seconds, "retire"?}; run mapfunc on that slice
-                  (after sleeping "delay" s, when chaos made the worker a straggler)
-TASKS     m->w  [(slice, key) or (slice, key, data), ...]; several TASKs in one frame, run in order
-                  (an entry with data caches it first)
-NEED      w->m  {"key"}; the TASK's slice is not cached here, send DATA first
-STARTED   w->m  None; the slice has run for 3 ms (shorter ones send none)
-ALIVE     w->m  None; the slice is still running ("beat" s since the last word), a heartbeat
-RESULT    w->m  {"value", "seconds"}, or {"pickled", "arena", "seconds"} (a big local result)
-ERROR     w->m  {"type", "message", "traceback", "where"}
-STREAM    w->m  {"stream": "stdout"|"stderr", "text"}
-CANCEL    m->w  {}; drop every queued TASK of this call
-CANCELLED w->m  None; no slice of this call runs here now, nor will (the answer to CANCEL)
-DROP      m->w  {"keys"}; forget these cached slices
-BYE       m->w  {}; exit now
-========= ===== ==========================================================
+Message kinds: ``Kind`` below gives each its code (never reused); what each
+says, who sends it, its fields and its codec are in one table, the classes of
+``messages.py`` (rendered in ``docs/design.md`` §3). Add a kind there too.
 """
 
 from __future__ import annotations

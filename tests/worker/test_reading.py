@@ -16,22 +16,23 @@ import textwrap
 
 SCRIPT = textwrap.dedent('''
     import os, pickle, sys, threading, time
-    from qjam_nb.worker import protocol
-    from qjam_nb.worker.main import Channel, OutputPump, Worker
-    from qjam_nb.worker.protocol import FrameDecoder, Kind
+    from qjam_nb.worker import messages, protocol
+    from qjam_nb.worker.core import WorkerCore
+    from qjam_nb.worker.io import Channel, OutputPump, Shell
+    from qjam_nb.worker.protocol import FrameDecoder
 
     report = os.dup(1)
     r_in, w_in = os.pipe()
     r_out, w_out = os.pipe()
     channel = Channel(w_out, "w")
-    worker = Worker("w", r_in, channel)
+    core = WorkerCore("w")
+    worker = Shell(core, r_in, channel)
     worker.pump = OutputPump(channel)
-    worker.call, worker.params, worker.cache["k"] = 1, None, [1, 2]
+    core.call, core.params = 1, None
+    core.cache.put("k", [1, 2])
 
-    def frame(index):
-        decoder = FrameDecoder()
-        decoder.feed(b"".join(bytes(c) for c in protocol.encode(Kind.TASK, {"key": "k"}, call=1, index=index)))
-        return decoder.next_frame()
+    def task(index):
+        return b"".join(bytes(c) for c in messages.encode(messages.Task("k"), 1, index))
 
     def like_the_watcher():
         time.sleep(0.3)  # the slice's end has seen the input readable, and waits for the lock
@@ -39,13 +40,15 @@ SCRIPT = textwrap.dedent('''
         worker.read_lock.release()
 
     def mapfunc(params, data):
-        os.write(w_in, b"".join(bytes(c) for c in protocol.encode(Kind.TASK, {"key": "k"}, call=1, index=1)))
+        os.write(w_in, task(1))
         worker.read_lock.acquire()
         threading.Thread(target=like_the_watcher).start()
         return sum(data)
 
-    worker.func = mapfunc
-    runner = threading.Thread(target=worker.run_task, args=(frame(0),), daemon=True)
+    core.func = mapfunc
+    core.receive(task(0))
+    (run,) = core.step()
+    runner = threading.Thread(target=worker.run, args=(run,), daemon=True)
     runner.start()
     runner.join(5)
     decoder = FrameDecoder()
@@ -58,7 +61,7 @@ SCRIPT = textwrap.dedent('''
     os.write(report, repr({
         "hung": runner.is_alive(),
         "result": None if result is None else (result.kind.name, result.index),
-        "queued": [f.index for f in worker.frames],
+        "queued": [f.index for f in core.inbox],
     }).encode())
     os._exit(0)
 ''')
