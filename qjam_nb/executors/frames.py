@@ -27,12 +27,12 @@ from collections.abc import Sequence
 
 from .. import events as ev
 from .. import states
-from ..codec import dumps_for
 from ..errors import WorkerError
 from ..transport.link import LinkClosed
 from ..transport.registry import SshOptions
+from ..worker import messages as m
 from ..worker import protocol, sharedmem
-from ..worker.protocol import Frame, Kind
+from ..worker.protocol import Frame
 from .base import CallReports, CallSpec
 from .liveness import Liveness
 from .pool import FramesWorker, WorkerPool
@@ -122,7 +122,7 @@ class FramesCall:
         self._hold()  # the CALL and the first slices go out together
         for w in workers:
             chunks, beside = calls[w.link.shares_memory]
-            self.bytes_sent += w.link.send_chunks(chunks, Kind.CALL, spec.id) + beside
+            self.bytes_sent += w.link.send_chunks(chunks, m.Call.kind, spec.id) + beside
             self.pool.set_state(w, states.BUSY, f"call {spec.id}")
 
     def _call_frames(self, spec: CallSpec) -> dict[bool, tuple[list, int]]:
@@ -137,12 +137,10 @@ class FramesCall:
                 w.retire_arena = True
         beat = self.live.beat
         if len(local) < len(self.alive):
-            body = {"func": func, "params": spec.params.wire(), "beat": beat}
-            frames[False] = protocol.encode(Kind.CALL, body, call=spec.id), 0
+            frames[False] = m.encode(m.Call(func, spec.params.wire(), beat), spec.id), 0
         if local:
             # "share": where the workers may put big results (our own directory), if shared memory is here.
-            body = {"func": func, "params": spec.params.wire(), "beat": beat,
-                    "share": sharedmem.sharing_directory()}
+            call = m.Call(func, spec.params.wire(), beat, share=sharedmem.sharing_directory())
             beside = 0
             views = sharedmem.byte_views(spec.params.buffers)
             if views is not None:
@@ -150,10 +148,10 @@ class FramesCall:
                 ex = self.executor
                 try:
                     ex.params_arena = sharedmem.arena_for(ex.params_arena, beside, sharedmem.PARAMS_PREFIX)
-                    body.update(params=(spec.params.data, []), params_arena=ex.params_arena.write(views))
+                    call.params, call.params_arena = (spec.params.data, []), ex.params_arena.write(views)
                 except OSError:  # /dev/shm full: the pipe it is
                     beside = 0
-            frames[True] = protocol.encode(Kind.CALL, body, call=spec.id), beside
+            frames[True] = m.encode(call, spec.id), beside
         return frames
 
     # -- writing ---------------------------------------------------------------------------
@@ -217,36 +215,35 @@ class FramesCall:
         if len(batch) == 1 and len(batch[0]) == 2:  # one cached slice: a TASK
             self._task(worker, *batch[0])
         else:
-            self.bytes_sent += worker.link.send(Kind.TASKS, batch, self.id, batch[0][0], dumps=pickle.dumps)
+            self.bytes_sent += worker.link.send(m.Tasks(batch), self.id, batch[0][0])
 
     def _task(self, worker: FramesWorker, index: int, key: bytes | None) -> None:
-        self.bytes_sent += worker.link.send(Kind.TASK, self._task_body(worker, key), self.id, index,
-                                            dumps=pickle.dumps)
+        self.bytes_sent += worker.link.send(self._task_message(worker, key), self.id, index)
 
-    def _task_body(self, worker: FramesWorker, key: bytes | None) -> dict:
+    def _task_message(self, worker: FramesWorker, key: bytes | None) -> m.Task:
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
-        body = {"key": key, "delay": delay} if delay else {"key": key}
+        task = m.Task(key, delay) if delay else m.Task(key)
         if worker.retire_arena:
-            body["retire"], worker.retire_arena = True, False
-        return body
+            task.retire, worker.retire_arena = True, False
+        return task
 
     def _ship_and_task(self, worker: FramesWorker, index: int) -> None:
         """Send slice ``index`` with its task in one DATA frame (one frame to make and read, one wake-up)."""
         key, _ = self.spec.keyed[index]
         data = self.spec.data.slice(index)
-        task = self._task_body(worker, key)
-        body = {"key": key, "data": data, "task": task}
+        task = self._task_message(worker, key).body()
+        handle = None
         if worker.link.shares_memory:
             try:
                 handle = sharedmem.export(data)
             except OSError:  # /dev/shm full or missing: the pipe it is
                 handle = None
-            if handle is not None:
-                body = {"key": key, "shared": handle, "task": task}
-                self.shared.append(handle)
-        nbytes = worker.link.send(Kind.DATA, body, self.id, index, dumps=dumps_for(data))
-        if "shared" in body:
-            nbytes += body["shared"]["nbytes"]  # shipped all the same, only faster
+        if handle is not None:
+            self.shared.append(handle)
+            nbytes = worker.link.send(m.Data(key, shared=handle, task=task), self.id, index)
+            nbytes += handle["nbytes"]  # shipped all the same, only faster
+        else:
+            nbytes = worker.link.send(m.Data(key, data=data, task=task), self.id, index)
         self.bytes_sent += nbytes
         self._shipped(worker, index, key, nbytes)
 
@@ -304,41 +301,55 @@ class FramesCall:
         link, msg = item
         worker = self.pool.worker_of(link)
         if worker is not None and isinstance(msg, Frame) and msg.call == self.id and worker.state != states.DEAD:
-            kind, index = msg.kind, msg.index
-            if self.stale and kind in (Kind.RESULT, Kind.ERROR, Kind.NEED) and (worker.name, index) in self.stale:
-                self._drop_stale(worker, kind, index)
+            handler = HANDLERS.get(m.message_class(msg))
+            if handler is not None:
+                handler(self, worker, msg)
                 return
-            if kind is Kind.STARTED:
-                worker.running = (self.id, index)
-                self.reports.started(worker.name, index)
-                return
-            if worker.running is not None and kind in (Kind.RESULT, Kind.ERROR) and worker.running == (self.id, index):
-                worker.running = None
-            if kind is Kind.RESULT:
-                value, seconds = self.pool.result(worker, msg)
-                self.in_flight[worker.name].discard(index)
-                self.reports.finished(worker.name, index, value, seconds)
-                return
-            if kind is Kind.ERROR:
-                self.reports.failed(worker.name, index, self.pool.body(worker, msg, "an error report"))
-                return
-            if kind is Kind.NEED:
-                worker.forget(self.pool.body(worker, msg, "a NEED")["key"])
-                self._ship_and_task(worker, index)
-                return
-        if worker is not None and isinstance(msg, LinkClosed) and worker.state == states.BUSY:
+        elif worker is not None and isinstance(msg, LinkClosed) and worker.state == states.BUSY:
             self.live.forget(worker.name)
             self._lost(worker, msg)
             return
         self.pool.handle(item)
 
-    def _drop_stale(self, worker: FramesWorker, kind: Kind, index: int) -> None:
-        """The answer to a task sent under a wrongly guessed key: of old data, so of no use."""
-        left = self.stale.pop((worker.name, index)) - 1
-        if left:
-            self.stale[(worker.name, index)] = left
-        if kind is not Kind.NEED and worker.running == (self.id, index):
+    # The call's handlers (``HANDLERS``, by message class).
+    def _on_started(self, worker: FramesWorker, frame: Frame) -> None:
+        worker.running = (self.id, frame.index)
+        self.reports.started(worker.name, frame.index)
+
+    def _on_result(self, worker: FramesWorker, frame: Frame) -> None:
+        index = frame.index
+        if worker.running == (self.id, index):
             worker.running = None
+        if self.stale and self._stale(worker, index):
+            return
+        value, seconds = self.pool.result(worker, frame)
+        self.in_flight[worker.name].discard(index)
+        self.reports.finished(worker.name, index, value, seconds)
+
+    def _on_error(self, worker: FramesWorker, frame: Frame) -> None:
+        if worker.running == (self.id, frame.index):
+            worker.running = None
+        if self.stale and self._stale(worker, frame.index):
+            return
+        error = self.pool.decode(worker, frame, "an error report")
+        self.reports.failed(worker.name, frame.index, error.body())
+
+    def _on_need(self, worker: FramesWorker, frame: Frame) -> None:
+        if self.stale and self._stale(worker, frame.index):
+            return
+        worker.forget(self.pool.decode(worker, frame, "a NEED").key)
+        self._ship_and_task(worker, frame.index)
+
+    def _stale(self, worker: FramesWorker, index: int) -> bool:
+        """An answer to a task sent under a wrongly guessed key (of old data, so of no use): dropped."""
+        left = self.stale.get((worker.name, index))
+        if left is None:
+            return False
+        if left > 1:
+            self.stale[(worker.name, index)] = left - 1
+        else:
+            del self.stale[(worker.name, index)]
+        return True
 
     def _check_liveness(self) -> None:
         """Lose the workers with work in flight that died unseen or went silent (``liveness``).
@@ -396,6 +407,13 @@ class FramesCall:
         for w in self.alive:
             if w.state == states.BUSY:
                 self.pool.set_state(w, states.IDLE, "")
+
+
+#: What the workers say of the running call, by message class (through the table); a class without a
+#: handler here (output, a hello, an ALIVE, a finished call's answers) goes to the pool.
+HANDLERS = {m.Started: FramesCall._on_started, m.Result: FramesCall._on_result, m.Error: FramesCall._on_error,
+            m.Need: FramesCall._on_need}
+m.check_handlers(HANDLERS, m.W2M)  # only registered messages that come from workers
 
 
 def end_link(worker: FramesWorker, how: str) -> None:

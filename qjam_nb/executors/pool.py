@@ -26,8 +26,9 @@ from .. import states
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from ..transport.link import Inbox, Link, LinkClosed, StderrOutput
 from ..transport.registry import SshOptions, Transport, open_hosts, reopen_host
+from ..worker import messages as m
 from ..worker import sharedmem, threads
-from ..worker.protocol import Frame, Kind, ProtocolError
+from ..worker.protocol import Frame, ProtocolError
 from .base import WorkerHandle
 from .handshake import master_versions, mismatch
 
@@ -68,6 +69,7 @@ class WorkerPool:
             counters[host] = first + n
             self.workers += [FramesWorker(f"{host}/{i}", host) for i in range(first, first + n)]
         self.current_call = 0  # for events emitted between calls
+
 
     # -- starting ------------------------------------------------------------------
     def start(self, timeout: float) -> None:
@@ -186,16 +188,27 @@ class WorkerPool:
         elif isinstance(msg, LinkClosed):
             if worker.state not in (states.DEAD, states.STOPPED):
                 self.lose(worker, msg)
-        elif msg.kind is Kind.STREAM:
-            body = self.body(worker, msg, "worker output")
-            self.events.emit(ev.StreamOutput(worker.name, body["stream"], body["text"], msg.call, msg.index))
-        elif msg.kind is Kind.HELLO and worker.state == states.STARTING:
-            self._hello(worker, self.body(worker, msg, "the hello"))
-        elif msg.kind in (Kind.RESULT, Kind.ERROR) and worker.running == (msg.call, msg.index):
-            worker.running = None  # a cancelled call's slice ended
-        elif msg.kind is Kind.CANCELLED:
-            worker.cancelled = msg.call
+        else:
+            handler = HANDLERS.get(m.message_class(msg))
+            if handler is not None:
+                handler(self, worker, msg)
         # Anything else belongs to a finished or cancelled call (or is an ALIVE): dropped.
+
+    # Between calls' handlers (``HANDLERS``, by message class).
+    def _on_stream(self, worker: FramesWorker, frame: Frame) -> None:
+        out = self.decode(worker, frame, "worker output")
+        self.events.emit(ev.StreamOutput(worker.name, out.stream, out.text, frame.call, frame.index))
+
+    def _on_hello(self, worker: FramesWorker, frame: Frame) -> None:
+        if worker.state == states.STARTING:
+            self._hello(worker, self.decode(worker, frame, "the hello").body())
+
+    def _on_answer(self, worker: FramesWorker, frame: Frame) -> None:
+        if worker.running == (frame.call, frame.index):
+            worker.running = None  # a cancelled call's slice ended
+
+    def _on_cancelled(self, worker: FramesWorker, frame: Frame) -> None:
+        worker.cancelled = frame.call
 
     def _hello(self, worker: FramesWorker, hello: dict) -> None:
         worker.hello = hello
@@ -205,7 +218,7 @@ class WorkerPool:
         if problem:
             worker.refused = True
             self.set_state(worker, states.DEAD, problem)
-            worker.link.send(Kind.BYE)
+            worker.link.send(m.Bye())
             worker.link.close()
         else:
             again = worker.starts > 1
@@ -219,9 +232,10 @@ class WorkerPool:
                 return
             self.handle(item)
 
-    def body(self, worker: FramesWorker, frame: Frame, what: str) -> Any:
+    def decode(self, worker: FramesWorker, frame: Frame, what: str) -> m.Message:
+        """The message ``frame`` carries; a ``ShippingError`` naming the worker if it cannot be read here."""
         try:
-            return frame.body()
+            return m.decode(frame)
         except ProtocolError as exc:
             raise _unpickling_failed(worker, what, exc.__cause__ or exc) from exc
 
@@ -284,7 +298,7 @@ class WorkerPool:
         """
         busy = [w for w in workers if w.state == states.BUSY]
         for w in busy:
-            w.link.send(Kind.CANCEL, call=call)
+            w.link.send(m.Cancel(), call=call)
         # Every busy worker: one may be in a slice too young to have said STARTED (it does at 3 ms).
         # A worker between slices ignores SIGINT.
         for w in busy:
@@ -311,7 +325,7 @@ class WorkerPool:
     def stop(self) -> None:
         for w in self.workers:
             if w.link is not None:
-                w.link.send(Kind.BYE)
+                w.link.send(m.Bye())
                 w.link.close()
         deadline = time.monotonic() + 5
         for w in self.workers:
@@ -358,6 +372,12 @@ class WorkerPool:
     def obituaries(self) -> str:
         dead = [w for w in self.workers if w.state == states.DEAD]
         return "; ".join(self.obituary(w) for w in dead) or "no worker was started"
+
+
+#: What the workers say between calls (and what the running call leaves to the pool), by message class.
+HANDLERS = {m.Stream: WorkerPool._on_stream, m.Hello: WorkerPool._on_hello, m.Result: WorkerPool._on_answer,
+            m.Error: WorkerPool._on_answer, m.Cancelled: WorkerPool._on_cancelled}
+m.check_handlers(HANDLERS, m.W2M)  # only registered messages that come from workers
 
 
 def exit_reason(status: int | None) -> str:

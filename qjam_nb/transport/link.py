@@ -24,13 +24,10 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import cloudpickle
-
-from ..worker import protocol
+from ..worker import messages, protocol
 from ..worker.pipes import remainder
 from ..worker.protocol import Kind, ProtocolError
 from .base import CpuState, WorkerProcess
@@ -147,16 +144,9 @@ class Link:
         threading.Thread(target=self._write, name=f"qjam-writer-{self.name}", daemon=True).start()
 
     # -- sending ---------------------------------------------------------
-    def send(
-        self,
-        kind: Kind,
-        body: Any = None,
-        call: int = 0,
-        index: int = -1,
-        dumps: Callable[..., bytes] = cloudpickle.dumps,
-    ) -> int:
-        """Queue one message; returns its size in bytes on the wire."""
-        return self.send_chunks(protocol.encode(kind, body, call=call, index=index, dumps=dumps), kind, call, index)
+    def send(self, message: messages.Message, call: int = 0, index: int = -1) -> int:
+        """Queue one message, its body pickled as the message table says; returns its size on the wire."""
+        return self.send_chunks(messages.encode(message, call, index), message.kind, call, index)
 
     def send_chunks(self, chunks: list, kind: Kind, call: int = 0, index: int = -1) -> int:
         """Queue one frame's chunks, as ``protocol.encode`` made them; returns its size on the wire."""

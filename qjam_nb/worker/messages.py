@@ -294,6 +294,8 @@ def plain(value: Any, depth: int = 0) -> bool:
         return False
     if kind is list or kind is tuple:
         atoms = PLAIN_ATOMS
+        if atoms.issuperset(map(type, value)):  # the usual slice: numbers and strings, checked in C
+            return True
         return all(type(v) in atoms or plain(v, depth + 1) for v in value)
     if kind is dict:
         return all(type(k) is str and plain(v, depth + 1) for k, v in value.items())

@@ -268,8 +268,8 @@ def test_plain_list_slices_are_keyed_as_cloudpickle_would_and_others_still_by_cl
     assert pickle.dumps(plain, protocol=5) == cloudpickle.dumps(plain, protocol=5)  # so keys did not change
     nested = [[1, 2], {"a": np.arange(3)}, (np.ones(2), "b")]
     assert is_plain(nested) and pickle.dumps(nested, protocol=5) == cloudpickle.dumps(nested, protocol=5)
-    assert not is_plain([lambda: 1]) and not is_plain([[[[1]]]]) and not is_plain([[1]] * 65)
-    assert not is_plain(np.array([object()])) and not is_plain({1: {2: {3: [4]}}})
+    assert not is_plain([lambda: 1]) and not is_plain([[[[[[1]]]]]]) and not is_plain([[lambda: 1]] * 65)
+    assert not is_plain(np.array([object()])) and not is_plain({"a": {"b": {"c": [lambda: 1]}}})
     assert DataSet([lambda: 1, lambda: 2], 1).key(0) != DataSet([lambda: 2, lambda: 2], 1).key(0)
 
 

@@ -206,8 +206,6 @@ def test_the_worker_dispatches_through_the_table_only():
     assert kind_mentions(files) == [], "the worker sends and dispatches message classes, never kinds"
 
 
-@pytest.mark.xfail(strict=True, reason="master side converted by the lead (cluster.py's _handle, pool.py's handle "
-                                       "dispatch through messages.decode/dispatch and a handler table)")
 def test_the_master_dispatches_through_the_table_only():
     files = sorted(PACKAGE.rglob("*.py"))
     assert kind_dispatch([f for f in files if f not in TABLE_MODULES]) == []

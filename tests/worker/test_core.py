@@ -292,8 +292,8 @@ def test_a_small_map_by_hand_master_and_worker_joined_in_memory():
                 replies.feed(protocol.frame_bytes(m.encode(action.message, action.call, action.index)))
 
     def map_call(call: int, scale: int, cached: set) -> tuple[int, int]:
-        data, buffers = dumps_params({"scale": scale})
-        frames = [m.encode(m.Call(func=pickle.PickleBuffer(dumps_function(scaled_sum)), params=(data, buffers),
+        params = dumps_params({"scale": scale}).wire()
+        frames = [m.encode(m.Call(func=pickle.PickleBuffer(dumps_function(scaled_sum)), params=params,
                                   beat=1.0), call)]
         for index, (key, _) in enumerate(keyed):
             if key in cached:
