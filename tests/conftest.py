@@ -23,6 +23,10 @@ import sshd
 from qjam_nb import Cluster
 
 BACKENDS = ("local", "ssh")
+#: A test module that sets ``BACKENDS = ALL_BACKENDS`` runs on these: the in-memory one (workers on threads
+#: of this process, no process at all) too, for what does not depend on processes (map, cache, reduce
+#: order, errors, events, the timeline).
+ALL_BACKENDS = ("local", "ssh", "memory")
 
 
 @dataclass
@@ -70,19 +74,27 @@ def ssh_world(tmp_path_factory):
             h.stop()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+def pytest_generate_tests(metafunc):
+    """``backend``: every backend the module names in its ``BACKENDS`` (default: local and ssh)."""
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", getattr(metafunc.module, "BACKENDS", BACKENDS), indirect=True,
+                             scope="module")
+
+
+@pytest.fixture(scope="module")
 def backend(request) -> str:
-    """``"local"`` or ``"ssh"``: where this module's clusters run."""
+    """``"local"``, ``"ssh"`` or ``"memory"``: where this module's clusters run."""
     if request.param == "ssh":
         request.getfixturevalue("ssh_world")
     return request.param
 
 
 def hosts_for(backend: str, hosts) -> list[str]:
-    """``local:N`` as written in a test, or its ssh twin ``sshhost:N``."""
+    """``local:N`` as written in a test, or its ssh twin ``sshhost:N``, or its in-memory twin ``memory:N``."""
     if backend == "local":
         return list(hosts)
-    return [("sshhost" + h[len("local"):]) if h.startswith("local") else h for h in hosts]
+    twin = "sshhost" if backend == "ssh" else backend
+    return [(twin + h[len("local"):]) if h.startswith("local") else h for h in hosts]
 
 
 class EventLog:
