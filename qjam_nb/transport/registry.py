@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from ..errors import HostError, WorkerError
 from .base import Transport
 from .local import LocalTransport
+from .memory import MEMORY, MemoryTransport
 from .ssh import Opening, SshOptions, SshTransport
 
 __all__ = ["LOCAL", "RECONNECT_TIMEOUT", "SshOptions", "Transport", "open_host", "open_hosts", "register",
@@ -61,8 +62,13 @@ def _open_local(entry: str, options: SshOptions, opening: Opening) -> Transport:
     return LocalTransport()
 
 
+def _open_memory(entry: str, options: SshOptions, opening: Opening) -> Transport:
+    return MemoryTransport()
+
+
 register(lambda entry: True, _open_ssh)  # a host name or ssh:// URI: what is not another transport's
 register(lambda entry: entry == LOCAL, _open_local)
+register(lambda entry: entry == MEMORY, _open_memory)  # workers as threads of this process (tests)
 
 
 def open_host(entry: str, options: SshOptions, opening: Opening | None = None) -> Transport:

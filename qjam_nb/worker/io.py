@@ -174,8 +174,10 @@ class ResultLender:
         self.share_dir, self.free = share, True
 
     def chunks(self, result: Result, call: int, index: int) -> list:
+        if not (self.share_dir and self.free):  # (over ssh, and after the first big result of a call)
+            return messages.encode(result, call, index)
         value = result.value
-        if self.share_dir and self.free and result.pickled is ABSENT and sharedmem.may_be_big(value):
+        if result.pickled is ABSENT and sharedmem.may_be_big(value):
             buffers: list = []
             pickled = messages.dumps_plain_first(value, buffer_callback=buffers.append)
             views = sharedmem.byte_views(buffers)
@@ -228,15 +230,17 @@ class Shell:
         """Call the core under the lock, write the frames it asks for, and return its other actions."""
         with self.lock:
             actions = method(*args)
-            if not actions:
-                return actions
-            rest = []
-            for action in actions:
-                if type(action) is Send:
-                    self.send(action)
-                else:
-                    rest.append(action)
-            return rest
+            return self.sends(actions) if actions else actions
+
+    def sends(self, actions: list) -> list:
+        """Write the frames ``actions`` ask for (holding the lock); the other actions, in order."""
+        rest = []
+        for action in actions:
+            if type(action) is Send:
+                self.send(action)
+            else:
+                rest.append(action)
+        return rest
 
     def send(self, action: Send) -> None:
         message, call, index = action.message, action.call, action.index
@@ -320,7 +324,7 @@ class Shell:
                 self.timer.arm(left)
                 continue
             this = core.slices
-            self.ask(core.announce)
+            self.ask(self.announce)
             beaten = time.perf_counter()
             while self.computing and core.slices == this:
                 if poller.poll(50):  # ms: a finished slice is noticed within this, at worst
@@ -332,24 +336,39 @@ class Shell:
                         if poller.poll(0):
                             self.read_once()
                 if time.perf_counter() - beaten >= self.beat:
-                    self.ask(core.heartbeat, this)
+                    self.ask(self.heartbeat, this)
                     beaten = time.perf_counter()
             # Look again when the slice running now (if one is) turns WATCH_AFTER, at once if it has.
             self.timer.arm(max(0.0, self.slice_started + WATCH_AFTER - time.perf_counter()) if self.computing else 0.0)
 
+    def announce(self) -> list:
+        """STARTED, unless mapfunc has returned meanwhile (the slice's end is near: no word needed)."""
+        return self.core.announce() if self.computing else []
+
+    def heartbeat(self, slice_number: int) -> list:
+        return self.core.heartbeat(slice_number) if self.computing else []
+
     # -- main thread -----------------------------------------------------
     def serve(self) -> None:
-        core = self.core
+        core, lock, inbox, entries = self.core, self.lock, self.core.inbox, self.core.entries
         while True:
-            if not core.pending:
+            if not (inbox or entries):
                 with self.read_lock:
-                    if not core.pending and not self.read_once():  # a short read most likely emptied the pipe
+                    if not (inbox or entries) and not self.read_once():  # a short read most likely emptied the pipe
                         self.input_seen = time.perf_counter()
                 continue
             if time.perf_counter() - self.input_seen > INPUT_FRESH:  # (the last slice's end looked, usually)
                 self.read_ready()
-            actions = self.ask(core.step)
-            if actions:
+            with lock:
+                actions = core.step()
+                if actions and type(actions[0]) is Run:  # the usual: a slice to run, nothing to say (a Run is last)
+                    run = actions[0]
+                else:
+                    run = None
+                    actions = self.sends(actions)
+            if run is not None:
+                self.run(run)
+            elif actions:
                 self.perform(actions)
 
     def run(self, run: Run) -> None:
@@ -391,7 +410,16 @@ class Shell:
                 waiting = reads == self.reads or select.select([self.fd_in], [], [], 0)[0]
                 if not (waiting and self.read_once()):
                     self.input_seen = time.perf_counter()
-        self.ask(self.core.finished, call, index, value, seconds)
+        with self.lock:
+            actions = self.core.finished(call, index, value, seconds)  # the RESULT, and a CANCELLED owed
+            try:
+                chunks = self.lender.chunks(actions[0].message, call, index)
+            except BaseException as exc:
+                self.send(Send(error_message(exc, "pickling the result"), call, index))
+            else:
+                self.channel.write(actions[0].message, chunks, call, index)
+            if len(actions) > 1:
+                self.send(actions[1])
 
     def interrupt(self, signum: int, frame: object) -> None:
         """SIGINT from the master (a cancelled call): stop mapfunc, never the worker itself."""

@@ -234,6 +234,14 @@ class Result(Message):
             return {"value": self.value, "seconds": self.seconds}
         return Message.body(self)
 
+    @classmethod
+    def from_body(cls, body: Any) -> Message:
+        try:
+            return cls(body.get("value", ABSENT), body.get("pickled", ABSENT), body.get("arena", ABSENT),
+                       body["seconds"])
+        except (KeyError, AttributeError) as exc:
+            raise TypeError(f"a RESULT body is a dict with seconds, not {body!r:.80}") from exc
+
 
 @message(Kind.ERROR, W2M, PICKLE)
 class Error(Message):
