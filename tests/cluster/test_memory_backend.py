@@ -15,7 +15,7 @@ import time
 import pytest
 
 from qjam_nb import Cluster, DataSet
-from qjam_nb.cluster import events as ev
+from qjam_nb import events as ev
 from qjam_nb.errors import RemoteError
 from qjam_nb.transport.registry import SshOptions, open_host
 
