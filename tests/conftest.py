@@ -89,6 +89,12 @@ def backend(request) -> str:
     return request.param
 
 
+def skip_in_memory(backend: str, why: str) -> None:
+    """Skip a test of what only a worker process has (its own fds, signals, modules) on the memory backend."""
+    if backend == "memory":
+        pytest.skip(f"memory backend: {why}")
+
+
 def hosts_for(backend: str, hosts) -> list[str]:
     """``local:N`` as written in a test, or its ssh twin ``sshhost:N``, or its in-memory twin ``memory:N``."""
     if backend == "local":

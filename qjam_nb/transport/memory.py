@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..worker import messages
-from ..worker.core import Configure, Exit, Run, Send, WorkerCore
+from ..worker.core import Configure, Exit, Run, Send, WorkerCore, error_message
 from ..worker.io import WATCH_AFTER
 from ..worker.main import versions
 from ..worker.pipes import widen, write_all
@@ -159,10 +159,21 @@ class _MemoryWorker:
                 if type(action) is Send:
                     if self.fd_out < 0:
                         raise _Gone
-                    write_all(self.fd_out, messages.encode(action.message, action.call, action.index))
+                    write_all(self.fd_out, self.encode(action))
                 else:
                     rest.append(action)
             return rest
+
+    @staticmethod
+    def encode(action: Send) -> list:
+        """The frame of ``action``; a result that cannot be pickled is answered with that error, as a worker
+        process does (``worker/io.py``)."""
+        try:
+            return messages.encode(action.message, action.call, action.index)
+        except Exception as exc:
+            if type(action.message) is not messages.Result:
+                raise
+            return messages.encode(error_message(exc, "pickling the result"), action.call, action.index)
 
     def serve(self) -> None:
         status = 0

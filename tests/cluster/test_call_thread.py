@@ -10,7 +10,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from conftest import ALL_BACKENDS
+
 from qjam_nb import SliceDone
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 
 def adding_one():

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ALL_BACKENDS
 
 from qjam_nb import (
     CallFinished,
@@ -28,6 +29,8 @@ from qjam_nb import (
     SliceDone,
     SliceSent,
 )
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 
 def ordered_fold(values: list) -> object:
@@ -127,8 +130,9 @@ def test_no_dataset_runs_once_per_worker(cluster2, make_cluster):
     assert cluster2.map(lambda p, xs: [1, len(xs), xs == []]) == [2, 0, 2]
     three = make_cluster(["local:3"])
     assert three.map(lambda p, xs: p * 10, 7) == 3 * 70
-    got = three.map(lambda p, xs: [__import__("os").getpid()], None, reduce=lambda a, b: a + b)
-    assert len(set(got)) == 3  # three different processes ran it
+    got = three.map(lambda p, xs: [(__import__("os").getpid(), __import__("threading").get_ident())], None,
+                    reduce=lambda a, b: a + b)
+    assert len(set(got)) == 3  # three different workers ran it (processes; threads in memory)
 
 
 # -- determinism -------------------------------------------------------------------

@@ -8,9 +8,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ALL_BACKENDS, skip_in_memory
 
 from qjam_nb import Cluster, DataSetError, RemoteError, WorkerError
 from qjam_nb.worker import protocol
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 
 def test_an_empty_host_list_is_refused_not_replaced_by_the_default():
@@ -39,7 +42,9 @@ def test_a_slice_too_big_for_one_message_is_refused_before_shipping(cluster2, ev
     assert cluster2.map(lambda p, xs: len(xs), None, np.zeros((400, 2)), slice_size=100) == 400
 
 
-def test_a_slice_the_worker_cannot_unpickle_names_the_slice_and_the_cause(make_cluster, tmp_path, monkeypatch):
+def test_a_slice_the_worker_cannot_unpickle_names_the_slice_and_the_cause(make_cluster, tmp_path, monkeypatch,
+                                                                          backend):
+    skip_in_memory(backend, "its workers import what this process imports: no module is the master's only")
     cluster = make_cluster(["local:2"])
     # A module only the master can import (its path is added after the workers started).
     (tmp_path / "qjam_master_only.py").write_text("class Point:\n    def __init__(self, x):\n        self.x = x\n")
@@ -54,7 +59,8 @@ def test_a_slice_the_worker_cannot_unpickle_names_the_slice_and_the_cause(make_c
     sys.modules.pop("qjam_master_only", None)
 
 
-def test_a_mapfunc_that_closes_its_stdout_leaves_the_worker_usable(make_cluster):
+def test_a_mapfunc_that_closes_its_stdout_leaves_the_worker_usable(make_cluster, backend):
+    skip_in_memory(backend, "its workers share this process's stdout")
     cluster = make_cluster(["local:1"])
 
     def close_stdout(p, xs):

@@ -6,10 +6,13 @@ import traceback
 
 import numpy as np
 import pytest
+from conftest import ALL_BACKENDS
 
 from qjam_nb import RemoteError, ReplayError
 from qjam_nb.cluster import replay as replay_module
 from qjam_nb.cluster.replay import ReplayLog
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 
 def tanh_sums(theta, xs):

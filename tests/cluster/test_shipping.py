@@ -8,8 +8,11 @@ import threading
 
 import cloudpickle
 import pytest
+from conftest import ALL_BACKENDS
 
 from qjam_nb import CallStarted, MapFuncError, QjamError, ShippingError, SliceSent
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 GLOBAL_LOCK = threading.Lock()
 

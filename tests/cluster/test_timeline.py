@@ -7,6 +7,7 @@ import signal
 from dataclasses import dataclass, field
 
 import pytest
+from conftest import ALL_BACKENDS, skip_in_memory
 
 from qjam_nb import (
     CallFinished,
@@ -21,6 +22,8 @@ from qjam_nb import (
 )
 from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
 from qjam_nb.events import EventBus
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 DATA = list(range(120))
 
@@ -106,7 +109,8 @@ class KillAfter:
             os.kill(self.killed, signal.SIGKILL)
 
 
-def test_a_worker_killed_mid_call_has_lost_records_and_its_slices_done_elsewhere(make_cluster, record):
+def test_a_worker_killed_mid_call_has_lost_records_and_its_slices_done_elsewhere(make_cluster, record, backend):
+    skip_in_memory(backend, "SIGKILLs a worker's process")
     cluster = make_cluster(["local:3"])
     log = record(cluster)
     victim = cluster.workers[1]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 
+from conftest import ALL_BACKENDS
+
 from qjam_nb import events as ev
 from qjam_nb.cluster.echo import StreamEcho
 from qjam_nb.cluster.progress import TqdmProgress
 from qjam_nb.cluster.status import StatusModel
+
+BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
 
 def test_tqdm_bar_counts_the_slices_of_a_real_call(make_cluster):
