@@ -250,10 +250,11 @@ class Cluster:
         guessed = data.guessed_keys() if data is not None else None  # a big writable array: checked later
         keyed = guessed if guessed is not None else (data.keys_and_sizes() if data is not None else [])
         executor = self._executor
+        limit = executor.max_slice_bytes
         for index, (_, size) in enumerate(keyed):
-            if size > executor.max_slice_bytes:
+            if size > limit:
                 raise DataSetError(
-                    f"slice {index} is {size} bytes, more than one message may carry ({executor.max_slice_bytes}): "
+                    f"slice {index} is {size} bytes, more than one message may carry ({limit}): "
                     "use a smaller slice_size"
                 )
         executor.drain()
@@ -295,7 +296,7 @@ class Cluster:
         # workers start while the views catch up (~40 µs sooner for a small call).
         self.events.hold()
         try:
-            self.events.emit(ev.CallStarted(spec.id, driver.fold.n, tuple(w.name for w in alive),
+            self.events.emit(ev.CallStarted(spec.id, driver.fold.n, tuple([w.name for w in alive]),
                                             spec.params.digest))
             run = begin(self._executor, driver, alive)
         finally:

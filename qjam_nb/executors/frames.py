@@ -121,7 +121,7 @@ class FramesCall:
         calls = self._call_frames(spec)
         self._hold()  # the CALL and the first slices go out together
         for w in workers:
-            chunks, beside = calls[w.link.shares_memory]
+            chunks, beside = calls[w in self.local]
             self.bytes_sent += w.link.send_chunks(chunks, m.Call.kind, spec.id) + beside
             self.pool.set_state(w, states.BUSY, f"call {spec.id}")
 
@@ -131,16 +131,17 @@ class FramesCall:
         executor's params arena, written once for all of them, and may answer through theirs."""
         func = pickle.PickleBuffer(spec.func)
         frames = {}
-        local = [w for w in self.alive if w.link.shares_memory]
+        local = self.local = [w for w in self.alive if w.link.shares_memory]
         for w in local:  # before a worker may write its arena again: is its last result still in use?
             if w.results.lent and w.results.retained():
                 w.retire_arena = True
         beat = self.live.beat
         if len(local) < len(self.alive):
-            frames[False] = m.encode(m.Call(func, spec.params.wire(), beat), spec.id), 0
+            frames[False] = m.encode_body(m.Call, {"func": func, "params": spec.params.wire(), "beat": beat},
+                                          spec.id), 0
         if local:
             # "share": where the workers may put big results (our own directory), if shared memory is here.
-            call = m.Call(func, spec.params.wire(), beat, share=sharedmem.sharing_directory())
+            call = {"func": func, "params": spec.params.wire(), "beat": beat, "share": sharedmem.sharing_directory()}
             beside = 0
             views = sharedmem.byte_views(spec.params.buffers)
             if views is not None:
@@ -148,10 +149,10 @@ class FramesCall:
                 ex = self.executor
                 try:
                     ex.params_arena = sharedmem.arena_for(ex.params_arena, beside, sharedmem.PARAMS_PREFIX)
-                    call.params, call.params_arena = (spec.params.data, []), ex.params_arena.write(views)
+                    call["params"], call["params_arena"] = (spec.params.data, []), ex.params_arena.write(views)
                 except OSError:  # /dev/shm full: the pipe it is
                     beside = 0
-            frames[True] = m.encode(call, spec.id), beside
+            frames[True] = m.encode_body(m.Call, call, spec.id), beside
         return frames
 
     # -- writing ---------------------------------------------------------------------------
@@ -215,23 +216,24 @@ class FramesCall:
         if len(batch) == 1 and len(batch[0]) == 2:  # one cached slice: a TASK
             self._task(worker, *batch[0])
         else:
-            self.bytes_sent += worker.link.send(m.Tasks(batch), self.id, batch[0][0])
+            self.bytes_sent += worker.link.send_body(m.Tasks, batch, self.id, batch[0][0])
 
     def _task(self, worker: FramesWorker, index: int, key: bytes | None) -> None:
-        self.bytes_sent += worker.link.send(self._task_message(worker, key), self.id, index)
+        self.bytes_sent += worker.link.send_body(m.Task, self._task_body(worker, key), self.id, index)
 
-    def _task_message(self, worker: FramesWorker, key: bytes | None) -> m.Task:
+    def _task_body(self, worker: FramesWorker, key: bytes | None) -> dict:
+        """A TASK's body (``messages.Task``'s wire shape): the key, a straggler's delay, ``retire``."""
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
-        task = m.Task(key, delay) if delay else m.Task(key)
+        body = {"key": key, "delay": delay} if delay else {"key": key}
         if worker.retire_arena:
-            task.retire, worker.retire_arena = True, False
-        return task
+            body["retire"], worker.retire_arena = True, False
+        return body
 
     def _ship_and_task(self, worker: FramesWorker, index: int) -> None:
         """Send slice ``index`` with its task in one DATA frame (one frame to make and read, one wake-up)."""
         key, _ = self.spec.keyed[index]
         data = self.spec.data.slice(index)
-        task = self._task_message(worker, key).body()
+        task = self._task_body(worker, key)
         handle = None
         if worker.link.shares_memory:
             try:
@@ -301,7 +303,7 @@ class FramesCall:
         link, msg = item
         worker = self.pool.worker_of(link)
         if worker is not None and isinstance(msg, Frame) and msg.call == self.id and worker.state != states.DEAD:
-            handler = HANDLERS.get(m.message_class(msg))
+            handler = HANDLERS_BY_KIND.get(msg.kind)
             if handler is not None:
                 handler(self, worker, msg)
                 return
@@ -414,6 +416,7 @@ class FramesCall:
 HANDLERS = {m.Started: FramesCall._on_started, m.Result: FramesCall._on_result, m.Error: FramesCall._on_error,
             m.Need: FramesCall._on_need}
 m.check_handlers(HANDLERS, m.W2M)  # only registered messages that come from workers
+HANDLERS_BY_KIND = {cls.kind: handler for cls, handler in HANDLERS.items()}  # (the same table, read by the header)
 
 
 def end_link(worker: FramesWorker, how: str) -> None:

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..worker import messages, protocol
 from ..worker.pipes import remainder
@@ -147,6 +148,10 @@ class Link:
     def send(self, message: messages.Message, call: int = 0, index: int = -1) -> int:
         """Queue one message, its body pickled as the message table says; returns its size on the wire."""
         return self.send_chunks(messages.encode(message, call, index), message.kind, call, index)
+
+    def send_body(self, cls: type[messages.Message], body: Any, call: int = 0, index: int = -1) -> int:
+        """``send`` for a body in its wire shape (``messages.encode_body``): the per-slice TASK and TASKS."""
+        return self.send_chunks(messages.encode_body(cls, body, call, index), cls.kind, call, index)
 
     def send_chunks(self, chunks: list, kind: Kind, call: int = 0, index: int = -1) -> int:
         """Queue one frame's chunks, as ``protocol.encode`` made them; returns its size on the wire."""

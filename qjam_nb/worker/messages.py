@@ -346,6 +346,12 @@ def encode(msg: Message, call: int = 0, index: int = -1) -> list:
     return protocol.encode(cls.kind, msg.body(), call=call, index=index, dumps=_DUMPS[cls])
 
 
+def encode_body(cls: type[Message], body: Any, call: int = 0, index: int = -1) -> list:
+    """``encode`` for a body already in its wire shape (``cls(...).body()``), without making the message
+    object: the master's per-call frames (CALL, TASK, TASKS), still with the table's codec."""
+    return protocol.encode(cls.kind, body, call=call, index=index, dumps=_DUMPS[cls])
+
+
 def message_class(frame: Frame) -> type[Message]:
     """The class of the message ``frame`` carries, read from its header (nothing unpickled)."""
     return _BY_CODE[frame.kind]
