@@ -38,7 +38,6 @@ import pickle
 import sys
 import traceback
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -62,6 +61,7 @@ from .messages import (
     Task,
     Tasks,
     decode,
+    record,
 )
 from .protocol import Frame, FrameDecoder, ProtocolError
 
@@ -72,7 +72,7 @@ HEARTBEAT = 1.0
 # -- actions ------------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@record
 class Send:
     """Write ``message``'s frame (for ``call`` and slice ``index``)."""
 
@@ -81,7 +81,7 @@ class Send:
     index: int = -1
 
 
-@dataclass(slots=True)
+@record
 class Run:
     """Run ``func(params, data)`` for slice ``index`` of ``call`` (after ``delay`` s, if not ABSENT), then
     report with ``finished`` or ``failed``."""
@@ -94,7 +94,7 @@ class Run:
     delay: Any = ABSENT
 
 
-@dataclass(slots=True)
+@record
 class Configure:
     """A call began: ALIVE every ``beat`` s while a slice runs; big results may go to ``share`` (a directory
     shared with the master, or None), and the result arena is free again."""
@@ -103,12 +103,12 @@ class Configure:
     share: str | None
 
 
-@dataclass(slots=True)
+@record
 class Retire:
     """The master still uses a result lent from the result arena: leave it that one, make a new one."""
 
 
-@dataclass(slots=True)
+@record
 class Exit:
     """Leave now with ``status`` (0: the master said BYE or went away), ``reason`` for stderr."""
 
