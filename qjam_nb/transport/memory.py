@@ -116,13 +116,7 @@ class MemoryProcess(PipeStreams):
 
     def _close_fd(self, attr: str) -> None:
         with self._fd_lock:
-            fd = getattr(self, attr)
-            if fd >= 0:
-                setattr(self, attr, -1)
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            close_attr(self, attr)
 
     def _ended_with(self, status: int) -> None:
         if self._status is None:
@@ -189,13 +183,7 @@ class _MemoryWorker:
                 self.stopped = True
                 self.slice_began.notify_all()
                 for attr in ("fd_in", "fd_out", "fd_err"):
-                    fd = getattr(self, attr)
-                    if fd >= 0:
-                        setattr(self, attr, -1)
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass
+                    close_attr(self, attr)
             self.process._ended_with(status)  # (after a kill, its status stays KILLED)
 
     def loop(self) -> int:
@@ -251,6 +239,18 @@ class _MemoryWorker:
                     if self.fd_out >= 0 and core.slices == number:
                         for action in core.heartbeat(number):
                             write_all(self.fd_out, messages.encode(action.message, action.call, action.index))
+
+
+def close_attr(owner: Any, attr: str) -> None:
+    """Close the descriptor in ``owner.<attr>`` once: the attribute says -1 before it is closed (the caller
+    holds the lock that guards it, so a number let go is never closed again as another file's)."""
+    fd = getattr(owner, attr)
+    if fd >= 0:
+        setattr(owner, attr, -1)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class MemoryTransport:
