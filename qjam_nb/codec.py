@@ -20,10 +20,11 @@ from typing import Any, NamedTuple
 import cloudpickle
 import xxhash
 
-from .worker.messages import plain
+from .worker.messages import PLAIN_ATOMS, plain
 
-#: Types that plain ``pickle`` writes exactly as cloudpickle does (by value, no code involved).
-PLAIN_TYPES = frozenset((int, float, complex, str, bytes, bool, type(None)))
+#: Types that plain ``pickle`` writes exactly as cloudpickle does (by value, no code involved): the message
+#: table's atoms, less the out-of-band buffer that only bodies carry.
+PLAIN_TYPES = PLAIN_ATOMS - {pickle.PickleBuffer}
 #: Data that ``pickle`` writes exactly as cloudpickle does: the rule the message table uses for what the
 #: master sends (``worker.messages.plain``), the one rule for slices and params too.
 is_plain = plain
