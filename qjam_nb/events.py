@@ -111,6 +111,30 @@ class SliceLost(NamedTuple):
 
 
 @_event
+class SliceTaken(NamedTuple):
+    """The schedule healed: slice ``index`` goes to ``worker`` although ``source`` had it, because
+    ``how`` is "stolen" (``source`` had it queued and would finish it later), "speculative" (a copy:
+    ``source`` runs it too, slowly or late; the first result wins) or "rebalanced" (``source``
+    caches it, but had its share of the call). ``SliceAssigned`` follows."""
+
+    call: int
+    index: int
+    worker: str
+    how: str
+    source: str
+
+
+@_event
+class SliceDropped(NamedTuple):
+    """``worker``'s copy of slice ``index`` lost the race to ``winner``'s: its result, if it comes, is ignored."""
+
+    call: int
+    index: int
+    worker: str
+    winner: str
+
+
+@_event
 class CacheChanged(NamedTuple):
     worker: str
     n_slices: int

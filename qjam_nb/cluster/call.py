@@ -19,6 +19,7 @@ from ..errors import CallTimeoutError, RemoteError, WorkerError
 from ..executors.base import CallRun, CallSpec, Executor, WorkerHandle
 from .reduce import OrderedFold
 from .scheduler import Scheduler
+from .speeds import SpeedBook
 from .tracebacks import code_spans, restore
 
 #: Tasks a worker may have in flight when a call starts (``Scheduler.observe`` adapts it).
@@ -31,7 +32,7 @@ class CallDriver:
     """A call's face-side state, and the ``CallReports`` its executor reports to."""
 
     def __init__(self, spec: CallSpec, workers: list[WorkerHandle], reduce: Any, mapfunc: Callable,
-                 events: ev.EventBus, chaos: Any) -> None:
+                 events: ev.EventBus, chaos: Any, speeds: SpeedBook | None = None) -> None:
         self.spec = spec
         self.id = spec.id
         self.events = events
@@ -39,7 +40,11 @@ class CallDriver:
         self.chaos = chaos  # its armed actions fire from here (``Chaos.progress``), as slices finish
         data = spec.data
         keys = [k for k, _ in spec.keyed] if data is not None else [None] * len(workers)
-        self.sched = Scheduler([w.name for w in workers], keys, CacheHolders(workers), WINDOW, pinned=data is None)
+        self.speeds = speeds = speeds if speeds is not None else SpeedBook()
+        for w in workers:
+            speeds.link(w.name, w.ship_guess)
+        self.sched = Scheduler([w.name for w in workers], keys, CacheHolders(workers), WINDOW, pinned=data is None,
+                               costs=speeds, sizes=[n for _, n in spec.keyed] if data is not None else None)
         self.fold = OrderedFold(len(keys), reduce)
         self.started_at = time.perf_counter()
         self.deadline = None if spec.timeout is None else time.monotonic() + spec.timeout
@@ -51,7 +56,12 @@ class CallDriver:
     def feed(self) -> None:
         """Hand out what the windows allow."""
         self.hungry = False
-        tasks = self.sched.assign()
+        sched = self.sched
+        tasks = sched.assign(time.monotonic())
+        if sched.moves:  # stolen, copied or rebalanced: said before the executor says they were assigned
+            for worker, index, how, source in sched.moves:
+                self.events.emit(ev.SliceTaken(self.id, index, worker, how, source))
+            sched.moves.clear()
         if tasks:
             self.run.assign(tasks)
 
@@ -59,8 +69,17 @@ class CallDriver:
         """Wait for results, feeding the windows once per read, until every slice is folded."""
         run = executor_run
         fold = self.fold
+        sched = self.sched
         while not fold.complete:
-            if not run.wait(self.deadline):
+            deadline = self.deadline
+            check = sched.next_check(time.monotonic()) if sched.healing else None
+            if check is not None and (deadline is None or check < deadline):
+                deadline = check
+            if not run.wait(deadline):
+                if deadline is check:  # time to look for a copy to run (``Scheduler.next_check``)
+                    self.feed()
+                    run.flush()
+                    continue
                 missing = fold.n - fold.next
                 raise CallTimeoutError(
                     f"call {self.id} did not finish within {self.spec.timeout:g} s: {missing} of {fold.n} slices "
@@ -85,9 +104,9 @@ class CallDriver:
         for index, ((guess, _), (key, _)) in enumerate(zip(self.spec.keyed, true, strict=True)):
             if guess == key:
                 continue
-            holder = next((w for w, held in self.sched.in_flight.items() if index in held), None)
-            self.sched.rekey(index, key, holder)
-            if holder is not None:
+            running = [w for w, held in self.sched.in_flight.items() if index in held]
+            self.sched.rekey(index, key, running)
+            for holder in running:
                 run.disown(holder, index)
                 self.events.emit(ev.SliceLost(self.id, index, holder))
         run.rekeyed(true)
@@ -96,17 +115,29 @@ class CallDriver:
 
     # -- CallReports -------------------------------------------------------------------------
     def started(self, worker: str, index: int) -> None:
+        self.sched.started(worker, index, time.monotonic())
         self.events.emit(ev.SliceStarted(self.id, index, worker))
 
     def finished(self, worker: str, index: int, value: Any, seconds: float) -> None:
         sched = self.sched
-        if sched.done(worker, index):
+        if sched.done(worker, index, time.monotonic(), seconds):
             self.events.emit(ev.SliceDone(self.id, index, worker, seconds))
             sched.observe(seconds)
             self.fold.add(index, value)
             self.hungry = True
+            if sched.dropped:  # the other copies of this slice: their results will be ignored
+                for loser, dropped in sched.dropped:
+                    self.events.emit(ev.SliceDropped(self.id, dropped, loser, worker))
+                sched.dropped.clear()
             if self.chaos.armed:
                 self.chaos.progress(self)
+
+    def learn(self) -> None:
+        """The call is over: what it measured of the workers' speeds and links goes to the speed book."""
+        sched = self.sched
+        self.speeds.learn(sched.measured(time.monotonic()))
+        for worker, nbytes, overhead in sched.link_samples:
+            self.speeds.link(worker).learn(nbytes, overhead)
 
     def failed(self, worker: str, index: int, error: dict) -> None:
         err = RemoteError(worker, index if self.spec.data is not None else -1, error["type"],
@@ -120,6 +151,8 @@ class CallDriver:
         sched = self.sched
         # No STARTED (a slice under 3 ms): it ran its tasks in order, so the oldest unfinished one.
         blamed = running if running is not None else min(sched.in_flight.get(worker, ()), default=None)
+        if blamed is not None and sched.finished[blamed]:
+            blamed = None  # a copy of it finished elsewhere: whatever killed this worker, not that slice
         what = f"{worker} died running slice {blamed}" if blamed is not None else f"{worker} died"
         self.deaths.append(f"{what}: {why}")
         if blamed is not None:

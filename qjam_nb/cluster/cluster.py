@@ -43,6 +43,7 @@ from .ownership import Ownership, one_at_a_time
 from .progress import TqdmProgress
 from .replay import ReplayLog
 from .shipping import check_signature, dumps_function, dumps_params
+from .speeds import SpeedBook
 from .status import StatusModel
 from .timeline import CallRecord, CallRecorder
 
@@ -132,6 +133,7 @@ class Cluster:
         self._call = 0
         self.chaos = Chaos(self)  # kill, slow down or disconnect workers, for teaching
         self._replays = ReplayLog()
+        self.speeds = SpeedBook()  # each worker's measured speed and link cost, for placing slices
         self._closed = False
         self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = ssh_settings(ssh, start_timeout, user=user, port=port, identity=identity, python=python,
@@ -150,7 +152,7 @@ class Cluster:
         """Start every dead worker again now (reconnecting hosts, ignoring backoff); returns their names."""
         self._check_open()
         self._executor.drain()
-        return [w.name for w in self._executor.revive(START_TIMEOUT, now=True)]
+        return self._revived(self._executor.revive(START_TIMEOUT, now=True))
 
     def shutdown(self) -> None:
         """Stop every worker. The cluster cannot be used afterwards.
@@ -258,7 +260,7 @@ class Cluster:
                     "use a smaller slice_size"
                 )
         executor.drain()
-        executor.revive(REVIVE_TIMEOUT)  # workers that died since the last call come back first
+        self._revived(executor.revive(REVIVE_TIMEOUT))  # workers that died since the last call come back first
         alive = executor.alive()
         if not alive:
             raise WorkerError("no worker is alive: " + executor.obituaries() + ". Try cluster.restart() "
@@ -275,7 +277,7 @@ class Cluster:
         self._call += 1
         executor.set_call(self._call)
         spec = CallSpec(self._call, func_blob, params_part, data, keyed, timeout, self.chaos.delays)
-        driver = CallDriver(spec, alive, reduce, mapfunc, self.events, self.chaos)
+        driver = CallDriver(spec, alive, reduce, mapfunc, self.events, self.chaos, self.speeds)
         return self._run(driver, alive, guessed is not None)
 
     def replay(self, slice: int, call: int | None = None) -> Any:
@@ -315,15 +317,22 @@ class Cluster:
             return value
         except BaseException:
             run.cancel(CANCEL_GRACE)
-            self._executor.revive(REVIVE_TIMEOUT)  # whoever had to be killed is back for the next call
+            self._revived(self._executor.revive(REVIVE_TIMEOUT))  # whoever had to be killed is back for the next call
             raise
         finally:
             run.close()
+            driver.learn()
             driver.run = None  # no cycle with the driver: the results it folded go when the caller drops them
             self.events.emit(ev.CallFinished(
                 spec.id, time.perf_counter() - driver.started_at, run.bytes_sent,
                 run.slice_bytes_sent, run.slice_bytes_cached, ok, driver.fold.seconds,
             ))
+
+    def _revived(self, workers: list[WorkerHandle]) -> list[str]:
+        """Workers started again: new processes, measured afresh (a stopped or hung one was slow, not its host)."""
+        names = [w.name for w in workers]
+        self.speeds.forget(names)
+        return names
 
     def _worker(self, name: str) -> WorkerHandle:
         return next(w for w in self.workers if w.name == name)

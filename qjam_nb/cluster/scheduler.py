@@ -1,30 +1,66 @@
-"""Which slice runs where: pure bookkeeping, no I/O, tested on its own.
+"""Which slice runs where: pure bookkeeping, no I/O and no clock (``now`` is handed in), tested on its own.
 
 Rules, in order:
 
-1. A slice cached on a live worker runs there (its first live holder), so a
-   second call over the same data ships no slice bytes.
+1. **Placement.** A slice cached on live workers runs on one of them: the one
+   furthest below its share of the call, shares being in proportion to the
+   workers' measured speeds (``costs``, a ``speeds.SpeedBook``). A cached
+   slice whose holders all have their share moves to the worker furthest
+   below its own (a restarted or added worker) if shipping it there costs
+   less than running it on its holder; it is then cached there too
+   ("rebalanced"). In a call with at least as many slices as workers, every
+   worker's share is at least one slice: a slow worker stays measured.
 2. Slices cached nowhere go to whichever worker has the fewest tasks in
-   flight, lowest index first, so first calls spread evenly.
+   flight, lowest index first, so first calls spread by speed as they go.
 3. A worker has at most ``window`` tasks in flight: enough to hide the round
    trip, few enough that late slices still go to whoever is free. The window
    follows the slices' run time (``observe``): about 20 ms of queued work per
-   worker, between 2 and 64 tasks, so tiny slices stream and long ones are
-   handed out one or two at a time.
-4. A lost worker's unfinished slices go back to the pool (rule 1 or 2 again).
+   worker, between 2 and 64 tasks.
+4. **Stealing.** A worker with room in its window and nothing left to do
+   takes the last queued slice of the worker that would finish its queue
+   last, if it would finish that slice sooner itself, shipping counted
+   (nothing if it caches the slice too); it caches it from then on.
+5. **Speculation.** A worker with nothing in flight and nothing to steal runs
+   a copy of a slice in flight on a worker ``SLOWER`` times slower than
+   itself, or late (``OVERDUE`` times its expected time), if the copy would
+   finish sooner by ``MARGIN``. One copy per slice; the first result wins and
+   the other copy is dropped (``dropped``): the fold still takes each slice once.
+6. A lost worker's unfinished slices are placed again (rule 1 or 2), unless a
+   copy of one still runs elsewhere.
 
-Cached slices are not stolen by idle workers: shipping a slice again usually
-costs more than waiting for its holder.
+Nothing is shipped on a guess: without measured costs (no ``costs``, or no
+slice timed yet in this call or the last) rules 1, 4 and 5 move only slices
+the taker already caches. Pinned calls (no dataset) have none of rules 1, 4, 5.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Protocol
 
 MIN_WINDOW, MAX_WINDOW = 2, 64
 QUEUED_WORK = 0.02
+#: A worker this many times slower than an idle one has its slices copied (rule 5).
+SLOWER = 2.0
+#: A slice running this many times longer than its worker's expected time is late (rule 5).
+OVERDUE = 2.0
+#: A copy must finish this many times sooner than the original is expected to (rule 5).
+MARGIN = 1.25
+
+#: How a slice came to a worker other than by rules 1-2 (``moves``).
+STOLEN, SPECULATIVE, REBALANCED = "stolen", "speculative", "rebalanced"
+
+
+class Costs(Protocol):
+    """What the scheduler is told of the workers (``speeds.SpeedBook``)."""
+
+    unit: float | None  # seconds a slice took at speed 1.0 in the last call
+
+    def speed(self, worker: str) -> float: ...
+
+    def ship(self, worker: str, nbytes: int) -> float: ...
 
 
 class Scheduler:
@@ -35,8 +71,10 @@ class Scheduler:
         holders: Mapping[bytes, Collection[str]],
         window: int = 4,
         pinned: bool = False,
+        costs: Costs | None = None,
+        sizes: Sequence[int] | None = None,
     ) -> None:
-        """``holders`` maps a slice key to the workers that cache it.
+        """``holders`` maps a slice key to the workers that cache it; ``sizes`` are the slices' bytes.
 
         ``pinned`` is for calls without a dataset: task ``i`` belongs to
         worker ``i`` (every worker runs once), until that worker is lost.
@@ -46,29 +84,98 @@ class Scheduler:
         self.keys = list(keys)
         self.holders = holders
         self.window = window
+        self.costs = costs
+        self.sizes = sizes
+        self.healing = not pinned and len(workers) > 1
         self.average: float | None = None
         self.own: dict[str, deque] = {w: deque() for w in workers}
         self.pool: list[int] = []
-        self.in_flight: dict[str, set[int]] = {w: set() for w in workers}
+        self.in_flight: dict[str, dict[int, float]] = {w: {} for w in workers}  # slice -> when handed out
         self.done_count = 0
-        for index in range(len(self.keys)):
-            if pinned:
+        self.finished = bytearray(len(self.keys))
+        self.copies: dict[int, list[str]] = {}  # slice -> the workers running it, when more than one
+        self.moves: list[tuple[str, int, str, str]] = []  # (worker, slice, how, from whom): for the caller to drain
+        self.dropped: list[tuple[str, int]] = []  # (worker, slice): copies that lost, for the caller to drain
+        self.rebalanced: dict[int, str] = {}  # slice -> the holder it was moved from, until handed out
+        self.ran: dict[str, list] = {w: [0, 0.0] for w in workers}  # slices finished here, their seconds
+        self.last_done: dict[str, float] = {}  # worker -> when its last slice finished
+        self.started_at: dict[str, tuple[int, float]] = {}  # worker -> (slice, when it said STARTED)
+        self.probes: dict[str, tuple[int, int]] = {}  # worker -> (slice handed out while it was idle, bytes to ship)
+        self.link_samples: list[tuple[str, int, float]] = []  # (worker, bytes shipped, seconds beyond run time)
+        self._first_pass = True
+        if pinned:
+            for index in range(len(self.keys)):
                 self.own[workers[index]].append(index)
+        else:
+            self._place_all(workers)
+
+    # -- placement ---------------------------------------------------------------------------
+    def _place_all(self, workers: Sequence[str]) -> None:
+        """Rule 1 for a call's cached slices (shares by speed), rule 2's pool for the rest."""
+        costs = self.costs
+        speed = {w: costs.speed(w) if costs is not None else 1.0 for w in workers}
+        total = sum(speed.values())
+        n = len(self.keys)
+        share = {w: n * s / total for w, s in speed.items()}
+        if n >= len(workers):
+            share = {w: s if s > 1.0 else 1.0 for w, s in share.items()}
+        count = dict.fromkeys(workers, 0)
+        order = self.order
+        over: list[tuple[int, str]] = []
+        for index, key in enumerate(self.keys):
+            best = None
+            if key is not None:
+                for w in self.holders.get(key, ()):  # (a loop, not max(): once a slice)
+                    if w in count and (best is None or (share[w] - count[w], -order[w])
+                                       > (share[best] - count[best], -order[best])):
+                        best = w
+            if best is None:
+                self.pool.append(index)  # (in index order: already a heap)
+            elif count[best] + 1 <= share[best] + 0.5:
+                self.own[best].append(index)
+                count[best] += 1
             else:
-                self._place(index)
+                over.append((index, best))
+        if not over:
+            return
+        for index, holder in over:
+            taker = max(workers, key=lambda w: (share[w] - count[w], -order[w]))
+            if taker != holder and count[taker] + 1 <= share[taker] + 0.5 and self._moving_pays(taker, holder, index):
+                self.own[taker].append(index)
+                self.rebalanced[index] = holder
+                count[taker] += 1
+            else:
+                self.own[holder].append(index)
+                count[holder] += 1
+        for w, queue in self.own.items():
+            self.own[w] = deque(sorted(queue))
+
+    def _moving_pays(self, taker: str, holder: str, index: int) -> bool:
+        """Shipping slice ``index`` to ``taker`` costs less than running it on ``holder``."""
+        run = self._expected(holder)
+        return run is not None and self._ship(taker, index) < run
 
     def _place(self, index: int) -> None:
+        """A slice to place again (its worker was lost, or its key was wrong): on the least busy live
+        holder, or in the pool."""
         key = self.keys[index]
         best = None
         if key is not None:
-            for w in self.holders.get(key, ()):  # (a loop, not a list and min(): once a slice)
-                if w in self.alive and (best is None or self.order[w] < self.order[best]):
+            for w in self.holders.get(key, ()):
+                if w in self.alive and (best is None or self._load(w) < self._load(best)):
                     best = w
         if best is not None:
-            self.own[best].append(index)
+            queue = self.own[best]
+            queue.append(index)
+            if len(queue) > 1 and queue[-2] > index:
+                self.own[best] = deque(sorted(queue))
         else:
             heapq.heappush(self.pool, index)
 
+    def _load(self, w: str) -> tuple[int, int]:
+        return len(self.own[w]) + len(self.in_flight[w]), self.order[w]
+
+    # -- handing out -------------------------------------------------------------------------
     def observe(self, seconds: float) -> None:
         """A slice took ``seconds`` to run: keep about ``QUEUED_WORK`` seconds in flight per worker."""
         average = self.average = seconds if self.average is None else 0.8 * self.average + 0.2 * seconds
@@ -76,8 +183,9 @@ class Scheduler:
         window = int(QUEUED_WORK / average + 0.5) if average > QUEUED_WORK / MAX_WINDOW else MAX_WINDOW
         self.window = window if window > MIN_WINDOW else MIN_WINDOW
 
-    def assign(self) -> list[tuple[str, int]]:
-        """Hand out as many (worker, slice) pairs as the windows allow."""
+    def assign(self, now: float = 0.0) -> list[tuple[str, int]]:
+        """Hand out as many (worker, slice) pairs as the windows allow; steals and copies are also
+        noted in ``moves``."""
         out: list[tuple[str, int]] = []
         own, pool, in_flight, order, window = self.own, self.pool, self.in_flight, self.order, self.window
         while True:
@@ -91,30 +199,164 @@ class Scheduler:
                     if best_rank is None or rank < best_rank:
                         best, best_rank = w, rank
             if best is None:
+                if self.healing and not pool and self._take(now, out):
+                    continue
+                self._first_pass = False
                 return out
             queue = own[best]
             index = queue.popleft() if queue else heapq.heappop(pool)
-            in_flight[best].add(index)
+            flight = in_flight[best]
+            if not flight and not self._first_pass:
+                self._probe(best, index)
+            flight[index] = now
             out.append((best, index))
+            if self.rebalanced and index in self.rebalanced:
+                self.moves.append((best, index, REBALANCED, self.rebalanced.pop(index)))
 
-    def done(self, worker: str, index: int) -> bool:
-        """Record a finished slice; False if it was not in flight there (a stale result)."""
-        if index not in self.in_flight.get(worker, ()):
+    def _probe(self, worker: str, index: int) -> None:
+        """``worker`` was idle when handed ``index``: its result will time the link (``link_samples``).
+        (Not in a call's first pass, whose tasks also wait for the CALL to be read.)"""
+        if self.costs is not None:
+            held = self._holds(worker, index) or self.keys[index] is None
+            self.probes[worker] = (index, 0 if held or self.sizes is None else self.sizes[index])
+
+    def _take(self, now: float, out: list) -> bool:
+        """Rules 4 and 5 for one idle worker: a steal, else a copy. True if it took a slice."""
+        in_flight, own, window = self.in_flight, self.own, self.window
+        takers = sorted((len(in_flight[w]), self.order[w], w) for w in self.alive
+                        if not own[w] and len(in_flight[w]) < window)
+        for _, _, w in takers:
+            got = self._steal(w)
+            if got is None and not in_flight[w]:
+                got = self._speculate(w, now)
+            if got is not None:
+                index, how, victim = got
+                if not in_flight[w]:
+                    self._probe(w, index)
+                in_flight[w][index] = now
+                out.append((w, index))
+                self.moves.append((w, index, how, victim))
+                return True
+        return False
+
+    def _steal(self, w: str) -> tuple[int, str, str] | None:
+        e_w = self._expected(w)
+        best = None
+        for v in self.alive:
+            queue = self.own[v]
+            if v == w or not queue:
+                continue
+            tail = queue[-1]
+            ahead = len(self.in_flight[v]) + len(queue)
+            e_v = self._expected(v)
+            if e_v is None or e_w is None:  # nothing timed yet: only a slice w caches, by count of tasks
+                if not self._holds(w, tail):
+                    continue
+                finish_v, finish_w = float(ahead), len(self.in_flight[w]) + 1.0
+            else:
+                finish_v = ahead * e_v
+                finish_w = (len(self.in_flight[w]) + 1) * e_w + self._ship(w, tail)
+            if finish_w < finish_v and (best is None or finish_v > best[0]):
+                best = (finish_v, v)
+        if best is None:
+            return None
+        victim = best[1]
+        return self.own[victim].pop(), STOLEN, victim
+
+    def _speculate(self, w: str, now: float) -> tuple[int, str, str] | None:
+        e_w = self._expected(w)
+        if e_w is None:
+            return None
+        best = None
+        for v in self.alive:
+            flight = self.in_flight[v]
+            if v == w or not flight:
+                continue
+            e_v = self._expected(v)
+            if e_v is None:
+                continue
+            elapsed = now - self._head_start(v, flight)
+            late = elapsed > OVERDUE * (e_v + self._ship(v, -1))  # (a task's round trip is part of its time)
+            if not late and e_v < SLOWER * e_w:
+                continue
+            head_left = elapsed if late else e_v - elapsed  # a late slice may need as long again
+            for position, index in enumerate(flight):
+                if index in self.copies:
+                    continue
+                finish_v = head_left + position * e_v
+                copy = e_w + self._ship(w, index)
+                if copy * MARGIN < finish_v and (best is None or finish_v - copy > best[0]):
+                    best = (finish_v - copy, v, index)
+        if best is None:
+            return None
+        _, victim, index = best
+        self.copies[index] = [victim, w]
+        return index, SPECULATIVE, victim
+
+    def _head_start(self, v: str, flight: dict[int, float]) -> float:
+        """When ``v``'s oldest task in flight started: it said so, or it began once the one before
+        ended (or once it was handed out, if later)."""
+        head = next(iter(flight))
+        said = self.started_at.get(v)
+        if said is not None and said[0] == head:
+            return said[1]
+        return max(flight[head], self.last_done.get(v, 0.0))
+
+    def next_check(self, now: float) -> float | None:
+        """When to look again for a copy to run (rule 5), if no result comes first: while a worker is
+        idle and another has slices in flight."""
+        if not self.healing or self.pool or any(self.own[w] for w in self.alive):
+            return None
+        idle = [w for w in self.alive if not self.in_flight[w]]
+        if not idle or len(idle) == len(self.alive):
+            return None
+        e = self._expected(idle[0])
+        return now + (0.005 if e is None else max(0.005, e / 4))
+
+    # -- what came back ----------------------------------------------------------------------
+    def started(self, worker: str, index: int, now: float) -> None:
+        """``worker`` said it began slice ``index``."""
+        self.started_at[worker] = (index, now)
+
+    def done(self, worker: str, index: int, now: float = 0.0, seconds: float = 0.0) -> bool:
+        """Record a finished slice; False if it was not in flight there (a stale result, or a dropped copy)."""
+        flight = self.in_flight.get(worker)
+        if flight is None or index not in flight:
             return False
-        self.in_flight[worker].discard(index)
+        handed = flight.pop(index)
+        self.finished[index] = 1
         self.done_count += 1
+        ran = self.ran[worker]
+        ran[0] += 1
+        ran[1] += seconds
+        self.last_done[worker] = now
+        if self.copies:
+            others = self.copies.pop(index, None)
+            for other in others or ():
+                running = self.in_flight.get(other)
+                if other != worker and running is not None and index in running:
+                    del running[index]
+                    self.dropped.append((other, index))
+        if self.probes:
+            probe = self.probes.get(worker)
+            if probe is not None and probe[0] == index:
+                del self.probes[worker]
+                self.link_samples.append((worker, probe[1], now - handed - seconds))
         return True
 
-    def rekey(self, index: int, key: str | None, worker_running_it: str | None = None) -> None:
+    def rekey(self, index: int, key: bytes | None, running: str | Iterable[str] | None = None) -> None:
         """Slice ``index`` is really ``key`` (a guessed key was wrong): place it again.
 
         Not yet handed out: it leaves the queue its old key put it in. In flight
-        on ``worker_running_it`` (whose result will be of the old content): it
-        is taken back, to be handed out again.
+        (on ``running``: a worker, or several with copies; their results will be
+        of the old content): it is taken back, to be handed out again.
         """
         self.keys[index] = key
-        if worker_running_it is not None:
-            self.in_flight[worker_running_it].discard(index)
+        running = [running] if isinstance(running, str) else list(running or ())
+        if running:
+            for w in running:
+                self.in_flight[w].pop(index, None)
+            self.copies.pop(index, None)
         else:
             for queue in self.own.values():
                 if index in queue:
@@ -126,14 +368,69 @@ class Scheduler:
                     heapq.heapify(self.pool)
                 else:
                     return  # already done, or not in this scheduler
+        self.rebalanced.pop(index, None)
         self._place(index)
 
     def lost(self, worker: str) -> list[int]:
-        """Forget a dead worker; its unfinished slices go back to be placed again."""
+        """Forget a dead worker; its unfinished slices go back to be placed again (those with no copy
+        running elsewhere)."""
         if worker not in self.alive:
             return []
         self.alive.discard(worker)
-        back = sorted(self.in_flight.pop(worker, set()) | set(self.own.pop(worker, ())))
-        for index in back:
+        self.probes.pop(worker, None)
+        back = []
+        for index in sorted(set(self.in_flight.pop(worker, {})) | set(self.own.pop(worker, ()))):
+            others = self.copies.get(index)
+            if others is not None:
+                if worker in others:
+                    others.remove(worker)
+                if len(others) < 2:
+                    del self.copies[index]
+                if any(index in self.in_flight.get(o, ()) for o in others):
+                    continue
+            back.append(index)
             self._place(index)
         return back
+
+    # -- estimates ---------------------------------------------------------------------------
+    def _expected(self, w: str) -> float | None:
+        """Seconds a slice should take on ``w``: its own average in this call, else the call's (or
+        the last call's) time at speed 1 over its speed; None if nothing is timed."""
+        n, total = self.ran.get(w, (0, 0.0))
+        if n:
+            return total / n
+        speed = self.costs.speed if self.costs is not None else None
+        units = [t / k * (speed(v) if speed else 1.0) for v, (k, t) in self.ran.items() if k]
+        unit = sum(units) / len(units) if units else (self.costs.unit if self.costs is not None else None)
+        if unit is None:
+            return None
+        return unit / speed(w) if speed else unit
+
+    def _holds(self, w: str, index: int) -> bool:
+        key = self.keys[index]
+        return key is not None and w in self.holders.get(key, ())
+
+    def _ship(self, w: str, index: int) -> float:
+        """Seconds to get slice ``index``'s task to ``w``, with the slice unless ``w`` caches it
+        (``index`` -1: a task alone); unknown (infinite) if it must ship without costs known."""
+        held = index < 0 or self._holds(w, index)
+        if self.costs is None:
+            return 0.0 if held else float("inf")
+        if held or self.sizes is None:
+            return self.costs.ship(w, 0) if held else float("inf")
+        return self.costs.ship(w, self.sizes[index])
+
+    def measured(self, now: float) -> dict[str, tuple[int, float]]:
+        """What this call says of each worker's speed: (slices finished, seconds per slice). A slice
+        still in flight at the end that has run longer than the worker's average counts too."""
+        out = {}
+        for w, (n, total) in self.ran.items():
+            flight = self.in_flight.get(w)
+            held = now - self._head_start(w, flight) if flight and w in self.alive else 0.0
+            if n and held <= total / n:
+                out[w] = (n, total / n)
+            elif n:
+                out[w] = (n, (total + held) / (n + 1))
+            elif held > 0:
+                out[w] = (0, held)
+        return out

@@ -116,6 +116,7 @@ class FramesCall:
         self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
         self.in_flight: dict[str, set[int]] = {w.name: set() for w in workers}  # sent, not answered
         self.held = False
+        self.cancelled = False
         self.live = executor.liveness
         self.live.start()
         calls = self._call_frames(spec)
@@ -398,10 +399,17 @@ class FramesCall:
 
     # -- ending ------------------------------------------------------------------------------
     def cancel(self, grace: float) -> None:
+        self.cancelled = True
         self.flush()
         self.pool.settle(self.id, self.alive, grace)
 
     def close(self) -> None:
+        if not self.cancelled:
+            # Copies that lost the race (``SliceDropped``) may still be queued or running there: CANCEL
+            # skips the queued ones; a running one ends by itself, its answer dropped as a past call's.
+            for w in self.alive:
+                if self.in_flight[w.name] and w.state == states.BUSY:
+                    w.link.send(m.Cancel(), call=self.id)
         self.flush()
         for handle in self.shared:  # taken (and deleted) by the workers, unless one died first
             sharedmem.discard(handle)

@@ -33,6 +33,10 @@ from .base import WorkerHandle
 from .handshake import master_versions, mismatch
 
 BACKOFF_MAX = 60.0
+#: Guesses of what shipping a slice costs, (latency s, bytes/s), until the scheduler measures it
+#: (``cluster.speeds``): a local worker through shared memory, and one over ssh on a modest network.
+LOCAL_SHIP = (0.0005, 1e9)
+REMOTE_SHIP = (0.002, 50e6)
 
 
 class FramesWorker(WorkerHandle):
@@ -212,6 +216,7 @@ class WorkerPool:
 
     def _hello(self, worker: FramesWorker, hello: dict) -> None:
         worker.hello = hello
+        worker.ship_guess = LOCAL_SHIP if worker.link.shares_memory else REMOTE_SHIP
         self.events.emit(ev.WorkerThreads(worker.name, describe_threads(hello.get("blas"))))
         worker.link.learn_pid(hello.get("pid"))
         problem = mismatch(worker.name, hello, self.versions)

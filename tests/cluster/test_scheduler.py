@@ -175,3 +175,172 @@ def test_a_slice_in_flight_under_a_wrong_key_is_taken_back_and_handed_out_again(
     assert not s.done("a", 0)  # the answer under the old key no longer counts
     assert s.assign() == [("a", 0)]  # out again (a is the least busy, and lowest)
     assert s.done("a", 0)
+
+
+# -- healing: placement by speed, stealing, speculation (with measured costs) ------------------------
+
+
+class Costs:
+    """What a SpeedBook would say: speeds, the last call's time per slice at speed 1, shipping costs."""
+
+    def __init__(self, speeds: dict[str, float] | None = None, unit: float | None = 0.05,
+                 latency: float = 0.001, rate: float = 1e9) -> None:
+        self.speeds = speeds or {}
+        self.unit = unit
+        self.latency, self.rate = latency, rate
+
+    def speed(self, worker: str) -> float:
+        return self.speeds.get(worker, 1.0)
+
+    def ship(self, worker: str, nbytes: int) -> float:
+        return self.latency + nbytes / self.rate
+
+
+def simulate(sched: Scheduler, slice_seconds: dict[str, float], latency: float = 0.0) -> dict:
+    """Run the scheduler against workers that take ``slice_seconds`` each per slice, in order, with no
+    round trip: the call's end, who ran what, and every (worker, slice, how, source) move."""
+    clock = 0.0
+    queues: dict[str, list[int]] = {w: [] for w in slice_seconds}
+    free_at = dict.fromkeys(slice_seconds, 0.0)
+    events = []  # (time a slice ends, worker, slice)
+    ran: dict[int, str] = {}
+    moves = []
+
+    def hand_out():
+        for w, i in sched.assign(clock):
+            start = max(free_at[w], clock + latency)
+            free_at[w] = start + slice_seconds[w]
+            events.append((free_at[w], w, i))
+        moves.extend(sched.moves)
+        sched.moves.clear()
+
+    hand_out()
+    while sched.done_count < len(sched.keys):
+        pending = sorted(events)
+        check = sched.next_check(clock)
+        if check is not None and (not pending or check < pending[0][0]):
+            clock = check
+            hand_out()
+            continue
+        end, w, i = pending[0]
+        events.remove(pending[0])
+        clock = end
+        if sched.done(w, i, clock, slice_seconds[w]):
+            ran[i] = w
+        sched.dropped.clear()
+        hand_out()
+    del queues
+    return {"end": clock, "ran": ran, "moves": moves}
+
+
+def test_cached_slices_are_shared_by_speed():
+    k = keys(12)
+    holders = {key: {"w0", "w1", "w2"} for key in k}
+    sched = Scheduler(WORKERS, k, holders, window=100, costs=Costs({"w0": 1.0, "w1": 1.0, "w2": 0.5}))
+    got = Counter(w for w, _ in sched.assign())
+    assert got == {"w0": 5, "w1": 5, "w2": 2} or got == {"w0": 5, "w1": 4, "w2": 3}  # 12 * (1, 1, .5) / 2.5
+
+
+def test_a_restarted_worker_gets_its_share_shipped_when_that_pays():
+    k = keys(30)
+    holders = {key: {"w0"} if i % 2 else {"w1"} for i, key in enumerate(k)}  # w2 restarted: caches nothing
+    sched = Scheduler(WORKERS, k, holders, window=100, costs=Costs(), sizes=[1000] * 30)
+    first = sched.assign()
+    assert Counter(w for w, _ in first) == {"w0": 10, "w1": 10, "w2": 10}
+    rebalanced = [m for m in sched.moves if m[2] == "rebalanced"]
+    assert len(rebalanced) == 10 and {m[0] for m in rebalanced} == {"w2"}
+
+
+def test_a_slice_too_big_to_be_worth_shipping_stays_with_its_holder():
+    k = keys(30)
+    holders = {key: {"w0"} if i % 2 else {"w1"} for i, key in enumerate(k)}
+    # 50 ms of work a slice, 100 MB a slice at 1 GB/s: 0.1 s to ship, so waiting is cheaper.
+    sched = Scheduler(WORKERS, k, holders, window=100, costs=Costs(), sizes=[100_000_000] * 30)
+    assert Counter(w for w, _ in sched.assign()) == {"w0": 15, "w1": 15}
+
+
+def test_without_costs_nothing_moves():
+    k = keys(30)
+    holders = {key: {"w0"} if i % 2 else {"w1"} for i, key in enumerate(k)}
+    sched = Scheduler(WORKERS, k, holders, window=100, sizes=[1000] * 30)
+    assert Counter(w for w, _ in run_to_end(sched)) == {"w0": 15, "w1": 15}
+
+
+def test_speeds_1_to_2_split_the_call_1_to_2():
+    k = keys(30)
+    holders = {key: {"w0", "w1"} for key in k}
+    sched = Scheduler(["w0", "w1"], k, holders, window=100, costs=Costs({"w0": 0.5, "w1": 1.0}))
+    assert Counter(w for w, _ in sched.assign()) == {"w0": 10, "w1": 20}
+
+
+def test_idle_workers_steal_a_slow_workers_queue_from_its_tail():
+    k = keys(30)
+    holders = {key: {WORKERS[i % 3]} for i, key in enumerate(k)}
+    # Not told that w0 is slow: it learns it from w0's first slice taking 0.5 s.
+    sched = Scheduler(WORKERS, k, holders, window=2, costs=Costs(), sizes=[1000] * 30)
+    got = simulate(sched, {"w0": 0.5, "w1": 0.05, "w2": 0.05})
+    assert sorted(got["ran"]) == list(range(30))
+    stolen = [m for m in got["moves"] if m[2] == "stolen"]
+    assert stolen and all(m[3] == "w0" and m[0] in ("w1", "w2") for m in stolen)
+    alone = 30 * 0.05 / 2  # w1 and w2 alone
+    assert got["end"] <= 1.3 * alone, got["end"]
+
+
+def test_a_copy_of_a_late_slice_runs_elsewhere_and_the_first_result_wins():
+    k = keys(9)
+    holders = {key: {WORKERS[i % 3]} for i, key in enumerate(k)}
+    costs = Costs()
+    sched = Scheduler(WORKERS, k, holders, window=2, costs=costs, sizes=[1000] * 9)
+    # w0 stops (SIGSTOP): it never finishes anything.
+    got = simulate(sched, {"w0": 1e9, "w1": 0.05, "w2": 0.05})
+    assert sorted(got["ran"]) == list(range(9))
+    assert "w0" not in got["ran"].values()
+    copies = [m for m in got["moves"] if m[2] == "speculative"]
+    assert copies and all(m[3] == "w0" for m in copies)
+    assert got["end"] < 1.0
+
+
+def test_a_uniform_cluster_neither_steals_nor_copies_tiny_slices():
+    k = keys(200)
+    holders = {key: {WORKERS[i % 3]} for i, key in enumerate(k)}
+    sched = Scheduler(WORKERS, k, holders, window=8, costs=Costs(unit=1e-5, latency=2e-4), sizes=[80] * 200)
+    got = simulate(sched, {"w0": 1e-5, "w1": 1.1e-5, "w2": 0.9e-5}, latency=1e-4)
+    assert got["moves"] == []
+    assert {i: w for i, w in got["ran"].items()} == {i: WORKERS[i % 3] for i in range(200)}
+
+
+def test_the_first_result_of_a_copied_slice_counts_once_and_drops_the_other():
+    k = keys(2)
+    sched = Scheduler(["w0", "w1"], k, {k[0]: {"w0"}, k[1]: {"w1"}}, window=2, costs=Costs(), sizes=[10, 10])
+    assert sorted(sched.assign(0.0)) == [("w0", 0), ("w1", 1)]
+    assert sched.done("w1", 1, 0.05, 0.05)
+    assert sched.assign(1.0) == [("w1", 0)]  # slice 0 is late on w0: a copy on w1
+    assert sched.moves == [("w1", 0, "speculative", "w0")]
+    assert sched.done("w1", 0, 1.06, 0.05)
+    assert sched.dropped == [("w0", 0)]
+    assert not sched.done("w0", 0, 2.0, 2.0)  # the late original: ignored
+    assert sched.done_count == 2
+
+
+def test_a_lost_worker_whose_slice_has_a_copy_running_is_not_placed_again():
+    k = keys(2)
+    sched = Scheduler(["w0", "w1"], k, {k[0]: {"w0"}, k[1]: {"w1"}}, window=2, costs=Costs(), sizes=[10, 10])
+    sched.assign(0.0)
+    assert sched.done("w1", 1, 0.05, 0.05)
+    assert sched.assign(1.0) == [("w1", 0)]
+    assert sched.lost("w0") == []
+    assert sched.assign(1.0) == []
+    assert sched.done("w1", 0, 1.06, 0.05)
+
+
+def test_what_a_call_measured_of_each_worker():
+    k = keys(4)
+    sched = Scheduler(["w0", "w1"], k, {}, window=2, costs=Costs())
+    sched.assign(0.0)
+    assert sched.done("w0", 0, 0.1, 0.1)
+    assert sched.done("w0", 2, 0.2, 0.1)
+    assert sched.done("w1", 1, 0.3, 0.3)
+    # w1's slice 3 has run since 0.3 and it is 1.5 now: longer than its average, so it counts.
+    m = sched.measured(1.5)
+    assert m["w0"] == (2, 0.1)
+    assert m["w1"][0] == 1 and abs(m["w1"][1] - (0.3 + 1.2) / 2) < 1e-9

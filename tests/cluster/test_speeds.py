@@ -1,0 +1,57 @@
+"""The speed book: each worker's relative speed and link cost, learnt call after call."""
+
+from __future__ import annotations
+
+import pytest
+
+from qjam_nb.cluster.speeds import LinkCost, SpeedBook
+
+
+def test_speeds_are_relative_to_the_fastest_worker():
+    book = SpeedBook()
+    book.learn({"a": (10, 0.05), "b": (10, 0.10), "c": (5, 0.5)})
+    assert book.speed("a") == 1.0
+    assert book.speed("b") == pytest.approx(0.5, rel=0.01)
+    assert book.speed("c") == pytest.approx(0.1, rel=0.01)
+    assert book.unit == 0.05
+
+
+def test_an_unknown_worker_counts_as_the_median():
+    book = SpeedBook()
+    assert book.speed("new") == 1.0
+    book.learn({"a": (10, 0.05), "b": (10, 0.10), "c": (10, 0.10)})
+    assert book.speed("new") == pytest.approx(0.5, rel=0.01)
+
+
+def test_a_worker_that_recovers_is_measured_fast_again():
+    book = SpeedBook()
+    book.learn({"a": (10, 0.05), "b": (10, 0.5)})
+    assert book.speed("b") == pytest.approx(0.1, rel=0.02)
+    book.learn({"a": (10, 0.05), "b": (10, 0.05)})
+    assert book.speed("b") > 0.9
+
+
+def test_a_worker_that_finished_nothing_weighs_half():
+    book = SpeedBook()
+    book.learn({"a": (10, 0.05), "b": (10, 0.05)})
+    book.learn({"a": (10, 0.05), "b": (0, 5.0)})  # stopped: held a slice 5 s
+    assert book.speed("b") == pytest.approx(0.5 * 1.0 + 0.5 * 0.01, rel=0.02)
+
+
+def test_link_cost_learns_latency_and_rate_from_samples():
+    link = LinkCost(0.002, 50e6)
+    for _ in range(30):
+        link.learn(0, 0.0003)
+    assert link.latency == pytest.approx(0.0003, rel=0.01)
+    for _ in range(30):
+        link.learn(100 << 20, 0.0003 + (100 << 20) / 1e9)
+    assert link.rate == pytest.approx(1e9, rel=0.05)
+    assert link.seconds(0) == pytest.approx(0.0003, rel=0.01)
+
+
+def test_forgetting_a_worker():
+    book = SpeedBook()
+    book.learn({"a": (1, 0.05), "b": (1, 0.1)})
+    book.link("b")
+    book.forget(["b"])
+    assert "b" not in book.speeds and "b" not in book.links
