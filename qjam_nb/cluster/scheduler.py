@@ -18,8 +18,9 @@ Rules, in order:
    worker, between 2 and 64 tasks.
 4. **Stealing.** A worker with room in its window and nothing left to do
    takes the last queued slice of the worker that would finish its queue
-   last, if it would finish that slice sooner itself, shipping counted
-   (nothing if it caches the slice too); it caches it from then on.
+   last, if it would finish that slice ``MARGIN`` times sooner itself,
+   shipping counted (nothing if it caches the slice too); it caches it from
+   then on.
 5. **Speculation.** A worker with nothing in flight and nothing to steal runs
    a copy of a slice in flight on a worker ``SLOWER`` times slower than
    itself, or late (``OVERDUE`` times its expected time), if the copy would
@@ -46,7 +47,8 @@ QUEUED_WORK = 0.02
 SLOWER = 2.0
 #: A slice running this many times longer than its worker's expected time is late (rule 5).
 OVERDUE = 2.0
-#: A copy must finish this many times sooner than the original is expected to (rule 5).
+#: A stolen slice or a copy must finish this many times sooner than where it is (rules 4, 5): moving
+#: it must pay clearly, so that a uniform cluster does not shuffle slices over noise.
 MARGIN = 1.25
 
 #: How a slice came to a worker other than by rules 1-2 (``moves``).
@@ -99,6 +101,7 @@ class Scheduler:
         self.rebalanced: dict[int, str] = {}  # slice -> the holder it was moved from, until handed out
         self.ran: dict[str, list] = {w: [0, 0.0] for w in workers}  # slices finished here, their seconds
         self.last_done: dict[str, float] = {}  # worker -> when its last slice finished
+        self.lagging: dict[str, float] = {}  # worker -> longest it ran a slice whose copy won elsewhere
         self.started_at: dict[str, tuple[int, float]] = {}  # worker -> (slice, when it said STARTED)
         self.probes: dict[str, tuple[int, int]] = {}  # worker -> (slice handed out while it was idle, bytes to ship)
         self.link_samples: list[tuple[str, int, float]] = []  # (worker, bytes shipped, seconds beyond run time)
@@ -152,7 +155,7 @@ class Scheduler:
 
     def _moving_pays(self, taker: str, holder: str, index: int) -> bool:
         """Shipping slice ``index`` to ``taker`` costs less than running it on ``holder``."""
-        run = self._expected(holder)
+        run = self._expected(holder, self._unit())
         return run is not None and self._ship(taker, index) < run
 
     def _place(self, index: int) -> None:
@@ -221,26 +224,38 @@ class Scheduler:
             self.probes[worker] = (index, 0 if held or self.sizes is None else self.sizes[index])
 
     def _take(self, now: float, out: list) -> bool:
-        """Rules 4 and 5 for one idle worker: a steal, else a copy. True if it took a slice."""
+        """Rules 4 and 5: a steal for the least busy worker that can, else a copy for the fastest idle
+        one. True if a slice was taken."""
         in_flight, own, window = self.in_flight, self.own, self.window
         takers = sorted((len(in_flight[w]), self.order[w], w) for w in self.alive
                         if not own[w] and len(in_flight[w]) < window)
-        for _, _, w in takers:
-            got = self._steal(w)
-            if got is None and not in_flight[w]:
-                got = self._speculate(w, now)
-            if got is not None:
-                index, how, victim = got
-                if not in_flight[w]:
-                    self._probe(w, index)
-                in_flight[w][index] = now
-                out.append((w, index))
-                self.moves.append((w, index, how, victim))
-                return True
-        return False
+        if not takers:
+            return False
+        unit = self._unit()
+        got = None
+        if any(own[v] for v in self.alive):
+            for _, _, w in takers:
+                got = self._steal(w, unit)
+                if got is not None:
+                    break
+        if got is None:
+            idle = [w for n, _, w in takers if not n]
+            if not idle:
+                return False
+            w = min(idle, key=lambda v: (self._expected(v, unit) or 0.0, self.order[v]))
+            got = self._speculate(w, now, unit)
+            if got is None:
+                return False
+        index, how, victim = got
+        if not in_flight[w]:
+            self._probe(w, index)
+        in_flight[w][index] = now
+        out.append((w, index))
+        self.moves.append((w, index, how, victim))
+        return True
 
-    def _steal(self, w: str) -> tuple[int, str, str] | None:
-        e_w = self._expected(w)
+    def _steal(self, w: str, unit: float | None) -> tuple[int, str, str] | None:
+        e_w = self._expected(w, unit)
         best = None
         for v in self.alive:
             queue = self.own[v]
@@ -248,14 +263,14 @@ class Scheduler:
                 continue
             tail = queue[-1]
             ahead = len(self.in_flight[v]) + len(queue)
-            e_v = self._expected(v)
+            e_v = self._expected(v, unit)
             if e_v is None or e_w is None:  # nothing timed yet: only a slice w caches, by count of tasks
                 if not self._holds(w, tail):
                     continue
                 finish_v, finish_w = float(ahead), len(self.in_flight[w]) + 1.0
             else:
                 finish_v = ahead * e_v
-                finish_w = (len(self.in_flight[w]) + 1) * e_w + self._ship(w, tail)
+                finish_w = ((len(self.in_flight[w]) + 1) * e_w + self._ship(w, tail)) * MARGIN
             if finish_w < finish_v and (best is None or finish_v > best[0]):
                 best = (finish_v, v)
         if best is None:
@@ -263,8 +278,8 @@ class Scheduler:
         victim = best[1]
         return self.own[victim].pop(), STOLEN, victim
 
-    def _speculate(self, w: str, now: float) -> tuple[int, str, str] | None:
-        e_w = self._expected(w)
+    def _speculate(self, w: str, now: float, unit: float | None) -> tuple[int, str, str] | None:
+        e_w = self._expected(w, unit)
         if e_w is None:
             return None
         best = None
@@ -272,7 +287,7 @@ class Scheduler:
             flight = self.in_flight[v]
             if v == w or not flight:
                 continue
-            e_v = self._expected(v)
+            e_v = self._expected(v, unit)
             if e_v is None:
                 continue
             elapsed = now - self._head_start(v, flight)
@@ -310,7 +325,7 @@ class Scheduler:
         idle = [w for w in self.alive if not self.in_flight[w]]
         if not idle or len(idle) == len(self.alive):
             return None
-        e = self._expected(idle[0])
+        e = self._expected(idle[0], self._unit())
         return now + (0.005 if e is None else max(0.005, e / 4))
 
     # -- what came back ----------------------------------------------------------------------
@@ -335,6 +350,10 @@ class Scheduler:
             for other in others or ():
                 running = self.in_flight.get(other)
                 if other != worker and running is not None and index in running:
+                    if index == next(iter(running)):  # it was running there all this time: a sign of its speed
+                        held = now - self._head_start(other, running)
+                        if held > self.lagging.get(other, 0.0):
+                            self.lagging[other] = held
                     del running[index]
                     self.dropped.append((other, index))
         if self.probes:
@@ -393,18 +412,23 @@ class Scheduler:
         return back
 
     # -- estimates ---------------------------------------------------------------------------
-    def _expected(self, w: str) -> float | None:
-        """Seconds a slice should take on ``w``: its own average in this call, else the call's (or
-        the last call's) time at speed 1 over its speed; None if nothing is timed."""
+    def _unit(self) -> float | None:
+        """Seconds a slice takes at speed 1: this call's, once slices finished; else the last call's."""
+        costs = self.costs
+        units = [t / k * (costs.speed(v) if costs is not None else 1.0) for v, (k, t) in self.ran.items() if k]
+        if units:
+            return sum(units) / len(units)
+        return costs.unit if costs is not None else None
+
+    def _expected(self, w: str, unit: float | None) -> float | None:
+        """Seconds a slice should take on ``w``: its own average in this call, else ``unit`` over its
+        speed; None if nothing is timed."""
         n, total = self.ran.get(w, (0, 0.0))
         if n:
             return total / n
-        speed = self.costs.speed if self.costs is not None else None
-        units = [t / k * (speed(v) if speed else 1.0) for v, (k, t) in self.ran.items() if k]
-        unit = sum(units) / len(units) if units else (self.costs.unit if self.costs is not None else None)
         if unit is None:
             return None
-        return unit / speed(w) if speed else unit
+        return unit / self.costs.speed(w) if self.costs is not None else unit
 
     def _holds(self, w: str, index: int) -> bool:
         key = self.keys[index]
@@ -422,11 +446,13 @@ class Scheduler:
 
     def measured(self, now: float) -> dict[str, tuple[int, float]]:
         """What this call says of each worker's speed: (slices finished, seconds per slice). A slice
-        still in flight at the end that has run longer than the worker's average counts too."""
+        that has run longer than the worker's average counts too: still in flight at the end, or
+        run until a copy elsewhere won."""
         out = {}
         for w, (n, total) in self.ran.items():
             flight = self.in_flight.get(w)
             held = now - self._head_start(w, flight) if flight and w in self.alive else 0.0
+            held = max(held, self.lagging.get(w, 0.0))
             if n and held <= total / n:
                 out[w] = (n, total / n)
             elif n:

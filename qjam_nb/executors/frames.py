@@ -52,6 +52,7 @@ class FramesExecutor:
         self.pool = WorkerPool(events, plan, ssh_options, blas_threads)
         self.liveness = Liveness(heartbeat)
         self.params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
+        self.owing: set[str] = set()  # workers that ended the last call with work in flight (``Liveness.start``)
         sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
 
     @property
@@ -118,7 +119,8 @@ class FramesCall:
         self.held = False
         self.cancelled = False
         self.live = executor.liveness
-        self.live.start()
+        self.owing = executor.owing
+        self.live.start(self.owing)
         calls = self._call_frames(spec)
         self._hold()  # the CALL and the first slices go out together
         for w in workers:
@@ -372,7 +374,10 @@ class FramesCall:
                 link.detach()
                 self._lost(worker, LinkClosed(None))
                 continue
-            verdict = live.verdict(name, link.traffic, link.partial, link.cpu_state, link.waiting)
+            # A worker that still owes answers to the last call must be heard: writes into its pipe
+            # prove nothing (a stopped process's pipe takes them until it is full).
+            traffic = link.heard if name in self.owing else link.traffic
+            verdict = live.verdict(name, traffic, link.partial, link.cpu_state, link.waiting)
             if verdict is None:
                 continue
             live.forget(name)
@@ -407,9 +412,11 @@ class FramesCall:
         if not self.cancelled:
             # Copies that lost the race (``SliceDropped``) may still be queued or running there: CANCEL
             # skips the queued ones; a running one ends by itself, its answer dropped as a past call's.
+            owing = self.executor.owing = set()
             for w in self.alive:
                 if self.in_flight[w.name] and w.state == states.BUSY:
                     w.link.send(m.Cancel(), call=self.id)
+                    owing.add(w.name)
         self.flush()
         for handle in self.shared:  # taken (and deleted) by the workers, unless one died first
             sharedmem.discard(handle)

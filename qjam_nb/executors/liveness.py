@@ -2,7 +2,8 @@
 
 Rules of this module: it decides, it does nothing. The cluster feeds it, for
 each worker with work in flight, the link's traffic counter (reads and writes
-that moved bytes), whether a frame from the worker is half-read, and a way to
+that moved bytes; reads alone for a worker that still owes answers to the last
+call), whether a frame from the worker is half-read, and a way to
 sample the worker's CPU; it answers with a verdict. Killing, losing and
 reporting stay with the caller. The clock is injected, for tests.
 
@@ -26,7 +27,7 @@ master was busy in a long reduce) are not silence.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +52,12 @@ class Liveness:
         self.next_check = 0.0
         self._silences: dict[str, _Silence] = {}
 
-    def start(self) -> None:
-        """A call begins: silences are counted afresh (nobody read the streams between calls), each from
-        the first look at it, half a beat in: a call that ends sooner costs nothing more."""
-        self._silences = {}
+    def start(self, owing: Collection[str] = ()) -> None:
+        """A call begins: silences are counted afresh, each from the first look at it, half a beat in: a
+        call that ends sooner costs nothing more. Except for the workers in ``owing``, which ended the
+        last call with work in flight (a copy that lost the race, on a worker that may be stopped): their
+        silence goes on, so a worker that never answers is found out even if every call heals around it."""
+        self._silences = {name: s for name, s in self._silences.items() if name in owing}
         self.next_check = self.clock() + self.beat / 2
 
     def due(self) -> bool:

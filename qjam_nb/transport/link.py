@@ -14,7 +14,9 @@ itself, as far as the process takes it without blocking (``Link._deliver``).
 Everything that happens to a link reaches the cluster as an inbox item:
 frames, stderr text, and ``LinkClosed`` once. ``traffic`` counts the reads
 and writes that moved bytes, so that a silent worker can be told from one
-that talks or takes what it is sent (``qjam_nb.executors.liveness``).
+that talks or takes what it is sent (``qjam_nb.executors.liveness``);
+``heard`` counts the reads alone (a stopped process's pipe takes writes too,
+until it is full).
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class Link:
         self.closed = False  # no more sending
         self.ended = False  # the stream ended (LinkClosed is in the inbox)
         self.traffic = 0  # reads and writes that moved bytes so far
+        self.heard = 0  # reads that moved bytes so far
         self._decoder = protocol.FrameDecoder(max_frame=self.max_frame)
         self._stderr_open = True
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -300,6 +303,7 @@ class Link:
                     return
                 decoder.buffer_updated(n)
                 self.traffic += 1
+                self.heard += 1
                 while (frame := decoder.next_frame()) is not None:
                     if protocol.TRACING:
                         protocol.trace("recv", self.name, frame)
@@ -331,6 +335,7 @@ class Link:
                     self.inbox.unregister(self, fds[-1])
                 return
             self.traffic += 1
+            self.heard += 1
             text = data.decode(errors="replace")
             self.stderr_tail.extend(text.splitlines())
             self.inbox.put((self, StderrOutput(text)))

@@ -29,6 +29,11 @@ def add(a, b):
     return a + b
 
 
+# Shipped by value, as a notebook's functions are (they live in ``__main__``): by reference, a restarted
+# worker would first import this test module, and qjam_nb with it, inside its first slice.
+sleepy.__module__ = add.__module__ = "__main__"
+
+
 def three_workers(backend: str) -> list[str]:
     return ["local:3"] if backend == "local" else ["sshhost:2", "sshhost2:1"]
 
@@ -129,7 +134,7 @@ def test_a_stopped_worker_is_healed_around_then_replaced(backend, make_cluster, 
 
 
 def test_a_uniform_cluster_moves_nothing(backend, make_cluster, record):
-    cluster = make_cluster(three_workers(backend))
+    cluster = make_cluster(["local:2"] if backend == "local" else ["sshhost:1", "sshhost2:1"])  # a core each
     data = list(range(3000))
     first = cluster.map(lambda p, xs: sum(xs), None, data, add, slice_size=10)
     log = record(cluster)
