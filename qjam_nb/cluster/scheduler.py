@@ -4,12 +4,13 @@ Rules, in order:
 
 1. **Placement.** A slice cached on live workers runs on one of them: the one
    furthest below its share of the call, shares being in proportion to the
-   workers' measured speeds (``costs``, a ``speeds.SpeedBook``). A cached
-   slice whose holders all have their share moves to the worker furthest
-   below its own (a restarted or added worker) if shipping it there costs
-   less than running it on its holder; it is then cached there too
-   ("rebalanced"). In a call with at least as many slices as workers, every
-   worker's share is at least one slice: a slow worker stays measured.
+   workers' measured speeds (``costs``, a ``speeds.SpeedBook``). A holder
+   with more than ``TOLERANCE`` over its share (a restarted or added worker
+   took none, or speeds changed) gives the slices beyond its share to the
+   workers furthest below theirs, each if shipping it costs less than running
+   it on the holder; they are then cached there too ("rebalanced"). In a
+   call with at least as many slices as workers, every worker's share is at
+   least one slice: a slow worker stays measured.
 2. Slices cached nowhere go to whichever worker has the fewest tasks in
    flight, lowest index first, so first calls spread by speed as they go.
 3. A worker has at most ``window`` tasks in flight: enough to hide the round
@@ -20,14 +21,20 @@ Rules, in order:
    takes the last queued slice of the worker that would finish its queue
    last, if it would finish that slice ``MARGIN`` times sooner itself,
    shipping counted (nothing if it caches the slice too); it caches it from
-   then on.
-5. **Speculation.** A worker with nothing in flight and nothing to steal runs
+   then on. A slice it would have to be shipped is taken only from a worker
+   ``SLOWER`` times slower (a straggler): between equal workers, placement
+   evens the queues out at the next call, and nothing ships over noise.
+5. **Speculation.** In a call's tail (nothing queued, at most ``TAIL``
+   slices a worker unfinished), a worker with nothing in flight runs
    a copy of a slice in flight on a worker ``SLOWER`` times slower than
-   itself, or late (``OVERDUE`` times its expected time), if the copy would
-   finish sooner by ``MARGIN``. One copy per slice; the first result wins and
+   itself, or late (``OVERDUE`` times its expected time, and ``LATE`` s), if
+   the copy would finish sooner by ``MARGIN``. One copy per slice; the first result wins and
    the other copy is dropped (``dropped``): the fold still takes each slice once.
 6. A lost worker's unfinished slices are placed again (rule 1 or 2), unless a
    copy of one still runs elsewhere.
+
+A shipped steal or a copy must also save ``MIN_GAIN`` seconds: less is noise
+on a shared machine, and not worth a slice's bytes.
 
 Nothing is shipped on a guess: without measured costs (no ``costs``, or no
 slice timed yet in this call or the last) rules 1, 4 and 5 move only slices
@@ -37,19 +44,30 @@ the taker already caches. Pinned calls (no dataset) have none of rules 1, 4, 5.
 from __future__ import annotations
 
 import heapq
-from collections import deque
+import statistics
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 MIN_WINDOW, MAX_WINDOW = 2, 64
 QUEUED_WORK = 0.02
-#: A worker this many times slower than an idle one has its slices copied (rule 5).
+#: A worker this many times slower than an idle one has its slices shipped away (rule 4) or copied (rule 5).
 SLOWER = 2.0
 #: A slice running this many times longer than its worker's expected time is late (rule 5).
 OVERDUE = 2.0
+#: Seconds a slice must have run, at least, to be late (rules 4, 5): a busy machine stalls a process that long.
+LATE = 0.2
+#: Copies are made only in a call's tail: nothing queued, at most this many slices a worker left in flight.
+TAIL = 2
 #: A stolen slice or a copy must finish this many times sooner than where it is (rules 4, 5): moving
 #: it must pay clearly, so that a uniform cluster does not shuffle slices over noise.
 MARGIN = 1.25
+
+#: Seconds a shipped steal or a copy must save at least (rules 4, 5): less is the machine's noise.
+MIN_GAIN = 0.02
+#: A worker holding up to this fraction more than its share of a call keeps it (rule 1): unequal
+#: holdings of equal workers are noise to live with, not a reason to ship.
+TOLERANCE = 0.25
 
 #: How a slice came to a worker other than by rules 1-2 (``moves``).
 STOLEN, SPECULATIVE, REBALANCED = "stolen", "speculative", "rebalanced"
@@ -100,8 +118,10 @@ class Scheduler:
         self.dropped: list[tuple[str, int]] = []  # (worker, slice): copies that lost, for the caller to drain
         self.rebalanced: dict[int, str] = {}  # slice -> the holder it was moved from, until handed out
         self.ran: dict[str, list] = {w: [0, 0.0] for w in workers}  # slices finished here, their seconds
+        self.samples: dict[str, list[float]] = {w: [] for w in workers}  # each finished slice's seconds
         self.last_done: dict[str, float] = {}  # worker -> when its last slice finished
         self.lagging: dict[str, float] = {}  # worker -> longest it ran a slice whose copy won elsewhere
+        self.pace: dict[str, float] = {}  # worker -> seconds between its results, receiving included
         self.started_at: dict[str, tuple[int, float]] = {}  # worker -> (slice, when it said STARTED)
         self.probes: dict[str, tuple[int, int]] = {}  # worker -> (slice handed out while it was idle, bytes to ship)
         self.link_samples: list[tuple[str, int, float]] = []  # (worker, bytes shipped, seconds beyond run time)
@@ -141,9 +161,11 @@ class Scheduler:
                 over.append((index, best))
         if not over:
             return
+        excess = {h: count[h] + n > share[h] * (1 + TOLERANCE) + 1 for h, n in Counter(h for _, h in over).items()}
         for index, holder in over:
             taker = max(workers, key=lambda w: (share[w] - count[w], -order[w]))
-            if taker != holder and count[taker] + 1 <= share[taker] + 0.5 and self._moving_pays(taker, holder, index):
+            if (excess[holder] and taker != holder and count[taker] + 1 <= share[taker] + 0.5
+                    and self._moving_pays(taker, holder, index)):
                 self.own[taker].append(index)
                 self.rebalanced[index] = holder
                 count[taker] += 1
@@ -235,12 +257,14 @@ class Scheduler:
         got = None
         if any(own[v] for v in self.alive):
             for _, _, w in takers:
-                got = self._steal(w, unit)
+                got = self._steal(w, now, unit)
                 if got is not None:
                     break
-        if got is None:
+            if got is None:
+                return False
+        else:  # the call's tail: only slices in flight are left
             idle = [w for n, _, w in takers if not n]
-            if not idle:
+            if not idle or len(self.keys) - self.done_count > TAIL * len(self.alive):
                 return False
             w = min(idle, key=lambda v: (self._expected(v, unit) or 0.0, self.order[v]))
             got = self._speculate(w, now, unit)
@@ -254,8 +278,8 @@ class Scheduler:
         self.moves.append((w, index, how, victim))
         return True
 
-    def _steal(self, w: str, unit: float | None) -> tuple[int, str, str] | None:
-        e_w = self._expected(w, unit)
+    def _steal(self, w: str, now: float, unit: float | None) -> tuple[int, str, str] | None:
+        e_w = self._pace(w, unit)
         best = None
         for v in self.alive:
             queue = self.own[v]
@@ -263,15 +287,20 @@ class Scheduler:
                 continue
             tail = queue[-1]
             ahead = len(self.in_flight[v]) + len(queue)
-            e_v = self._expected(v, unit)
+            e_v = self._pace(v, unit)
+            held = self._holds(w, tail)
             if e_v is None or e_w is None:  # nothing timed yet: only a slice w caches, by count of tasks
-                if not self._holds(w, tail):
+                if not held:
                     continue
                 finish_v, finish_w = float(ahead), len(self.in_flight[w]) + 1.0
             else:
-                finish_v = ahead * e_v
+                late, head_left = self._lateness(v, now, e_v)
+                if not held and not late and e_v < SLOWER * e_w:
+                    continue  # equal workers' queues even out by placement, next call: no shipping over noise
+                finish_v = head_left + (ahead - 1) * e_v
                 finish_w = ((len(self.in_flight[w]) + 1) * e_w + self._ship(w, tail)) * MARGIN
-            if finish_w < finish_v and (best is None or finish_v > best[0]):
+            if finish_w < finish_v and (held or finish_v - finish_w > MIN_GAIN) and (
+                    best is None or finish_v > best[0]):
                 best = (finish_v, v)
         if best is None:
             return None
@@ -279,7 +308,7 @@ class Scheduler:
         return self.own[victim].pop(), STOLEN, victim
 
     def _speculate(self, w: str, now: float, unit: float | None) -> tuple[int, str, str] | None:
-        e_w = self._expected(w, unit)
+        e_w = self._pace(w, unit)
         if e_w is None:
             return None
         best = None
@@ -287,26 +316,39 @@ class Scheduler:
             flight = self.in_flight[v]
             if v == w or not flight:
                 continue
-            e_v = self._expected(v, unit)
+            if not self.ran[v][0] and (self.costs is None or self.costs.unit is None):
+                continue  # a fresh worker's first slice (importing numpy, say) is late only against a past call
+            e_v = self._pace(v, unit)
             if e_v is None:
                 continue
-            elapsed = now - self._head_start(v, flight)
-            late = elapsed > OVERDUE * (e_v + self._ship(v, -1))  # (a task's round trip is part of its time)
+            late, head_left = self._lateness(v, now, e_v)
             if not late and e_v < SLOWER * e_w:
                 continue
-            head_left = elapsed if late else e_v - elapsed  # a late slice may need as long again
             for position, index in enumerate(flight):
                 if index in self.copies:
                     continue
                 finish_v = head_left + position * e_v
                 copy = e_w + self._ship(w, index)
-                if copy * MARGIN < finish_v and (best is None or finish_v - copy > best[0]):
+                if copy * MARGIN < finish_v and finish_v - copy > MIN_GAIN and (
+                        best is None or finish_v - copy > best[0]):
                     best = (finish_v - copy, v, index)
         if best is None:
             return None
         _, victim, index = best
         self.copies[index] = [victim, w]
         return index, SPECULATIVE, victim
+
+    def _lateness(self, v: str, now: float, e_v: float) -> tuple[bool, float]:
+        """Is ``v``'s oldest task in flight late (``OVERDUE`` times its expected time, a round trip
+        included, and ``LATE`` seconds at least), and how long until it ends: as long again as it has
+        run, if late."""
+        flight = self.in_flight[v]
+        if not flight:
+            return False, 0.0
+        elapsed = now - self._head_start(v, flight)
+        if elapsed > LATE and elapsed > OVERDUE * (e_v + self._ship(v, -1)):
+            return True, elapsed
+        return False, max(e_v - elapsed, 0.0)
 
     def _head_start(self, v: str, flight: dict[int, float]) -> float:
         """When ``v``'s oldest task in flight started: it said so, or it began once the one before
@@ -318,15 +360,15 @@ class Scheduler:
         return max(flight[head], self.last_done.get(v, 0.0))
 
     def next_check(self, now: float) -> float | None:
-        """When to look again for a copy to run (rule 5), if no result comes first: while a worker is
-        idle and another has slices in flight."""
-        if not self.healing or self.pool or any(self.own[w] for w in self.alive):
+        """When to look again for a slice to steal or copy (rules 4, 5), if no result comes first:
+        while a worker is idle and another has slices in flight (they may turn late)."""
+        if not self.healing or self.pool:
             return None
-        idle = [w for w in self.alive if not self.in_flight[w]]
+        idle = [w for w in self.alive if not self.in_flight[w] and not self.own[w]]
         if not idle or len(idle) == len(self.alive):
             return None
         e = self._expected(idle[0], self._unit())
-        return now + (0.005 if e is None else max(0.005, e / 4))
+        return now + (0.005 if e is None else max(0.005, min(e, LATE) / 4))
 
     # -- what came back ----------------------------------------------------------------------
     def started(self, worker: str, index: int, now: float) -> None:
@@ -344,6 +386,11 @@ class Scheduler:
         ran = self.ran[worker]
         ran[0] += 1
         ran[1] += seconds
+        self.samples[worker].append(seconds)
+        last = self.last_done.get(worker)
+        if last is not None and handed < last:  # it waited there: results back to back give the pace
+            pace = self.pace.get(worker)
+            self.pace[worker] = now - last if pace is None else 0.5 * (pace + now - last)
         self.last_done[worker] = now
         if self.copies:
             others = self.copies.pop(index, None)
@@ -430,6 +477,13 @@ class Scheduler:
             return None
         return unit / self.costs.speed(w) if self.costs is not None else unit
 
+    def _pace(self, w: str, unit: float | None) -> float | None:
+        """Seconds between ``w``'s results while it has work: its slices' run time, or more where
+        receiving them takes time too (a first call's slices, shipped as they go)."""
+        expected = self._expected(w, unit)
+        pace = self.pace.get(w)
+        return expected if pace is None or (expected is not None and expected > pace) else pace
+
     def _holds(self, w: str, index: int) -> bool:
         key = self.keys[index]
         return key is not None and w in self.holders.get(key, ())
@@ -445,18 +499,20 @@ class Scheduler:
         return self.costs.ship(w, self.sizes[index])
 
     def measured(self, now: float) -> dict[str, tuple[int, float]]:
-        """What this call says of each worker's speed: (slices finished, seconds per slice). A slice
-        that has run longer than the worker's average counts too: still in flight at the end, or
-        run until a copy elsewhere won."""
+        """What this call says of each worker's speed: (slices finished, seconds per slice: their
+        median, which a hiccup of the machine does not move). A slice that has run longer than that
+        counts too: still in flight at the end, or run until a copy elsewhere won."""
         out = {}
-        for w, (n, total) in self.ran.items():
+        for w, samples in self.samples.items():
+            n = len(samples)
             flight = self.in_flight.get(w)
             held = now - self._head_start(w, flight) if flight and w in self.alive else 0.0
             held = max(held, self.lagging.get(w, 0.0))
-            if n and held <= total / n:
-                out[w] = (n, total / n)
+            typical = statistics.median(samples) if n else 0.0
+            if n and held <= typical:
+                out[w] = (n, typical)
             elif n:
-                out[w] = (n, (total + held) / (n + 1))
+                out[w] = (n, (typical * n + held) / (n + 1))
             elif held > 0:
                 out[w] = (0, held)
         return out

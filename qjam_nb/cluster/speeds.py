@@ -20,6 +20,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Mapping
 
+from ..formats import format_size
+
 #: How much of a speed measured in one call replaces the old one: ``n / (n + BLEND)`` for n slices.
 BLEND = 1.0
 #: Weight of a new shipping sample in the running estimate.
@@ -52,7 +54,7 @@ class LinkCost:
             self.rate += SHIP_WEIGHT * (nbytes / transfer - self.rate)
 
     def __repr__(self) -> str:
-        return f"LinkCost(latency={self.latency:.2g} s, rate={self.rate / 1e6:.3g} MB/s)"
+        return f"LinkCost(latency={self.latency:.2g} s, rate={format_size(self.rate)}/s)"
 
 
 class SpeedBook:

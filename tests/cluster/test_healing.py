@@ -123,8 +123,11 @@ def test_a_stopped_worker_is_healed_around_then_replaced(backend, make_cluster, 
             if stopped.hello.get("pid") not in (None, pid):
                 break
         assert stopped.hello["pid"] != pid, "the stopped worker was never replaced"
-        assert cluster.map(sleepy, None, DATA, add, slice_size=2) == expected
-        counts = split(cluster)
+        for _ in range(2):  # (the new process may be slow to start on a loaded machine: then a steal evens it)
+            assert cluster.map(sleepy, None, DATA, add, slice_size=2) == expected
+            counts = split(cluster)
+            if max(counts.values()) - min(counts.values()) <= 1:
+                break
         assert max(counts.values()) - min(counts.values()) <= 1, counts
     finally:
         try:
