@@ -47,8 +47,15 @@ def drawn_bars(svg: str) -> list[tuple]:
 
 
 def expected_bars(record: CallRecord) -> list[tuple]:
-    return [(r.index, r.worker, r.worker, frozenset({"cached" if r.cached else "shipped", r.outcome}))
-            for r in record.slices]
+    slices = record.slices
+    raced = {r.index for r in slices if r.outcome == "dropped"}
+
+    def marks(r) -> set[str]:
+        return (({r.how} if r.how else set()) | ({"replica"} if r.replicated else set())
+                | ({"won"} if r.outcome == "done" and r.index in raced else set()))
+
+    return [(r.index, r.worker, r.worker, frozenset({"cached" if r.cached else "shipped", r.outcome} | marks(r)))
+            for r in slices]
 
 
 def all_text(svg: str) -> str:
@@ -240,3 +247,88 @@ def test_a_call_of_thousands_of_slices_draws_touching_bars_of_one_kind_as_one():
     assert len(kinds) == 4  # shipped then cached, on both lanes
     assert "3002 slice records: touching bars of one kind on a lane are drawn as one" in all_text(svg)
     assert len(elements(ET.fromstring(timeline_svg(record, max_bars=5000)), "rect", "qjam-slice")) == 3002
+
+
+def healed_record() -> CallRecord:
+    """Slice 0: a copy on b, dropped before it started (a's original won). Slice 1: a copy on b that won
+    (a's original dropped). Slices 2 and 3 stolen by c from a (2 shipped, 3 cached on c already).
+    Slice 4 rebalanced from c to b at the call's start (shipped)."""
+    return CallRecord(5, 5, ("a", "b", "c"), time.time(), seconds=1.3, ok=True, slices=[
+        SliceRecord(5, 0, "a", True, b"0" * 16, 10, assigned=0.0, started=0.0, done=1.0, ended=1.0, compute=0.9,
+                    outcome="done"),
+        SliceRecord(5, 1, "a", True, b"1" * 16, 10, assigned=0.0, started=1.0, ended=1.2, outcome="dropped"),
+        SliceRecord(5, 4, "b", False, b"4" * 16, 10, 12, assigned=0.0, sent=0.0, started=0.0, done=0.4, ended=0.4,
+                    compute=0.4, outcome="done", how="rebalanced", source="c"),
+        SliceRecord(5, 2, "c", False, b"2" * 16, 10, 12, assigned=0.1, sent=0.1, started=0.1, done=0.6, ended=0.6,
+                    compute=0.5, outcome="done", how="stolen", source="a"),
+        SliceRecord(5, 1, "b", False, b"1" * 16, 10, 12, assigned=0.5, sent=0.5, started=0.55, done=1.2, ended=1.2,
+                    compute=0.6, outcome="done", how="speculative", source="a"),
+        SliceRecord(5, 3, "c", True, b"3" * 16, 10, assigned=0.6, started=0.6, done=1.1, ended=1.1, compute=0.5,
+                    outcome="done", how="stolen", source="a"),
+        SliceRecord(5, 0, "b", False, b"0" * 16, 10, 12, assigned=0.9, sent=0.9, ended=1.0, outcome="dropped",
+                    how="speculative", source="a"),
+    ])
+
+
+def right_edge(rect) -> float:
+    return float(rect.get("x")) + float(rect.get("width"))
+
+
+@pytest.mark.parametrize("max_bars", [2000, 1])  # 1: the merging drawing, which never merges these
+def test_stolen_copied_dropped_and_replicated_slices_are_marked_each_their_own_way(max_bars):
+    record = healed_record()
+    svg = timeline_svg(record, max_bars=max_bars)
+    root = ET.fromstring(svg)
+    assert sorted(drawn_bars(svg)) == sorted(expected_bars(record))
+    bars = {(int(r.get("data-index")), r.get("data-worker")): r for r in elements(root, "rect", "qjam-slice")}
+    assert len(bars) == 7
+    # Stolen: hatched, and the bar names where it came from.
+    stolen = [k for k, r in bars.items() if "stolen" in classes(r)]
+    assert sorted(stolen) == [(2, "c"), (3, "c")] and {bars[k].get("data-source") for k in stolen} == {"a"}
+    hatches = elements(root, "rect", "qjam-stolen")
+    assert sorted(int(h.get("data-index")) for h in hatches) == [2, 3]
+    assert all(h.get("fill") == "url(#qjam-hatch)" for h in hatches) and root.find(f".//{SVG}pattern") is not None
+    assert "stolen from a" in bars[2, "c"].find(SVG + "title").text
+    # Copies: dashed; the winner of each race marked; the loser greyed and struck, ending where the winner did.
+    for key in ((1, "b"), (0, "b")):
+        assert "speculative" in classes(bars[key]) and bars[key].get("stroke-dasharray")
+        assert bars[key].get("data-source") == "a"
+    assert {k for k, r in bars.items() if "won" in classes(r)} == {(0, "a"), (1, "b")}
+    assert sorted(int(m.get("data-index")) for m in elements(root, "path", "qjam-won")) == [0, 1]
+    dropped = {k for k, r in bars.items() if "dropped" in classes(r)}
+    assert dropped == {(0, "b"), (1, "a")}
+    struck = elements(root, "line", "qjam-struck")
+    assert sorted((int(s.get("data-index")), s.get("data-worker")) for s in struck) == sorted(dropped)
+    for index, loser in dropped:
+        winner = next(w for (i, w) in bars if i == index and w != loser)
+        assert right_edge(bars[index, loser]) == pytest.approx(right_edge(bars[index, winner]), abs=0.2)
+        assert bars[index, loser].get("fill") == "#eee8d5"
+    # Replicas: a marker on each bar whose slice travelled to a taker, which caches it from then on.
+    replicas = elements(root, "path", "qjam-replica")
+    assert sorted((int(m.get("data-index")), m.get("data-worker")) for m in replicas) == [
+        (0, "b"), (1, "b"), (2, "c"), (4, "b")] == sorted((r.index, r.worker) for r in record.slices if r.replicated)
+    assert "rebalanced" in classes(bars[4, "b"]) and bars[4, "b"].get("data-source") == "c"
+    # The legend has an entry for each, and the totals count them.
+    legend = "\n".join(t.text or "" for g in elements(root, "g", "qjam-legend") for t in g.iter(SVG + "text"))
+    for words in ("stolen", "copy", "won the race", "dropped copy", "now cached here too", "rebalanced"):
+        assert words in legend, words
+    text = all_text(svg)
+    assert "2 stolen from a" in text and "2 copies (1 won)" in text and "2 dropped" in text
+    assert "4 now cached on two workers" in text and "1 rebalanced from c" in text
+
+
+def test_a_call_that_healed_nothing_has_no_such_marks_nor_legend_entries():
+    record = CallRecord(4, 2, ("a", "b"), time.time(), seconds=1.0, ok=True, slices=[
+        SliceRecord(4, 0, "a", True, b"0" * 16, 10, assigned=0.0, started=0.0, done=1.0, ended=1.0, outcome="done"),
+        SliceRecord(4, 1, "b", False, b"1" * 16, 10, 12, assigned=0.0, sent=0.0, started=0.0, done=1.0, ended=1.0,
+                    outcome="done"),
+    ])
+    svg = timeline_svg(record)
+    root = ET.fromstring(svg)
+    for tag, css in (("rect", "qjam-stolen"), ("path", "qjam-won"), ("line", "qjam-struck"),
+                     ("path", "qjam-replica")):
+        assert elements(root, tag, css) == []
+    assert root.find(f".//{SVG}pattern") is None
+    text = all_text(svg)
+    assert not any(w in text for w in ("stolen", "copy", "copies", "dropped", "won", "cached here too",
+                                       "rebalanced"))
