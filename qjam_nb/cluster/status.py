@@ -91,6 +91,11 @@ class StatusModel:
         self.row(event.worker).done += 1
         self.call.done += 1
 
+    def _slice_dropped(self, event: ev.SliceDropped) -> None:
+        """A copy that lost its race will never be done: no longer one of its worker's tasks."""
+        row = self.row(event.worker)
+        row.assigned = max(row.done, row.assigned - 1)
+
     def _cache_changed(self, event: ev.CacheChanged) -> None:
         row = self.row(event.worker)
         row.cached_slices, row.cached_bytes = event.n_slices, event.nbytes
@@ -112,6 +117,7 @@ class StatusModel:
         ev.CallStarted: _call_started,
         ev.SliceAssigned: _slice_assigned,
         ev.SliceDone: _slice_done,
+        ev.SliceDropped: _slice_dropped,
         ev.CacheChanged: _cache_changed,
         ev.ErrorEvent: _error,
         ev.CallFinished: _call_finished,
