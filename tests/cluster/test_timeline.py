@@ -385,7 +385,8 @@ def test_the_timeline_names_are_importable_from_timeline_and_live_in_one_module_
     from qjam_nb.cluster import timeline
 
     homes = {
-        "qjam_nb.cluster.slicerows": ("SliceRecord", "DONE", "LOST", "CANCELLED", "ERROR", "OUTCOMES", "TIMES"),
+        "qjam_nb.cluster.slicerows": ("SliceRecord", "DONE", "LOST", "CANCELLED", "ERROR", "DROPPED", "OUTCOMES",
+                                      "TIMES"),
         "qjam_nb.cluster.callrecord": ("CallRecord",),
         "qjam_nb.cluster.recorder": ("CallRecorder", "KEEP_CALLS", "KEEP_RECORDS", "FOLD_EVERY", "KEEP_PENDING"),
         "qjam_nb.cluster.cachemap": ("cache_map", "cache_map_text"),
