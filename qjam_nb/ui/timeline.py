@@ -56,7 +56,7 @@ GREY = "#93a1a1"
 COPY_VIOLET = "#6c71c4"
 DROPPED_FILL = "#eee8d5"
 REPLICA_GREEN = "#859900"
-HATCH = "#586e75"
+HATCH = "#002b36"
 LANE_HEIGHT, BAR_HEIGHT = 22, 14
 LABEL_WIDTH, RIGHT_MARGIN, TOP = 120, 16, 30
 CSS_CLASS = "qjam-timeline"
@@ -138,7 +138,9 @@ def _bar(r: SliceRecord, record: CallRecord, x: Callable[[float], float], top: f
     start = _start(r)
     end = max(_end(r, record), start)
     x0, x1 = x(start), x(end)
-    w = max(6.0 if r.outcome == LOST else 1.5, x1 - x0)  # a lost bar wide enough to show its cross
+    w = max(6.0 if r.outcome in (LOST, DROPPED) else 1.5, x1 - x0)  # wide enough to show its cross or strike
+    if r.outcome == DROPPED:
+        x0 = x1 - w  # it ends where the winner's result came
     bar, dark = CACHED if r.cached else SHIPPED
     stroke = _STROKES.get(r.outcome, "#fff")
     if r.how == SPECULATIVE and r.outcome != DROPPED:
@@ -202,7 +204,7 @@ _HATCHES = (
     "<defs>" + "".join(
         f'<pattern id="qjam-hatch{suffix}" patternUnits="userSpaceOnUse" width="5" height="5" '
         f'patternTransform="rotate({angle})"><line x1="0" y1="0" x2="0" y2="5" stroke="{HATCH}" '
-        f'stroke-width="1.2"/></pattern>' for suffix, angle in (("", 45), ("-back", -45)))
+        f'stroke-width="1.5" stroke-opacity="0.6"/></pattern>' for suffix, angle in (("", 45), ("-back", -45)))
     + "</defs>"
 )
 
@@ -251,9 +253,12 @@ def _merged_bars(records: list[SliceRecord], record: CallRecord, x: Callable[[fl
 
 
 def _start(r: SliceRecord) -> float:
-    """Where a bar starts: when the worker began the slice, else when it was sent or assigned."""
+    """Where a bar starts: when the worker began the slice, else when it was sent or assigned (a copy
+    dropped before it began: where it was dropped, so its queue line shows the wait, not a bar)."""
     if r.started is not None:
         return r.started
+    if r.outcome == DROPPED and r.ended is not None:
+        return r.ended
     if r.sent is not None:
         return r.sent
     return r.assigned if r.assigned is not None else 0.0
