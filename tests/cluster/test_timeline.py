@@ -77,20 +77,28 @@ def test_records_match_the_events_shipped_on_the_first_call_cached_on_the_second
     assert cluster.map(slow_sum, 2, DATA, slice_size=8) == 2 * sum(DATA)
     second = cluster.last_call
     check_against_events(second, log)
-    assert all(r.cached and r.nbytes_sent == 0 and r.sent is None for r in second.slices)
-    assert second.slice_bytes_sent == 0 and second.totals()["cached"] == 15
-    # The cache held each slice where the first call ran it, so each ran there again.
-    assert [(r.index, r.worker, r.key) for r in second.done_slices()] == [
-        (r.index, r.worker, r.key) for r in first.done_slices()]
+    # Every slice came from the cache, but those the schedule moved to a worker idle first (an odd slice
+    # stolen from the longer queue, or a copy): those were shipped there, and are cached there too now.
+    taken = [r for r in second.slices if r.how]
+    assert all(r.cached and r.nbytes_sent == 0 and r.sent is None for r in second.slices if not r.how)
+    for r in taken:  # (cached there already if the first call ran a copy of it there)
+        assert r.source != r.worker and (r.cached or (r.replicated and r.nbytes_sent > 0)), r
+    assert second.slice_bytes_sent == sum(r.nbytes_sent for r in taken)
+    assert second.totals()["cached"] == 15 - sum(1 for r in taken if r.outcome == "done" and r.replicated)
+    # The cache held each slice where the first call ran it, so each ran there again (unless taken).
+    moved = {r.index for r in taken}
+    assert [(r.index, r.worker, r.key) for r in second.done_slices() if r.index not in moved] == [
+        (r.index, r.worker, r.key) for r in first.done_slices() if r.index not in moved]
     assert cluster.calls == [first, second]
     assert first.params_hash != second.params_hash and len(second.params_hash) == 32
     assert second.moved() == [] and sorted(second.by_worker()) == sorted(cluster.worker_names)
 
     held = cache_map(second, cluster.workers)
     for w in cluster.workers:
-        assert held[w.name] == sorted(r.index for r in second.slices if r.key in w.cache)
-        assert held[w.name] == [r.index for r in second.done_slices() if r.worker == w.name]
-    assert sorted(i for indexes in held.values() for i in indexes) == list(range(15))
+        assert held[w.name] == sorted({r.index for r in second.slices if r.key in w.cache})
+        reached = {r.index for call in (first, second) for r in call.slices if r.worker == w.name}
+        assert {r.index for r in second.done_slices() if r.worker == w.name} <= set(held[w.name]) <= reached
+    assert sorted({i for indexes in held.values() for i in indexes}) == list(range(15))
     text = cache_map_text(second, cluster.workers)
     for name, indexes in held.items():
         assert f"{name:<16} {format_ranges(indexes)}" in text
@@ -148,7 +156,7 @@ def test_a_failing_call_records_the_error_and_cancels_the_rest(make_cluster):
     call = cluster.last_call
     assert call.ok is False and call.finished
     assert [r.index for r in call.slices if r.outcome == "error"] == [5]
-    assert {r.outcome for r in call.slices} <= {"done", "error", "cancelled"}
+    assert {r.outcome for r in call.slices} <= {"done", "error", "cancelled", "dropped"}
     assert "failed" in call.summary().splitlines()[0]
 
 
