@@ -76,6 +76,10 @@ def test_a_dropped_copy_is_no_longer_counted_as_its_workers_task():
         model(event)
     assert [(r.name, r.done, r.assigned) for r in model.rows.values()] == [("a", 0, 0), ("b", 2, 2)]
     assert model.call.done == 2
+    assert (model.call.stolen, model.call.copies, model.call.rebalanced) == (0, 1, 0)
+    assert "call 1: 2/2 slices, done in 0.500 s;" in model.text() and model.text().endswith("; healed: 1 copy")
+    model(ev.CallStarted(2, 1, ("a", "b")))
+    assert model.call.copies == 0
 
 
 def test_events_held_reach_observers_in_order_once_released():

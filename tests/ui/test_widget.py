@@ -35,6 +35,10 @@ def test_call_summary_reports_progress_then_totals():
     assert call_summary(done) == (
         "call 2: 10/10 slices, done in 1.500 s; 2.0 MiB of slices shipped, 1.0 MiB served from cache"
     )
+    healed = CallRow(call=3, n_slices=10, done=10, seconds=1.0, stolen=3, copies=2, rebalanced=1)
+    assert call_summary(healed).endswith("served from cache; healed: 3 stolen, 2 copies, 1 rebalanced")
+    assert call_summary(CallRow(call=3, n_slices=4, done=1, running=True, copies=1)) == (
+        "call 3: 1/4 slices; healed: 1 copy")
 
 
 def test_throttle_lets_urgent_redraws_through_and_rate_limits_the_rest():
