@@ -212,14 +212,16 @@ _HATCHES = (
 def _merged_bars(records: list[SliceRecord], record: CallRecord, x: Callable[[float], float],
                  top: float, raced: frozenset[int] | set[int] = frozenset()) -> list[str]:
     """One bar per run of touching records of one kind; the compute share shaded at its start.
-    Lost records, and those the schedule healed with, are drawn one by one."""
+    Lost records, copies and the slices they raced are drawn one by one (they are few: copies are
+    made only of the last slices in flight); stolen and rebalanced ones merge with their own kind
+    (same source), hatched and marked as one."""
     runs: list[list] = []  # [x0, x1, kind, records, seconds busy]
     spans = sorted(((_start(r), _end(r, record), r) for r in records), key=lambda span: span[0])
     for start, end, r in spans:
         end = max(start, end)
         x0, x1 = x(start), x(end)
-        alone = r.outcome in (LOST, DROPPED) or r.how is not None or r.index in raced
-        kind = (r.cached, r.outcome, alone)
+        alone = r.outcome in (LOST, DROPPED) or r.how == SPECULATIVE or r.index in raced
+        kind = (r.cached, r.outcome, r.how, r.source, alone)
         last = runs[-1] if runs else None
         if not alone and last is not None and last[2] == kind and x0 <= last[1] + 1.0:
             last[1] = max(last[1], x1)
@@ -228,7 +230,7 @@ def _merged_bars(records: list[SliceRecord], record: CallRecord, x: Callable[[fl
         else:
             runs.append([x0, x1, kind, [r], end - start])
     parts = []
-    for x0, x1, (cached, outcome, _), rs, busy in runs:
+    for x0, x1, (cached, outcome, how, source, _), rs, busy in runs:
         if len(rs) == 1:
             parts.extend(_bar(rs[0], record, x, top, raced))
             continue
@@ -238,17 +240,24 @@ def _merged_bars(records: list[SliceRecord], record: CallRecord, x: Callable[[fl
         share = min(1.0, sum(r.compute for r in rs) / busy) if busy > 0 else 0.0
         indexes = sorted(r.index for r in rs)
         which = format_ranges(indexes) if len(rs) <= 20 else f"{indexes[0]} to {indexes[-1]}"
+        healed = f"; {how} from {source}" + ("" if cached else ", now cached here too") if how else ""
         title = (f"{len(rs)} slices on {rs[0].worker} ({which}): "
-                 f"{'from the cache' if cached else 'shipped'}, {outcome or 'running'}; compute {share:.0%} of the bar")
+                 f"{'from the cache' if cached else 'shipped'}{healed}, {outcome or 'running'}; "
+                 f"compute {share:.0%} of the bar")
+        marks = f" {how}" + ("" if cached else " replica") if how else ""
+        where = f'data-index="{rs[0].index}" data-count="{len(rs)}" data-worker="{_attr(rs[0].worker)}"'
+        source_attr = f' data-source="{_attr(source)}"' if how else ""
         parts.append(
-            f'<rect class="qjam-slice qjam-merged {"cached" if cached else "shipped"} {outcome or "running"}" '
-            f'data-index="{rs[0].index}" data-count="{len(rs)}" data-worker="{_attr(rs[0].worker)}" '
+            f'<rect class="qjam-slice qjam-merged {"cached" if cached else "shipped"} {outcome or "running"}{marks}" '
+            f'{where}{source_attr} '
             f'x="{x0:.1f}" y="{top}" width="{w:.1f}" height="{BAR_HEIGHT}" fill="{bar}" stroke="{stroke}" '
             f'stroke-width="1"><title>{html.escape(title)}</title></rect>'
         )
         if outcome == DONE and share * w >= 0.5:
             parts.append(f'<rect class="qjam-compute" x="{x0:.1f}" y="{top}" width="{share * w:.1f}" '
                          f'height="{BAR_HEIGHT}" fill="{dark}" pointer-events="none"/>')
+        if how:
+            parts.extend(_healing_marks(rs[0], x0, w, top, where, False))
     return parts
 
 

@@ -205,7 +205,7 @@ def test_timeline_and_status_magics_say_what_to_type_then_show_the_call_and_cach
     out = capsys.readouterr().out
     assert cache_map_text(cluster.last_call, cluster.workers) in out
     held = cache_map(cluster.last_call, cluster.workers)
-    assert sorted(i for indexes in held.values() for i in indexes) == list(range(10))
+    assert sorted({i for indexes in held.values() for i in indexes}) == list(range(10))  # (copies: on two)
 
 
 def test_in_a_kernel_the_magics_display_timeline_widgets(ip, monkeypatch):
@@ -334,3 +334,23 @@ def test_a_call_that_healed_nothing_has_no_such_marks_nor_legend_entries():
     text = all_text(svg)
     assert not any(w in text for w in ("stolen", "copy", "copies", "dropped", "won", "cached here too",
                                        "rebalanced"))
+
+
+def test_in_a_call_of_thousands_of_slices_stolen_ones_merge_with_their_own_kind_and_stay_marked():
+    slices = []
+    for i in range(3000):
+        worker, t = ("a", "b")[i % 2], (i // 2) * 0.001
+        stolen = worker == "b" and i >= 2000  # b's last 500 slices were taken from a's queue, and shipped
+        slices.append(SliceRecord(1, i, worker, not stolen, assigned=0.0, started=t, done=t + 0.001,
+                                  ended=t + 0.001, compute=0.0005, outcome="done",
+                                  how="stolen" if stolen else None, source="a" if stolen else None))
+    record = CallRecord(1, 3000, ("a", "b"), time.time(), seconds=1.5, ok=True, slices=slices)
+    root = ET.fromstring(timeline_svg(record))
+    bars = elements(root, "rect", "qjam-slice")
+    assert len(bars) < 20
+    stolen = [b for b in bars if "stolen" in classes(b)]
+    assert sum(int(b.get("data-count", "1")) for b in stolen) == 500
+    assert all("replica" in classes(b) and b.get("data-source") == "a" and b.get("data-worker") == "b" for b in stolen)
+    hatches = elements(root, "rect", "qjam-stolen")
+    assert sum(int(h.get("data-count", "1")) for h in hatches) == 500
+    assert sum(int(m.get("data-count", "1")) for m in elements(root, "path", "qjam-replica")) == 500
