@@ -9,10 +9,13 @@ under its lock, whichever thread reads first.
 
 A slice whose worker died mid-call keeps its record on that worker with
 outcome ``"lost"``, and gets a new record on the worker that ran it in the
-end; ``done_slices()`` has exactly one record per slice index once a call
-succeeded. Rules: nothing here draws (``qjam_nb.ui.timeline`` does) or
-subscribes to the bus (the recorder does); the record learns only from the
-events it is handed.
+end. A slice the schedule healed with (``SliceTaken``: stolen, copied or
+rebalanced) says so in its record (``how``, ``source``); a copy that lost
+its race ends ``"dropped"`` when the winner's result came. ``done_slices()``
+has exactly one record per slice index once a call succeeded. Rules:
+nothing here draws (``qjam_nb.ui.timeline`` does) or subscribes to the
+bus (the recorder does); the record learns only from the events it is
+handed.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ from .slicerows import (
     CANCELLED_CODE,
     DONE,
     DONE_CODE,
+    DROPPED,
+    DROPPED_CODE,
     ERROR_CODE,
     LOST,
     LOST_CODE,
+    REBALANCED,
+    SPECULATIVE,
+    STOLEN,
     TIMES,
     SliceRecord,
     SliceRows,
@@ -65,6 +73,7 @@ class CallRecord:
         self._lock = threading.Lock()
         self._t0 = 0.0  # the recorder's clock when the call started
         self._open: dict[tuple[int, str], int] = {}  # (index, worker) -> the row of its unfinished record
+        self._taken: dict[tuple[int, str], tuple[str, str]] = {}  # (index, worker) -> (how, source), until assigned
         self._columns: SliceRows | None = None
         self._count = 0  # records, folded or not
         for r in slices:
@@ -101,6 +110,7 @@ class CallRecord:
         """
         with self._lock:
             pending, rows, folds, opened, t0 = self._pending, self._columns_now(), _FOLDS, self._open, self._t0
+            taken = self._taken
             times = rows.times
             assigned, sent, started, done, ended, compute = (times[name] for name in TIMES)
             outcome, add = rows.outcome, rows.add
@@ -110,8 +120,12 @@ class CallRecord:
                 now = t - t0
                 kind = type(event)
                 if kind is ev.SliceAssigned:
-                    opened[(event.index, event.worker)] = add(
+                    row = opened[(event.index, event.worker)] = add(
                         event.index, event.worker, event.cached, event.key, event.nbytes, now)
+                    if taken:
+                        healed = taken.pop((event.index, event.worker), None)
+                        if healed is not None:
+                            rows.set_how(row, *healed)
                 elif kind is ev.SliceDone:
                     row = opened.pop((event.index, event.worker), -1)
                     if row >= 0:
@@ -143,6 +157,16 @@ class CallRecord:
         if row >= 0:
             rows.times["started"][row] = now
 
+    def _taken_event(self, rows: SliceRows, event: ev.SliceTaken, now: float) -> None:
+        """Said just before the slice's ``SliceAssigned``: kept until that makes the record."""
+        self._taken[(event.index, event.worker)] = (event.how, event.source)
+
+    def _dropped(self, rows: SliceRows, event: ev.SliceDropped, now: float) -> None:
+        """A copy lost its race: its record ends now, where the winner's result came (a later STARTED
+        or result of it finds no open record, and changes nothing)."""
+        if (event.index, event.worker) in self._open:
+            self._close(rows, event, DROPPED_CODE, now)
+
     def _lost(self, rows: SliceRows, event: ev.SliceLost, now: float) -> None:
         if (event.index, event.worker) in self._open:
             self._close(rows, event, LOST_CODE, now)
@@ -170,7 +194,8 @@ class CallRecord:
 
     @property
     def slices(self) -> list[SliceRecord]:
-        """Every record, in the order the slices were assigned (a moved slice has a lost and a done one)."""
+        """Every record, in the order the slices were assigned (a moved slice has a lost and a done one,
+        a copied slice a done and a dropped one)."""
         out = [self._rows.get(row) for row in range(len(self._rows))]
         for r in out:
             r.call = self.call
@@ -205,12 +230,38 @@ class CallRecord:
         return sorted((r for r in self.slices if r.outcome == DONE), key=lambda r: r.index)
 
     def moved(self) -> list[int]:
-        """Slice indexes that were assigned to more than one worker (their first worker died)."""
-        seen: dict[int, set[int]] = {}
-        n = len(self._rows)
-        for index, worker in zip(self._rows.index[:n], self._rows.worker[:n], strict=True):
-            seen.setdefault(index, set()).add(worker)
-        return sorted(i for i, w in seen.items() if len(w) > 1)
+        """Slice indexes whose worker died with them (a ``"lost"`` record) and that another worker then
+        ran: moved after a death. Stolen and copied slices are not "moved" (``healed()`` says which)."""
+        rows = self._rows
+        n = len(rows)
+        lost: dict[int, set[int]] = {}
+        for row in range(n):
+            if rows.outcome[row] == LOST_CODE:
+                lost.setdefault(rows.index[row], set()).add(rows.worker[row])
+        if not lost:
+            return []
+        moved = set()
+        for index, worker in zip(rows.index[:n], rows.worker[:n], strict=True):
+            if index in lost and worker not in lost[index]:
+                moved.add(index)
+        return sorted(moved)
+
+    def healed(self) -> dict[str, list[SliceRecord]]:
+        """The records of slices the schedule healed with, by how: ``"stolen"``, ``"speculative"`` (copies,
+        won or dropped), ``"rebalanced"``; and ``"dropped"``: every copy that lost its race (a copy, or the
+        original a copy beat)."""
+        out: dict[str, list[SliceRecord]] = {STOLEN: [], SPECULATIVE: [], REBALANCED: [], DROPPED: []}
+        rows = self._rows
+        for row in range(len(rows)):
+            how = rows.how[row]
+            if how or rows.outcome[row] == DROPPED_CODE:
+                r = rows.get(row)
+                r.call = self.call
+                if r.how is not None:
+                    out[r.how].append(r)
+                if r.outcome == DROPPED:
+                    out[DROPPED].append(r)
+        return out
 
     def by_worker(self) -> dict[str, list[SliceRecord]]:
         """Records per worker, every worker of the call present (in the call's order)."""
@@ -227,6 +278,10 @@ class CallRecord:
         """
         slices = self.slices
         done = [r for r in slices if r.outcome == DONE]
+        how = {STOLEN: 0, SPECULATIVE: 0, REBALANCED: 0}
+        for r in slices:
+            if r.how is not None:
+                how[r.how] += 1
         return {
             "seconds": self.seconds,
             "slices": self.n_slices,
@@ -235,6 +290,11 @@ class CallRecord:
             "cached": sum(1 for r in done if r.cached),
             "lost": sum(1 for r in slices if r.outcome == LOST),
             "moved": len(self.moved()),
+            "stolen": how[STOLEN],  # slices taken from another worker's queue
+            "speculative": how[SPECULATIVE],  # copies run of slices running slowly elsewhere
+            "rebalanced": how[REBALANCED],  # placed at the start on a worker below its share
+            "replicated": sum(1 for r in slices if r.replicated),  # taken and shipped: cached on two workers now
+            "dropped": sum(1 for r in slices if r.outcome == DROPPED),  # copies that lost their race
             "bytes_sent": self.bytes_sent,
             "slice_bytes_sent": self.slice_bytes_sent,
             "bytes_saved": self.slice_bytes_cached,
@@ -252,10 +312,13 @@ class CallRecord:
             done = [r for r in records if r.outcome == DONE]
             cached = sum(1 for r in done if r.cached)
             lost = [r.index for r in records if r.outcome == LOST]
+            dropped = [r.index for r in records if r.outcome == DROPPED]
             line = (f"  {worker:<16} {len(done):>5} done ({len(done) - cached} shipped, {cached} cached), "
                     f"compute {sum(r.compute for r in done):.3f} s")
             if lost:
                 line += f"; lost {format_ranges(lost)} (moved)"
+            if dropped:
+                line += f"; dropped {format_ranges(dropped)} (another copy won)"
             lines.append(line)
         t = self.totals()
         lines.append(
@@ -263,12 +326,41 @@ class CallRecord:
             f"saved by the cache {format_size(t['bytes_saved'])}; compute {t['compute_seconds']:.3f} s, "
             f"transfer {t['transfer_seconds']:.3f} s, reduce {t['reduce_seconds']:.3f} s"
         )
+        healing = self.healing_text()
+        if healing:
+            lines.append(f"  healed: {healing}")
         return "\n".join(lines)
+
+    def healing_text(self) -> str:
+        """How the schedule healed, in words ("3 stolen from local/0, 2 copies (1 won), 1 dropped, ..."),
+        or "" if it did not; the summary and the timeline's totals say it."""
+        healed = self.healed()
+        parts = []
+        for how in (STOLEN, REBALANCED):
+            if healed[how]:
+                sources: dict[str, int] = {}
+                for r in healed[how]:
+                    sources[r.source] = sources.get(r.source, 0) + 1
+                said = [f"{n} from {source}" for source, n in sources.items()]
+                said[0] = said[0].replace(" from ", f" {how} from ", 1)  # "3 stolen from a and 1 from b"
+                parts.append(" and ".join(said))
+        copies = healed[SPECULATIVE]
+        if copies:
+            won = sum(1 for r in copies if r.outcome == DONE)
+            parts.append(f"{len(copies)} {'copy' if len(copies) == 1 else 'copies'} ({won} won)")
+        if healed[DROPPED]:
+            parts.append(f"{len(healed[DROPPED])} dropped")
+        replicas = sum(1 for records in (healed[STOLEN], healed[SPECULATIVE], healed[REBALANCED])
+                       for r in records if r.replicated)
+        if replicas:
+            parts.append(f"{replicas} now cached on two workers")
+        return ", ".join(parts)
 
 
 #: Events kept by a running call's record until it is read: how each folds into its columns.
 _FOLDS: dict[type, Callable[[CallRecord, SliceRows, Any, float], None]] = {
     ev.SliceSent: CallRecord._sent, ev.SliceStarted: CallRecord._slice_started, ev.SliceLost: CallRecord._lost,
     ev.ErrorEvent: CallRecord._error, ev.CallFinished: CallRecord._finished,
+    ev.SliceTaken: CallRecord._taken_event, ev.SliceDropped: CallRecord._dropped,
 }
 KEPT_EVENTS = frozenset({ev.SliceAssigned, ev.SliceDone, *_FOLDS})  # (assigned and done are folded inline)

@@ -38,6 +38,17 @@ class CallRow:
     slice_bytes_sent: int = 0
     slice_bytes_cached: int = 0
     errors: list = field(default_factory=list)
+    # How the schedule healed (``SliceTaken``): slices stolen, copies run, slices rebalanced.
+    stolen: int = 0
+    copies: int = 0
+    rebalanced: int = 0
+
+    def healing_text(self) -> str:
+        """ "3 stolen, 2 copies, 1 rebalanced" (what is non-zero), or "" if the call moved nothing."""
+        parts = [f"{self.stolen} stolen" if self.stolen else "",
+                 f"{self.copies} {'copy' if self.copies == 1 else 'copies'}" if self.copies else "",
+                 f"{self.rebalanced} rebalanced" if self.rebalanced else ""]
+        return ", ".join(p for p in parts if p)
 
 
 class StatusModel:
@@ -91,6 +102,20 @@ class StatusModel:
         self.row(event.worker).done += 1
         self.call.done += 1
 
+    def _slice_taken(self, event: ev.SliceTaken) -> None:
+        call = self.call
+        if event.how == "stolen":
+            call.stolen += 1
+        elif event.how == "speculative":
+            call.copies += 1
+        else:
+            call.rebalanced += 1
+
+    def _slice_dropped(self, event: ev.SliceDropped) -> None:
+        """A copy that lost its race will never be done: no longer one of its worker's tasks."""
+        row = self.row(event.worker)
+        row.assigned = max(row.done, row.assigned - 1)
+
     def _cache_changed(self, event: ev.CacheChanged) -> None:
         row = self.row(event.worker)
         row.cached_slices, row.cached_bytes = event.n_slices, event.nbytes
@@ -112,6 +137,8 @@ class StatusModel:
         ev.CallStarted: _call_started,
         ev.SliceAssigned: _slice_assigned,
         ev.SliceDone: _slice_done,
+        ev.SliceTaken: _slice_taken,
+        ev.SliceDropped: _slice_dropped,
         ev.CacheChanged: _cache_changed,
         ev.ErrorEvent: _error,
         ev.CallFinished: _call_finished,
@@ -133,10 +160,11 @@ class StatusModel:
         c = self.call
         if c.call:
             verb = "running" if c.running else f"done in {c.seconds:.3f} s"
+            healed = c.healing_text()
             lines.append(
                 f"call {c.call}: {c.done}/{c.n_slices} slices, {verb}; "
                 f"{format_size(c.slice_bytes_sent)} of slices shipped, "
-                f"{format_size(c.slice_bytes_cached)} served from cache"
+                f"{format_size(c.slice_bytes_cached)} served from cache" + (f"; healed: {healed}" if healed else "")
             )
         return "\n".join(lines)
 

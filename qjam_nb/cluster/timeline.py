@@ -20,10 +20,10 @@ from .cachemap import cache_map, cache_map_text
 from .callrecord import CallRecord
 from .params import params_hash
 from .recorder import FOLD_EVERY, KEEP_CALLS, KEEP_PENDING, KEEP_RECORDS, CallRecorder
-from .slicerows import CANCELLED, DONE, ERROR, LOST, OUTCOMES, TIMES, SliceRecord
+from .slicerows import CANCELLED, DONE, DROPPED, ERROR, LOST, OUTCOMES, TIMES, SliceRecord
 
 __all__ = [
-    "CANCELLED", "DONE", "ERROR", "FOLD_EVERY", "KEEP_CALLS", "KEEP_PENDING", "KEEP_RECORDS", "LOST", "OUTCOMES",
-    "TIMES", "CallRecord", "CallRecorder", "SliceRecord", "cache_map", "cache_map_text", "format_ranges",
+    "CANCELLED", "DONE", "DROPPED", "ERROR", "FOLD_EVERY", "KEEP_CALLS", "KEEP_PENDING", "KEEP_RECORDS", "LOST",
+    "OUTCOMES", "TIMES", "CallRecord", "CallRecorder", "SliceRecord", "cache_map", "cache_map_text", "format_ranges",
     "format_size", "params_hash",
 ]

@@ -53,13 +53,15 @@ def call_summary(call: CallRow) -> str:
     """One line on the current or last call."""
     if not call.call:
         return "no call yet"
+    healed = call.healing_text()
+    healed = f"; healed: {healed}" if healed else ""
     if call.running:
-        return f"call {call.call}: {call.done}/{call.n_slices} slices"
+        return f"call {call.call}: {call.done}/{call.n_slices} slices{healed}"
     state = "failed" if call.errors else "done"
     return (
         f"call {call.call}: {call.done}/{call.n_slices} slices, {state} in {call.seconds:.3f} s; "
         f"{format_size(call.slice_bytes_sent)} of slices shipped, "
-        f"{format_size(call.slice_bytes_cached)} served from cache"
+        f"{format_size(call.slice_bytes_cached)} served from cache{healed}"
     )
 
 

@@ -21,7 +21,7 @@ from qjam_nb import (
     SliceStarted,
 )
 from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
-from qjam_nb.events import EventBus
+from qjam_nb.events import EventBus, SliceDropped, SliceTaken
 
 BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
 
@@ -77,20 +77,28 @@ def test_records_match_the_events_shipped_on_the_first_call_cached_on_the_second
     assert cluster.map(slow_sum, 2, DATA, slice_size=8) == 2 * sum(DATA)
     second = cluster.last_call
     check_against_events(second, log)
-    assert all(r.cached and r.nbytes_sent == 0 and r.sent is None for r in second.slices)
-    assert second.slice_bytes_sent == 0 and second.totals()["cached"] == 15
-    # The cache held each slice where the first call ran it, so each ran there again.
-    assert [(r.index, r.worker, r.key) for r in second.done_slices()] == [
-        (r.index, r.worker, r.key) for r in first.done_slices()]
+    # Every slice came from the cache, but those the schedule moved to a worker idle first (an odd slice
+    # stolen from the longer queue, or a copy): those were shipped there, and are cached there too now.
+    taken = [r for r in second.slices if r.how]
+    assert all(r.cached and r.nbytes_sent == 0 and r.sent is None for r in second.slices if not r.how)
+    for r in taken:  # (cached there already if the first call ran a copy of it there)
+        assert r.source != r.worker and (r.cached or (r.replicated and r.nbytes_sent > 0)), r
+    assert second.slice_bytes_sent == sum(r.nbytes_sent for r in taken)
+    assert second.totals()["cached"] == 15 - sum(1 for r in taken if r.outcome == "done" and r.replicated)
+    # The cache held each slice where the first call ran it, so each ran there again (unless taken).
+    moved = {r.index for r in taken}
+    assert [(r.index, r.worker, r.key) for r in second.done_slices() if r.index not in moved] == [
+        (r.index, r.worker, r.key) for r in first.done_slices() if r.index not in moved]
     assert cluster.calls == [first, second]
     assert first.params_hash != second.params_hash and len(second.params_hash) == 32
     assert second.moved() == [] and sorted(second.by_worker()) == sorted(cluster.worker_names)
 
     held = cache_map(second, cluster.workers)
     for w in cluster.workers:
-        assert held[w.name] == sorted(r.index for r in second.slices if r.key in w.cache)
-        assert held[w.name] == [r.index for r in second.done_slices() if r.worker == w.name]
-    assert sorted(i for indexes in held.values() for i in indexes) == list(range(15))
+        assert held[w.name] == sorted({r.index for r in second.slices if r.key in w.cache})
+        reached = {r.index for call in (first, second) for r in call.slices if r.worker == w.name}
+        assert {r.index for r in second.done_slices() if r.worker == w.name} <= set(held[w.name]) <= reached
+    assert sorted({i for indexes in held.values() for i in indexes}) == list(range(15))
     text = cache_map_text(second, cluster.workers)
     for name, indexes in held.items():
         assert f"{name:<16} {format_ranges(indexes)}" in text
@@ -148,7 +156,7 @@ def test_a_failing_call_records_the_error_and_cancels_the_rest(make_cluster):
     call = cluster.last_call
     assert call.ok is False and call.finished
     assert [r.index for r in call.slices if r.outcome == "error"] == [5]
-    assert {r.outcome for r in call.slices} <= {"done", "error", "cancelled"}
+    assert {r.outcome for r in call.slices} <= {"done", "error", "cancelled", "dropped"}
     assert "failed" in call.summary().splitlines()[0]
 
 
@@ -296,11 +304,17 @@ def test_a_call_of_many_slices_is_kept_as_columns_not_as_an_object_per_slice():
 
 
 def _a_call_of_events(n: int) -> list:
-    """A call's events as the cluster emits them: some slices shipped, one lost and done elsewhere, one cut off."""
+    """A call's events as the cluster emits them: some slices shipped, one lost and done elsewhere, one stolen,
+    one copied (the copy dropped), one cut off."""
     out = [CallStarted(1, n, ("a", "b"), "p")]
     for i in range(n):
         worker = "ab"[i % 2]
+        if i == 2:  # stolen from b's queue
+            out.append(SliceTaken(1, i, worker, "stolen", "b"))
         out.append(SliceAssigned(1, i, worker, i % 3 == 0, i.to_bytes(16, "big"), 8))
+        if i == 0:  # a copy on b, which loses
+            out += [SliceTaken(1, i, "b", "speculative", "a"), SliceAssigned(1, i, "b", False, b"0" * 16, 8),
+                    SliceSent(1, i, "b", b"0" * 16, 9)]
         if i % 3:
             out.append(SliceSent(1, i, worker, i.to_bytes(16, "big"), 9))
         if i == 1:
@@ -309,6 +323,8 @@ def _a_call_of_events(n: int) -> list:
             worker = "a"
         if i != n - 1:
             out.append(SliceDone(1, i, worker, 0.5))
+        if i == 0:
+            out.append(SliceDropped(1, i, "b", worker))
     return out + [CallFinished(1, 9.0, 0, 0, 0, False, 0.25)]
 
 
@@ -335,6 +351,8 @@ def test_reading_a_record_while_its_call_runs_changes_nothing_it_says_in_the_end
     assert _seen(read_at_the_end.last) == _seen(read_all_along.last)
     assert [r.outcome for r in read_at_the_end.last.slices][-1] == "cancelled"
     assert read_at_the_end.last.n_records == len([e for e in events if isinstance(e, SliceAssigned)])
+    totals = read_at_the_end.last.totals()
+    assert (totals["stolen"], totals["speculative"], totals["dropped"], totals["done"]) == (1, 1, 1, n - 1)
     # While it ran, the record said how long it had run so far, and grew.
     assert [d[1] for d in during] == sorted(d[1] for d in during) and during[-1][1] > during[0][1]
     assert during[-1][0] > during[0][0]
@@ -375,7 +393,8 @@ def test_the_timeline_names_are_importable_from_timeline_and_live_in_one_module_
     from qjam_nb.cluster import timeline
 
     homes = {
-        "qjam_nb.cluster.slicerows": ("SliceRecord", "DONE", "LOST", "CANCELLED", "ERROR", "OUTCOMES", "TIMES"),
+        "qjam_nb.cluster.slicerows": ("SliceRecord", "DONE", "LOST", "CANCELLED", "ERROR", "DROPPED", "OUTCOMES",
+                                      "TIMES"),
         "qjam_nb.cluster.callrecord": ("CallRecord",),
         "qjam_nb.cluster.recorder": ("CallRecorder", "KEEP_CALLS", "KEEP_RECORDS", "FOLD_EVERY", "KEEP_PENDING"),
         "qjam_nb.cluster.cachemap": ("cache_map", "cache_map_text"),
@@ -387,3 +406,141 @@ def test_the_timeline_names_are_importable_from_timeline_and_live_in_one_module_
         for name in names:
             assert getattr(timeline, name) is getattr(home, name), f"timeline.{name} is not {module}.{name}"
     assert sorted(timeline.__all__) == sorted(name for names in homes.values() for name in names)
+
+
+# -- a schedule that heals: stolen, copied, dropped and replicated slices, fed by hand ---------------
+
+
+def _started(rec, call: int, n: int, workers=("a", "b")) -> None:
+    rec(CallStarted(call, n, workers, "p"))
+
+
+def test_a_stolen_slice_is_recorded_with_its_source_and_is_a_replica_when_it_was_shipped():
+    clock = FakeClock()
+    rec = CallRecorder(clock=clock)
+    _started(rec, 1, 3)
+    rec(SliceAssigned(1, 0, "a", True, "k0", 10))  # a caches all three; its window holds two
+    rec(SliceAssigned(1, 1, "a", True, "k1", 10))
+    clock.now += 1
+    rec(SliceTaken(1, 2, "b", "stolen", "a"))  # b ran out of work: a's last queued slice, shipped to b
+    rec(SliceAssigned(1, 2, "b", False, "k2", 10))
+    rec(SliceSent(1, 2, "b", "k2", 12))
+    rec(SliceDone(1, 0, "a", 0.5))
+    clock.now += 1
+    rec(SliceDone(1, 2, "b", 0.5))
+    rec(SliceDone(1, 1, "a", 0.5))
+    rec(CallFinished(1, 2.0, 12, 12, 20, True))
+    call = rec.last
+    slices = call.slices
+    assert [(r.index, r.worker, r.how, r.source, r.replicated) for r in slices] == [
+        (0, "a", None, None, False), (1, "a", None, None, False), (2, "b", "stolen", "a", True)]
+    assert [r.outcome for r in slices] == ["done", "done", "done"]
+    assert call.moved() == []  # taken from a queue, not moved after a death
+    t = call.totals()
+    assert (t["stolen"], t["speculative"], t["rebalanced"], t["replicated"], t["dropped"]) == (1, 0, 0, 1, 0)
+    assert "1 stolen from a" in call.summary() and "1 now cached on two workers" in call.summary()
+
+
+def test_a_stolen_slice_its_taker_cached_already_is_no_new_replica():
+    rec = CallRecorder(clock=FakeClock())
+    _started(rec, 1, 2)
+    rec(SliceAssigned(1, 0, "a", True, "k0", 10))
+    rec(SliceTaken(1, 1, "b", "stolen", "a"))
+    rec(SliceAssigned(1, 1, "b", True, "k1", 10))
+    rec(SliceDone(1, 0, "a", 0.5))
+    rec(SliceDone(1, 1, "b", 0.5))
+    rec(CallFinished(1, 1.0, 0, 0, 20, True))
+    r = rec.last.slices[1]
+    assert (r.how, r.source, r.cached, r.replicated) == ("stolen", "a", True, False)
+    assert rec.last.totals()["replicated"] == 0
+
+
+@pytest.mark.parametrize(("winner", "loser_started"), [
+    ("copy", "before the drop"), ("original", "before the drop"), ("original", "after the drop"),
+    ("original", "never")])
+def test_a_speculative_copy_races_the_original_and_the_loser_is_dropped_where_the_winner_finished(
+        winner, loser_started):
+    clock = FakeClock()
+    rec = CallRecorder(clock=clock)
+    _started(rec, 3, 2)
+    rec(SliceAssigned(3, 0, "a", True, "k0", 10))
+    rec(SliceAssigned(3, 1, "b", True, "k1", 10))
+    rec(SliceStarted(3, 0, "a"))
+    rec(SliceStarted(3, 1, "b"))
+    clock.now += 1
+    rec(SliceDone(3, 1, "b", 1.0))
+    clock.now += 1
+    rec(SliceTaken(3, 0, "b", "speculative", "a"))  # a is slow with slice 0: b runs a copy
+    rec(SliceAssigned(3, 0, "b", False, "k0", 10))
+    rec(SliceSent(3, 0, "b", "k0", 12))
+    copy_started = loser_started == "before the drop" or winner == "copy"
+    if copy_started:
+        rec(SliceStarted(3, 0, "b"))
+    clock.now += 1
+    won, lost = ("b", "a") if winner == "copy" else ("a", "b")
+    rec(SliceDone(3, 0, won, 0.5))
+    rec(SliceDropped(3, 0, lost, won))
+    dropped_at = clock.now - 100.0
+    clock.now += 1
+    if loser_started == "after the drop" and winner == "original":
+        rec(SliceStarted(3, 0, "b"))  # the dropped copy began anyway: its record stays closed
+    rec(SliceDone(3, 0, lost, 9.0))  # a loser's result, should it come, changes nothing
+    rec(CallFinished(3, 4.0, 12, 12, 20, True))
+    call = rec.last
+    by = {(r.index, r.worker): r for r in call.slices}
+    copy, original, loser = by[0, "b"], by[0, "a"], by[0, lost]
+    assert (copy.how, copy.source, copy.replicated) == ("speculative", "a", True)
+    assert (original.how, original.source) == (None, None)
+    assert by[0, won].outcome == "done" and by[0, won].done == dropped_at
+    assert loser.outcome == "dropped" and loser.ended == dropped_at and loser.done is None
+    assert loser.compute == 0.0
+    if winner == "original" and loser_started != "before the drop":
+        assert loser.started is None
+    assert [(r.index, r.worker) for r in call.done_slices()] == [(0, won), (1, "b")]  # one record per slice
+    assert call.moved() == []
+    t = call.totals()
+    assert (t["stolen"], t["speculative"], t["replicated"], t["dropped"], t["done"]) == (0, 1, 1, 1, 2)
+    words = call.summary()
+    assert ("1 copy (1 won)" if winner == "copy" else "1 copy (0 won)") in words
+    assert "1 dropped" in words
+
+
+def test_a_rebalanced_slice_is_recorded_as_such_and_is_a_replica():
+    rec = CallRecorder(clock=FakeClock())
+    _started(rec, 1, 2)
+    rec(SliceAssigned(1, 0, "a", True, "k0", 10))
+    rec(SliceTaken(1, 1, "b", "rebalanced", "a"))  # a caches it, but b (restarted) gets its share
+    rec(SliceAssigned(1, 1, "b", False, "k1", 10))
+    rec(SliceSent(1, 1, "b", "k1", 12))
+    rec(SliceDone(1, 1, "b", 0.5))
+    rec(SliceDone(1, 0, "a", 0.5))
+    rec(CallFinished(1, 1.0, 12, 12, 10, True))
+    r = rec.last.slices[1]
+    assert (r.how, r.source, r.replicated, r.outcome) == ("rebalanced", "a", True, "done")
+    t = rec.last.totals()
+    assert (t["rebalanced"], t["replicated"], t["stolen"]) == (1, 1, 0)
+    assert "1 rebalanced from a" in rec.last.summary()
+
+
+def test_a_call_without_healing_says_nothing_of_it():
+    rec = CallRecorder(clock=FakeClock())
+    _started(rec, 1, 1)
+    rec(SliceAssigned(1, 0, "a", True, "k0", 10))
+    rec(SliceDone(1, 0, "a", 0.5))
+    rec(CallFinished(1, 1.0, 0, 0, 10, True))
+    words = rec.last.summary()
+    assert not any(w in words for w in ("stolen", "copy", "copies", "dropped", "rebalanced", "two workers"))
+
+
+def test_taken_and_dropped_records_survive_being_kept_as_columns():
+    from qjam_nb.cluster.timeline import CallRecord, SliceRecord
+
+    made = [SliceRecord(1, 0, "a", True, b"k" * 16, 10, assigned=0.0, started=0.1, ended=0.4, outcome="dropped"),
+            SliceRecord(1, 0, "b", False, b"k" * 16, 10, 12, 0.2, 0.2, 0.2, 0.4, 0.4, 0.2, "done",
+                        how="speculative", source="a"),
+            SliceRecord(1, 1, "c", False, None, how="stolen", source="a")]
+    call = CallRecord(1, 2, ("a", "b", "c"), 0.0, slices=made)
+    for r in made:
+        r.call = 1
+    assert call.slices == made
+    assert [r.replicated for r in call.slices] == [False, True, True]

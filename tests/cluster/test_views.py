@@ -59,6 +59,29 @@ def test_status_model_folds_events_into_rows_and_a_table():
     assert "done in 0.500 s; 3.0 MiB of slices shipped" in model.text()
 
 
+def test_a_dropped_copy_is_no_longer_counted_as_its_workers_task():
+    """A copy that lost its race never reports done: without this, its worker's row read 1/2 forever."""
+    model = StatusModel()
+    for event in [
+        ev.CallStarted(1, 2, ("a", "b")),
+        ev.SliceAssigned(1, 0, "a", True),
+        ev.SliceAssigned(1, 1, "b", True),
+        ev.SliceDone(1, 1, "b", 0.01),
+        ev.SliceTaken(1, 0, "b", "speculative", "a"),
+        ev.SliceAssigned(1, 0, "b", False),
+        ev.SliceDone(1, 0, "b", 0.01),
+        ev.SliceDropped(1, 0, "a", "b"),
+        ev.CallFinished(1, 0.5, 10, 0, 0, True),
+    ]:
+        model(event)
+    assert [(r.name, r.done, r.assigned) for r in model.rows.values()] == [("a", 0, 0), ("b", 2, 2)]
+    assert model.call.done == 2
+    assert (model.call.stolen, model.call.copies, model.call.rebalanced) == (0, 1, 0)
+    assert "call 1: 2/2 slices, done in 0.500 s;" in model.text() and model.text().endswith("; healed: 1 copy")
+    model(ev.CallStarted(2, 1, ("a", "b")))
+    assert model.call.copies == 0
+
+
 def test_events_held_reach_observers_in_order_once_released():
     bus = ev.EventBus()
     seen = []

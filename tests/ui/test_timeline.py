@@ -47,8 +47,15 @@ def drawn_bars(svg: str) -> list[tuple]:
 
 
 def expected_bars(record: CallRecord) -> list[tuple]:
-    return [(r.index, r.worker, r.worker, frozenset({"cached" if r.cached else "shipped", r.outcome}))
-            for r in record.slices]
+    slices = record.slices
+    raced = {r.index for r in slices if r.outcome == "dropped"}
+
+    def marks(r) -> set[str]:
+        return (({r.how} if r.how else set()) | ({"replica"} if r.replicated else set())
+                | ({"won"} if r.outcome == "done" and r.index in raced else set()))
+
+    return [(r.index, r.worker, r.worker, frozenset({"cached" if r.cached else "shipped", r.outcome} | marks(r)))
+            for r in slices]
 
 
 def all_text(svg: str) -> str:
@@ -64,7 +71,7 @@ def test_shipped_then_cached_then_moved_slices_are_drawn_one_bar_per_record_in_t
     svg = timeline_svg(first)
     root = ET.fromstring(svg)
     assert [g.get("data-worker") for g in elements(root, "g", "qjam-lane")] == list(first.workers)
-    assert sorted(drawn_bars(svg)) == sorted(expected_bars(first)) and len(drawn_bars(svg)) == 30
+    assert sorted(drawn_bars(svg)) == sorted(expected_bars(first)) and len(first.done_slices()) == 30
     assert "30 slices shipped" in all_text(svg) and "(0 slices cached)" in all_text(svg)
 
     victim = cluster3.worker_names[1]
@@ -91,8 +98,10 @@ def test_shipped_then_cached_then_moved_slices_are_drawn_one_bar_per_record_in_t
         assert cells["holds"].value == holds_cell(held[name])
         assert cells["holds"].value in cache_map_text(second, cluster3.workers)
     for name in cluster3.worker_names:  # each survivor holds what it ran; what the victim ran is held nowhere
-        ran_there = [r.index for r in second.done_slices() if r.worker == name]
-        assert held[name] == ([] if name == victim else ran_there)
+        ran_there = {r.index for r in second.done_slices() if r.worker == name}
+        # ... and what reached it in either call: a slice stolen from it, a copy of it that lost a race
+        reached = {r.index for call in (first, second) for r in call.slices if r.worker == name and r.outcome != "lost"}
+        assert held[name] == [] if name == victim else ran_there <= set(held[name]) <= reached
     rows = [b for b in widget.table.children if "qjam-worker-row" in b._dom_classes]
     assert len(rows) == len(widget.table.children) - 1 == 3  # and one header row
     assert [row.children[0].value.split(">", 1)[1] for row in rows] == [f"{n}</code>" for n in cluster3.worker_names]
@@ -196,7 +205,7 @@ def test_timeline_and_status_magics_say_what_to_type_then_show_the_call_and_cach
     out = capsys.readouterr().out
     assert cache_map_text(cluster.last_call, cluster.workers) in out
     held = cache_map(cluster.last_call, cluster.workers)
-    assert sorted(i for indexes in held.values() for i in indexes) == list(range(10))
+    assert sorted({i for indexes in held.values() for i in indexes}) == list(range(10))  # (copies: on two)
 
 
 def test_in_a_kernel_the_magics_display_timeline_widgets(ip, monkeypatch):
@@ -240,3 +249,108 @@ def test_a_call_of_thousands_of_slices_draws_touching_bars_of_one_kind_as_one():
     assert len(kinds) == 4  # shipped then cached, on both lanes
     assert "3002 slice records: touching bars of one kind on a lane are drawn as one" in all_text(svg)
     assert len(elements(ET.fromstring(timeline_svg(record, max_bars=5000)), "rect", "qjam-slice")) == 3002
+
+
+def healed_record() -> CallRecord:
+    """Slice 0: a copy on b, dropped before it started (a's original won). Slice 1: a copy on b that won
+    (a's original dropped). Slices 2 and 3 stolen by c from a (2 shipped, 3 cached on c already).
+    Slice 4 rebalanced from c to b at the call's start (shipped)."""
+    return CallRecord(5, 5, ("a", "b", "c"), time.time(), seconds=1.3, ok=True, slices=[
+        SliceRecord(5, 0, "a", True, b"0" * 16, 10, assigned=0.0, started=0.0, done=1.0, ended=1.0, compute=0.9,
+                    outcome="done"),
+        SliceRecord(5, 1, "a", True, b"1" * 16, 10, assigned=0.0, started=1.0, ended=1.2, outcome="dropped"),
+        SliceRecord(5, 4, "b", False, b"4" * 16, 10, 12, assigned=0.0, sent=0.0, started=0.0, done=0.4, ended=0.4,
+                    compute=0.4, outcome="done", how="rebalanced", source="c"),
+        SliceRecord(5, 2, "c", False, b"2" * 16, 10, 12, assigned=0.1, sent=0.1, started=0.1, done=0.6, ended=0.6,
+                    compute=0.5, outcome="done", how="stolen", source="a"),
+        SliceRecord(5, 1, "b", False, b"1" * 16, 10, 12, assigned=0.5, sent=0.5, started=0.55, done=1.2, ended=1.2,
+                    compute=0.6, outcome="done", how="speculative", source="a"),
+        SliceRecord(5, 3, "c", True, b"3" * 16, 10, assigned=0.6, started=0.6, done=1.1, ended=1.1, compute=0.5,
+                    outcome="done", how="stolen", source="a"),
+        SliceRecord(5, 0, "b", False, b"0" * 16, 10, 12, assigned=0.9, sent=0.9, ended=1.0, outcome="dropped",
+                    how="speculative", source="a"),
+    ])
+
+
+def right_edge(rect) -> float:
+    return float(rect.get("x")) + float(rect.get("width"))
+
+
+@pytest.mark.parametrize("max_bars", [2000, 1])  # 1: the merging drawing, which never merges these
+def test_stolen_copied_dropped_and_replicated_slices_are_marked_each_their_own_way(max_bars):
+    record = healed_record()
+    svg = timeline_svg(record, max_bars=max_bars)
+    root = ET.fromstring(svg)
+    assert sorted(drawn_bars(svg)) == sorted(expected_bars(record))
+    bars = {(int(r.get("data-index")), r.get("data-worker")): r for r in elements(root, "rect", "qjam-slice")}
+    assert len(bars) == 7
+    # Stolen: hatched, and the bar names where it came from.
+    stolen = [k for k, r in bars.items() if "stolen" in classes(r)]
+    assert sorted(stolen) == [(2, "c"), (3, "c")] and {bars[k].get("data-source") for k in stolen} == {"a"}
+    hatches = elements(root, "rect", "qjam-stolen")
+    assert sorted(int(h.get("data-index")) for h in hatches) == [2, 3]
+    assert all(h.get("fill") == "url(#qjam-hatch)" for h in hatches) and root.find(f".//{SVG}pattern") is not None
+    assert "stolen from a" in bars[2, "c"].find(SVG + "title").text
+    # Copies: dashed; the winner of each race marked; the loser greyed and struck, ending where the winner did.
+    for key in ((1, "b"), (0, "b")):
+        assert "speculative" in classes(bars[key]) and bars[key].get("stroke-dasharray")
+        assert bars[key].get("data-source") == "a"
+    assert {k for k, r in bars.items() if "won" in classes(r)} == {(0, "a"), (1, "b")}
+    assert sorted(int(m.get("data-index")) for m in elements(root, "path", "qjam-won")) == [0, 1]
+    dropped = {k for k, r in bars.items() if "dropped" in classes(r)}
+    assert dropped == {(0, "b"), (1, "a")}
+    struck = elements(root, "line", "qjam-struck")
+    assert sorted((int(s.get("data-index")), s.get("data-worker")) for s in struck) == sorted(dropped)
+    for index, loser in dropped:
+        winner = next(w for (i, w) in bars if i == index and w != loser)
+        assert right_edge(bars[index, loser]) == pytest.approx(right_edge(bars[index, winner]), abs=0.2)
+        assert bars[index, loser].get("fill") == "#eee8d5"
+    # Replicas: a marker on each bar whose slice travelled to a taker, which caches it from then on.
+    replicas = elements(root, "path", "qjam-replica")
+    assert sorted((int(m.get("data-index")), m.get("data-worker")) for m in replicas) == [
+        (0, "b"), (1, "b"), (2, "c"), (4, "b")] == sorted((r.index, r.worker) for r in record.slices if r.replicated)
+    assert "rebalanced" in classes(bars[4, "b"]) and bars[4, "b"].get("data-source") == "c"
+    # The legend has an entry for each, and the totals count them.
+    legend = "\n".join(t.text or "" for g in elements(root, "g", "qjam-legend") for t in g.iter(SVG + "text"))
+    for words in ("stolen", "copy", "won the race", "dropped copy", "now cached here too", "rebalanced"):
+        assert words in legend, words
+    text = all_text(svg)
+    assert "2 stolen from a" in text and "2 copies (1 won)" in text and "2 dropped" in text
+    assert "4 now cached on two workers" in text and "1 rebalanced from c" in text
+
+
+def test_a_call_that_healed_nothing_has_no_such_marks_nor_legend_entries():
+    record = CallRecord(4, 2, ("a", "b"), time.time(), seconds=1.0, ok=True, slices=[
+        SliceRecord(4, 0, "a", True, b"0" * 16, 10, assigned=0.0, started=0.0, done=1.0, ended=1.0, outcome="done"),
+        SliceRecord(4, 1, "b", False, b"1" * 16, 10, 12, assigned=0.0, sent=0.0, started=0.0, done=1.0, ended=1.0,
+                    outcome="done"),
+    ])
+    svg = timeline_svg(record)
+    root = ET.fromstring(svg)
+    for tag, css in (("rect", "qjam-stolen"), ("path", "qjam-won"), ("line", "qjam-struck"),
+                     ("path", "qjam-replica")):
+        assert elements(root, tag, css) == []
+    assert root.find(f".//{SVG}pattern") is None
+    text = all_text(svg)
+    assert not any(w in text for w in ("stolen", "copy", "copies", "dropped", "won", "cached here too",
+                                       "rebalanced"))
+
+
+def test_in_a_call_of_thousands_of_slices_stolen_ones_merge_with_their_own_kind_and_stay_marked():
+    slices = []
+    for i in range(3000):
+        worker, t = ("a", "b")[i % 2], (i // 2) * 0.001
+        stolen = worker == "b" and i >= 2000  # b's last 500 slices were taken from a's queue, and shipped
+        slices.append(SliceRecord(1, i, worker, not stolen, assigned=0.0, started=t, done=t + 0.001,
+                                  ended=t + 0.001, compute=0.0005, outcome="done",
+                                  how="stolen" if stolen else None, source="a" if stolen else None))
+    record = CallRecord(1, 3000, ("a", "b"), time.time(), seconds=1.5, ok=True, slices=slices)
+    root = ET.fromstring(timeline_svg(record))
+    bars = elements(root, "rect", "qjam-slice")
+    assert len(bars) < 20
+    stolen = [b for b in bars if "stolen" in classes(b)]
+    assert sum(int(b.get("data-count", "1")) for b in stolen) == 500
+    assert all("replica" in classes(b) and b.get("data-source") == "a" and b.get("data-worker") == "b" for b in stolen)
+    hatches = elements(root, "rect", "qjam-stolen")
+    assert sum(int(h.get("data-count", "1")) for h in hatches) == 500
+    assert sum(int(m.get("data-count", "1")) for m in elements(root, "path", "qjam-replica")) == 500
