@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from .base import DASK, System, inc_slice, list_sum, one, plus_one, total
+from .base import DASK, System, hetero_slice, inc_slice, list_sum, one, plus_one, total
 
 
 class Dask(System):
@@ -28,6 +29,8 @@ class Dask(System):
             self.cluster.close()
             raise
         self.kept: list = []
+        self.hetero_futures: list = []
+        self.slowed = ("", 1.0)  # (worker name, factor) for hetero_slice
 
     def trivial(self) -> list:
         a, b = self.client.gather(self.client.map(inc_slice, [[1], [2]], pure=False))
@@ -55,8 +58,28 @@ class Dask(System):
     def round_trip(self) -> Any:
         return self.client.gather(self.client.map(one, range(len(self.workers)), pure=False))
 
+    def hetero_load(self, x: np.ndarray, rows: int) -> None:
+        """Scattered once, a future per slice, spread over the workers by ``scatter``."""
+        self.hetero_futures = self.client.scatter([x[i:i + rows] for i in range(0, len(x), rows)])
+
+    def hetero_slow(self, factor: float, seconds: float) -> str:
+        name = max((str(w["name"]) for w in self.client.scheduler_info()["workers"].values()), key=int)
+        self.slowed = (name, float(factor))
+        return name
+
+    def hetero(self, seconds: float) -> tuple[float, dict[str, int], dict[str, int]]:
+        """One task per slice (``pure=False``: new keys, no result reused), dask's own stealing."""
+        name, factor = self.slowed
+        done = self.client.gather(self.client.map(hetero_slice, self.hetero_futures, seconds=seconds,
+                                                  slow_worker=name, factor=factor, pure=False))
+        return sum(v for v, _ in done), dict(Counter(w for _, w in done)), {}
+
+    def hetero_unload(self) -> None:
+        self.hetero_futures = []
+
     def close(self) -> None:
         self.kept = []
+        self.hetero_futures = []
         with contextlib.suppress(Exception):
             self.client.close()
         self.cluster.close()
