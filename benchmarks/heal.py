@@ -12,7 +12,9 @@ Rules: each repetition has fresh data (new slice keys, so no replica of an earli
 loaded on the uniform cluster by an untimed call (qjam_nb ships and caches; dask has scattered), then
 timed once more uniform ("no worker slowed"); then the last worker is slowed: the first call is timed
 (it must heal within the call), then ``hetero_steady`` calls whose median is the steady state (placed by
-what the first call learnt). Every answer must be bit-identical to the slices' sums folded here.
+what the first call learnt). qjam_nb's answers must be bit-identical to the slices' sums folded here.
+qjam_nb runs ``heavy_repeat`` repetitions, dask one (its calls are the slow ones: the group stays under
+about a minute).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Heal:
         self.cfg = cfg
         self.res = res
         self.installed = installed
+        self.inexact: dict[str, int] = {}  # peer -> calls of this factor whose sum differed in the last bits
+        self.calls: dict[str, int] = {}  # ... and calls of this factor
 
     def rows(self) -> list[str]:
         return [f"hetero_{f}x{when}" for f in HETERO_FACTORS for when in ("", "_first")]
@@ -103,11 +107,18 @@ class Heal:
                 gc.collect()
 
     def call(self, s: System, expect: float, what: str) -> tuple[float, dict[str, int], dict[str, int]]:
+        """One timed call, its answer checked: qjam_nb's bit-identical to the sums folded here, a peer's
+        to 1e-12 (a slice moved between dask's workers may arrive unaligned in memory, and numpy sums
+        an unaligned array in another order: the last bit can differ; such calls are counted)."""
         t0 = time.perf_counter()
         value, counts, moves = s.hetero(self.cfg.hetero_work)
         seconds = time.perf_counter() - t0
+        self.calls[s.name] = self.calls.get(s.name, 0) + 1
         if value != expect:
-            raise RuntimeError(f"{s.name}, {what}: the sum was {value!r}, not {expect!r} (must be bit-identical)")
+            if s.kind == "qjam" or not np.isclose(value, expect, rtol=1e-12, atol=0):
+                raise RuntimeError(f"{s.name}, {what}: the sum was {value!r}, not {expect!r}"
+                                   + (" (must be bit-identical)" if s.kind == "qjam" else ""))
+            self.inexact[s.name] = self.inexact.get(s.name, 0) + 1
         return seconds, counts, moves
 
     def system(self, s: System, kind: str) -> None:
@@ -117,7 +128,9 @@ class Heal:
         for f in HETERO_FACTORS:
             first, steady, uniform = [], [], []
             first_spread, steady_spread, first_moves, steady_moves = [], [], [], []
-            for rep in range(cfg.heavy_repeat):
+            reps = cfg.heavy_repeat if kind == "qjam" else 1  # dask's calls are slow: one repetition
+            self.inexact[s.name] = self.calls[s.name] = 0
+            for rep in range(reps):
                 x = fresh(cfg, f, rep)
                 expect = expected(x, rows)
                 s.hetero_load(x, rows)
@@ -139,19 +152,22 @@ class Heal:
                 s.hetero_slow(1, work)
                 s.hetero_unload()
                 del x
-                log(f"   {f}x rep {rep + 1}/{cfg.heavy_repeat}: uniform {uniform[-1]:.3f} s; first {first[-1]:.3f} s "
+                log(f"   {f}x rep {rep + 1}/{reps}: uniform {uniform[-1]:.3f} s; first {first[-1]:.3f} s "
                     f"({first_spread[-1]}{fmt_moves(first_moves[-1])}); steady {steady[-1]:.3f} s "
                     f"({steady_spread[-1]}{fmt_moves(steady_moves[-1])}); ideal {ideal(cfg, f):.3f} s")
             detail[f"{f}x"] = {"uniform": uniform, "first": first, "steady": steady, "first_spread": first_spread,
                                "steady_spread": steady_spread, "first_moves": first_moves,
                                "steady_moves": steady_moves}
             who = "slices per worker (slowed one last), each repetition: "
-            uni = f"; no worker slowed: {statistics.median(uniform):.3f} s" if kind != "qjam" else ""
+            uni = "" if kind == "qjam" else f"; no worker slowed: {statistics.median(uniform):.3f} s" + (
+                f"; {self.inexact[s.name]} of {self.calls[s.name]} calls not bit-identical (within 1e-12)"
+                if self.inexact[s.name] else "; bit-identical")
             self.res.add(f"hetero_{f}x_first", s.name, kind, first,
                          who + "; ".join(a + fmt_moves(m) for a, m in zip(first_spread, first_moves, strict=True))
                          + uni)
             self.res.add(f"hetero_{f}x", s.name, kind, steady,
-                         f"median of {cfg.hetero_steady} calls; " + who
+                         f"median of {cfg.hetero_steady} calls; "
+                         + who.replace("each repetition", "the last call of each")
                          + "; ".join(a + fmt_moves(m) for a, m in zip(steady_spread, steady_moves, strict=True))
                          + uni)
             if kind == "qjam":
