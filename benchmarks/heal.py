@@ -34,6 +34,7 @@ from .rows import COLS, HETERO_FACTORS, IDEAL, Config
 from .samples import Results, log
 
 WORKERS = 3
+STEAL_EVERY = "100ms"  # dask's work-stealing interval in the info cell (its default: 1 s)
 
 
 def ideal(cfg: Config, factor: float) -> float:
@@ -79,27 +80,28 @@ class Heal:
                     f"one at 1/{f}")
             for row in (f"hetero_{f}x", f"hetero_{f}x_first"):
                 self.res.add(row, IDEAL, "ref", [ideal(cfg, f)], note)
-        systems: list[tuple[str, Callable[[], System]]] = [
-            (QJAM, lambda: Qjam([f"local:{WORKERS}"], f"{QJAM} local:{WORKERS}")),
-            (DASK, lambda: Dask(WORKERS)),
+        systems: list[tuple[str, str, str, Callable[[], System]]] = [
+            (QJAM, f"{QJAM} local:{WORKERS}", "qjam", lambda: Qjam([f"local:{WORKERS}"], f"{QJAM} local:{WORKERS}")),
+            (DASK, DASK, "peer", lambda: Dask(WORKERS)),
+            # dask's stealing looks every second by default, once or twice a call here: tuned, as info
+            (DASK, f"{DASK}, work stealing every {STEAL_EVERY}", "info",
+             lambda: Dask(WORKERS, steal_every=STEAL_EVERY)),
         ]
-        for name, make in systems:
-            kind = "qjam" if name == QJAM else "peer"
+        for name, label, kind, make in systems:
             if not self.installed.get(name, True):
                 for row in self.rows():
-                    self.res.add(row, name, kind, status="not installed")
+                    self.res.add(row, label, kind, status="not installed")
                 continue
-            log(f"-- heal: {name}, {WORKERS} workers")
+            log(f"-- heal: {label}, {WORKERS} workers")
             s = None
             try:
                 s = make()
                 self.system(s, kind)
-            except Exception as exc:  # one system failing leaves the other to run
+            except Exception as exc:  # one system failing leaves the others to run
                 traceback.print_exc()
                 for row in self.rows():
-                    if not any(c["kind"] == kind for c in self.res.rows[row]):
-                        self.res.add(row, s.name if s is not None else name, kind,
-                                     status=f"failed: {type(exc).__name__}: {exc}"[:200])
+                    if not any(c["system"] == label for c in self.res.rows[row]):
+                        self.res.add(row, label, kind, status=f"failed: {type(exc).__name__}: {exc}"[:200])
             finally:
                 if s is not None:
                     s.hetero_unload()
