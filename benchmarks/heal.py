@@ -63,6 +63,8 @@ def spread(counts: dict[str, int], slowed: str) -> str:
 
 
 class Heal:
+    """The heal rows for qjam_nb and dask (default, and stealing every 100 ms as info), the ideal beside."""
+
     def __init__(self, cfg: Config, res: Results, installed: dict[str, bool]) -> None:
         self.cfg = cfg
         self.res = res
