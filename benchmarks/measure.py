@@ -564,6 +564,12 @@ class Bench:
             if not self.res.rows[row]:
                 self.res.add(row, QJAM, "qjam", status="not measured (--quick)")
 
+    def heal_block(self) -> None:
+        """One of 3 workers slowed 2x, 5x, 10x on cached data: qjam_nb, the ideal, dask (``heal.py``)."""
+        from .heal import Heal
+
+        Heal(self.cfg, self.res, self.installed).run()
+
     def qjam2010_block(self) -> None:
         log("-- qjam 2010's Master.run: its autoencoder on local:2 (benchmarks/qjam2010_autoencoder.py)")
         rows = [f"qjam2010_{n}" for n in (1000, 10000, 100000)]

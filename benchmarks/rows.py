@@ -12,8 +12,8 @@ MiB = 1 << 20
 MB = 1e6
 COLS = 1024  # dataset rows of 1024 float64 (8 KiB)
 ALIAS = "bench"
-GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper", "qjam2010")
-GROUP_ALIASES = {"first": "dataset", "second": "dataset"}
+GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper", "qjam2010", "heal")
+GROUP_ALIASES = {"first": "dataset", "second": "dataset", "hetero": "heal"}
 
 
 class Config:
@@ -30,6 +30,11 @@ class Config:
         self.heavy_repeat = min(repeat, 2 if quick else 3)  # scale row, execnet over ssh with 200 MiB
         self.paper_sizes = (1000,) if quick else (1000, 10000, 100000)
         self.batch_seconds = 0.1 if quick else 0.3  # a batch of calls for the ms-scale rows
+        # heal: one of 3 workers slowed HETERO_FACTORS times on cached slices of sleep-work
+        self.hetero_slices = 24 if quick else 60
+        self.hetero_work = 0.01 if quick else 0.02  # seconds of time.sleep per slice at full speed
+        self.hetero_rows = 8 if quick else 32  # rows of COLS float64 a slice: 64 KiB / 256 KiB
+        self.hetero_steady = 2 if quick else 3  # calls after the first, their median is the steady state
 
 
 # row id -> (group, title, unit, higher is better)
@@ -59,6 +64,15 @@ ROWS: dict[str, tuple[str, str, str, bool]] = {
     "qjam2010_10000": ("qjam2010", "qjam 2010's Master.run: 10k patches", "s/eval", False),
     "qjam2010_100000": ("qjam2010", "qjam 2010's Master.run: 100k patches", "s/eval", False),
 }
+HETERO_FACTORS = (2, 5, 10)
+for _f in HETERO_FACTORS:
+    ROWS[f"hetero_{_f}x"] = (
+        "heal", f"heal, {_f}x: local:3, one worker slowed {_f}x, cached slices of time.sleep work (3 workers share "
+        "2 cores), steady state: median of the calls after the first", "s/call", False)
+    ROWS[f"hetero_{_f}x_first"] = (
+        "heal", f"heal, {_f}x: the same, the first call after the slow-down (it heals within the call)", "s/call",
+        False)
+IDEAL = "ideal: sum of work / sum of speeds"
 
 
 PEERS_ALL = [MP, PPE, IPP, DASK, XN, JOBLIB]
@@ -86,4 +100,6 @@ TARGETS: list[tuple[str, str, tuple]] = [
     ("paper_100000", ">= 1.7x one-process numpy (2 workers)", ("speedup", [], 1.7)),
     ("qjam2010_10000", "2 workers beat one process (>= 1.0x)", ("speedup", [], 1.0)),
     ("qjam2010_100000", "2 workers beat one process (>= 1.0x)", ("speedup", [], 1.0)),
+    *[(f"hetero_{f}x{when}", "<= 1.2x ideal", ("ratio", [IDEAL], 1.2))
+      for f in HETERO_FACTORS if f >= 5 for when in ("", "_first")],
 ]

@@ -24,7 +24,8 @@ ratio against the best peer. The numbers (every sample) go to
 Rows (``--only`` takes these names, comma-separated): ``trivial``,
 ``params``, ``dataset`` (first and second call), ``cold``, ``scale``,
 ``paper`` (``benchmarks/sparse_autoencoder.py``'s ``measure``), ``qjam2010``
-(qjam 2010's ``Master.run`` of its autoencoder, ``benchmarks/qjam2010_autoencoder.py``).
+(qjam 2010's ``Master.run`` of its autoencoder, ``benchmarks/qjam2010_autoencoder.py``), ``heal``
+(one of 3 workers slowed 2x, 5x, 10x on cached data: qjam_nb against the ideal and dask, ``benchmarks/heal.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ for _p in (str(ROOT), str(ROOT / "tests"), str(HERE)):
 
 from benchmarks.limits import SshWorld  # noqa: E402  (the package, found through ROOT above)
 from benchmarks.measure import Bench  # noqa: E402
-from benchmarks.peers.base import inc_slice, list_sum, one, plus_one, total  # noqa: E402, F401  (named __main__.*: see there)
+from benchmarks.peers.base import (  # noqa: E402, F401  (named __main__.*: see there)
+    hetero_slice,
+    inc_slice,
+    list_sum,
+    one,
+    plus_one,
+    total,
+)
 from benchmarks.report import evaluate, plot, print_tables, versions  # noqa: E402
 from benchmarks.rows import GROUP_ALIASES, GROUPS, MB, Config  # noqa: E402
 from benchmarks.samples import Results, log  # noqa: E402
@@ -118,6 +126,8 @@ def run(cfg: Config, groups: set[str], out_dir: Path) -> Results:
             bench.paper_block()
         if "qjam2010" in groups:
             bench.qjam2010_block()
+        if "heal" in groups:
+            bench.heal_block()
     return res
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import cloudpickle
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
@@ -62,3 +63,35 @@ def test_a_saved_run_prints_its_tables_again_and_a_bad_row_is_named(tmp_path):
     bad = subprocess.run([sys.executable, str(RUN), "--only", "trivial,nope"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "--only: unknown row 'nope'; rows are trivial, params" in bad.stderr
+
+
+def test_the_heal_rows_are_judged_against_the_ideal_both_steady_and_first_call(tmp_path):
+    from benchmarks.heal import expected, ideal
+    from benchmarks.rows import GROUPS, IDEAL, ROWS, TARGETS, Config
+    from benchmarks.samples import Results
+
+    assert "heal" in GROUPS
+    for f in (2, 5, 10):
+        assert ROWS[f"hetero_{f}x"][0] == ROWS[f"hetero_{f}x_first"][0] == "heal"
+    judged = {row for row, text, _ in TARGETS if text == "<= 1.2x ideal"}
+    assert judged == {"hetero_5x", "hetero_5x_first", "hetero_10x", "hetero_10x_first"}
+    cfg = Config(2, False)
+    assert abs(ideal(cfg, 10) - cfg.hetero_slices * cfg.hetero_work / 2.1) < 1e-12
+    x = np.arange(12.0).reshape(6, 2)
+    assert expected(x, 2) == 6.0 + 22.0 + 38.0  # the slices' sums, folded in slice order
+
+    res = Results(cfg)
+    for row, qjam in (("hetero_10x", [0.62, 0.60]), ("hetero_10x_first", [0.8, 0.9])):
+        res.add(row, "qjam_nb local:3", "qjam", qjam)
+        res.add(row, IDEAL, "ref", [ideal(cfg, 10)])
+        res.add(row, "dask.distributed", "peer", [0.9, 1.0])
+    meta = {"date": "2026-12-08 01:00:00", "repeat": 2, "quick": False, "cpus": 2, "versions": {"python": "3"},
+            "load_average_at_start": [0.1], "load_average_at_end": [0.2], "total_seconds": 1.0}
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"meta": meta, "rows": res.rows, "extra": {}}))
+    out = subprocess.run([sys.executable, str(RUN), "--report", str(saved)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    summary = re.sub(r" +", " ", out.stdout)
+    assert f"hetero_10x | 0.61 s/call | <= 1.2x ideal | 1.07x {IDEAL} (need <= 1.2x) | met" in summary
+    assert f"hetero_10x_first | 0.85 s/call | <= 1.2x ideal | 1.49x {IDEAL} (need <= 1.2x) | MISSED" in summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,16 @@ def one(_: Any = None) -> int:
     return 1
 
 
+def hetero_slice(xs: np.ndarray, seconds: float, slow_worker: str, factor: float) -> tuple[float, str]:
+    """The heal row's task on dask: ``seconds`` of sleep (``factor`` times that on the worker named
+    ``slow_worker``), then the slice's sum, and the name of the worker that ran it."""
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    time.sleep(seconds * factor if name == slow_worker else seconds)
+    return float(xs.sum()), name
+
+
 # qjam_nb's mapfuncs: lambdas travel by value even if this file is imported as a module.
 
 class System:
@@ -67,6 +78,24 @@ class System:
 
     def round_trip(self) -> Any:
         raise NotImplementedError
+
+    # The heal rows (qjam_nb and dask only): slices loaded once, the last worker slowed, calls over them.
+    def hetero_load(self, x: np.ndarray, rows: int) -> None:
+        """Put the slices ``x[i * rows:(i + 1) * rows]`` on the workers (qjam_nb: by the next call)."""
+        raise NotImplementedError
+
+    def hetero_slow(self, factor: float, seconds: float) -> str:
+        """Make the last worker ``factor`` times slower on slices of ``seconds`` of work (1: normal); its name."""
+        raise NotImplementedError
+
+    def hetero(self, seconds: float) -> tuple[float, dict[str, int], dict[str, int]]:
+        """One call: every slice sleeps ``seconds`` (longer on the slowed worker) and is summed, the sums
+        reduced in slice order. Returns the result, the slices each worker finished (the copy that
+        counted), and the slices that moved, by how (qjam_nb's ``SliceTaken``; dask: none counted)."""
+        raise NotImplementedError
+
+    def hetero_unload(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -101,5 +130,5 @@ def forking() -> Any:
 # import ``benchmarks`` (ipyparallel's engines, dask's and loky's workers). Registering this module with
 # ``cloudpickle.register_pickle_by_value`` instead would turn off qjam_nb's reuse of its mapfunc pickles
 # (``shipping._fingerprint`` steps aside while any module is registered): +~25 us a trivial call.
-for _workload in (inc_slice, plus_one, total, list_sum, one):
+for _workload in (inc_slice, plus_one, total, list_sum, one, hetero_slice):
     _workload.__module__ = "__main__"

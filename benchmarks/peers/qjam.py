@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,7 @@ Q_PLUS1 = lambda theta, xs: theta + 1.0  # noqa: E731
 Q_SUM = lambda p, xs: float(xs.sum())  # noqa: E731
 Q_FIRST = lambda p, xs: xs[0]  # noqa: E731
 Q_ONE = lambda p, xs: 1  # noqa: E731
+Q_SLEEP_SUM = lambda seconds, xs: (time.sleep(seconds), float(xs.sum()))[1]  # noqa: E731  (the heal rows)
 
 
 class Qjam(System):
@@ -27,6 +30,8 @@ class Qjam(System):
 
         self.name = name
         self.cluster = Cluster(hosts, echo=False, progress=False)
+        self.hetero_data: tuple[Any, int] | None = None
+        self.moves: Counter = Counter()
 
     def trivial(self) -> list:
         return self.cluster.map(Q_INC, None, [1, 2], Q_CONCAT, slice_size=1)
@@ -42,6 +47,34 @@ class Qjam(System):
 
     def round_trip(self) -> Any:
         return self.cluster.map(Q_ONE, None)
+
+    def hetero_load(self, x: np.ndarray, rows: int) -> None:
+        self.hetero_data = (x, rows)  # shipped and cached by the next call
+
+    def hetero_slow(self, factor: float, seconds: float) -> str:
+        """``chaos.slow``: the last worker sleeps ``(factor - 1) * seconds`` before each slice, in its time."""
+        return self.cluster.chaos.slow(self.cluster.worker_names[-1], (factor - 1) * seconds)
+
+    def hetero(self, seconds: float) -> tuple[float, dict[str, int], dict[str, int]]:
+        from qjam_nb import events
+
+        x, rows = self.hetero_data
+        self.moves.clear()
+
+        def count(event: Any) -> None:
+            if type(event) is events.SliceTaken:
+                self.moves[event.how] += 1
+
+        unsubscribe = self.cluster.events.subscribe(count)
+        try:
+            value = self.cluster.map(Q_SLEEP_SUM, seconds, x, slice_size=rows)
+        finally:
+            unsubscribe()
+        done = Counter(r.worker for r in self.cluster.last_call.done_slices())
+        return value, dict(done), dict(self.moves)
+
+    def hetero_unload(self) -> None:
+        self.hetero_data = None
 
     def close(self) -> None:
         self.cluster.shutdown()
