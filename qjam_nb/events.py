@@ -171,7 +171,7 @@ class CallFinished(NamedTuple):
 
 Event = (
     WorkerStateChanged | HostReady | CallStarted | SliceAssigned | SliceSent | SliceStarted
-    | SliceDone | SliceLost | CacheChanged | StreamOutput | ErrorEvent | CallFinished
+    | SliceDone | SliceLost | SliceTaken | SliceDropped | CacheChanged | StreamOutput | ErrorEvent | CallFinished
 )
 Observer = Callable[[Event], None]
 
