@@ -10,7 +10,8 @@ PUBLIC = {
     "CallTimeoutError", "WorkerError", "HostError", "HostKeyError", "VersionMismatchError", "ClusterClosedError",
     "ForkedClusterError", "ReentrantCallError", "ReplayError", "CaptureWarning",
     "WorkerStateChanged", "HostReady", "CallStarted", "SliceAssigned", "SliceSent", "SliceStarted", "SliceDone",
-    "SliceLost", "SliceTaken", "SliceDropped", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished", "load_ipython_extension",
+    "SliceLost", "SliceTaken", "SliceDropped", "CacheChanged", "StreamOutput", "ErrorEvent", "CallFinished",
+    "load_ipython_extension",
     "SshOptions",
 }
 
