@@ -198,6 +198,10 @@ def check_05(f: dict) -> None:
     assert f["killed"]["lost"] >= 1
     assert f["after_restart"]["answer"] == f["expected"] and f["after_restart"]["workers"] == 2
     assert f["straggler"]["answer"] == f["expected"]
+    # On cached data, the fast worker stole the straggler's queued slices (shipped, so cached there too).
+    slow = f["straggler"]["victim"]
+    assert f["straggler"]["stolen"] >= 1 and f["straggler"]["replicated"] >= 1
+    assert f["straggler"]["per_worker"][slow] < min(n for w, n in f["straggler"]["per_worker"].items() if w != slow)
     assert f["timeout"]["raised"] == "CallTimeoutError"
     assert f["timeout"]["next_call_ok"] is True
     assert f["remote_error"]["slice"] == 3  # x = 7 is in slice 3 (slices of 2)
