@@ -6,6 +6,8 @@ Rules:
 * A worker's speed is relative: the fastest worker of the last calls is 1.0, one that
   takes twice as long a slice is 0.5. A call's slices are assumed alike, so a speed
   measured on one function serves the next (an iterative algorithm calls the same one).
+  A call moves it part of the way, by how many slices it measured (``BLEND``): one
+  noisy call does not make a worker slow; within a call, stealing copes meanwhile.
 * ``unit`` is the seconds a slice took at speed 1.0 in the last call that finished
   slices: the first guess of the next call, until its own slices are measured.
 * A worker that is never measured (new, or never given a slice) counts as the median
@@ -22,8 +24,10 @@ from collections.abc import Iterable, Mapping
 
 from ..formats import format_size
 
-#: How much of a speed measured in one call replaces the old one: ``n / (n + BLEND)`` for n slices.
-BLEND = 1.0
+#: How much of a speed measured in one call replaces the old one: ``n / (n + BLEND)`` for n slices, a
+#: first measurement blended with 1.0 alike. One call's slices can all be slow for a passing reason (a
+#: busy machine, a worker's first numpy call), and placement ships cached slices by these speeds.
+BLEND = 8.0
 #: Weight of a new shipping sample in the running estimate.
 SHIP_WEIGHT = 0.3
 #: Slowest speed recorded (a stopped worker must not become a division by zero).
@@ -88,9 +92,9 @@ class SpeedBook:
         for w, seconds in measured.items():
             n = per_slice[w][0]
             new = max(fastest / seconds, MIN_SPEED)
-            old = self.speeds.get(w)
+            old = self.speeds.get(w, 1.0)
             weight = n / (n + BLEND) if n else 0.5
-            self.speeds[w] = new if old is None else old + weight * (new - old)
+            self.speeds[w] = old + weight * (new - old)
         top = max(self.speeds.values())
         for w in self.speeds:
             self.speeds[w] = max(self.speeds[w] / top, MIN_SPEED)

@@ -89,8 +89,12 @@ def test_workers_of_speeds_1_to_2_share_a_call_1_to_2(backend, make_cluster):
     expected = warm(cluster)
     slow = cluster.workers[0].name
     cluster.chaos.slow(slow, WORK)  # twice as slow
-    for _ in range(2):
+    for _ in range(8):  # a call moves a speed part of the way (``speeds.BLEND``): until it is measured 1:2
         assert cluster.map(sleepy, None, DATA, add, slice_size=2) == expected
+        if abs(cluster.speeds.speed(slow) - 0.5) < 0.05:
+            break
+    assert abs(cluster.speeds.speed(slow) - 0.5) < 0.05, cluster.speeds.speeds
+    assert cluster.map(sleepy, None, DATA, add, slice_size=2) == expected
     counts = split(cluster)
     fast = [n for w, n in counts.items() if w != slow]
     assert all(abs(n - 12) <= 1 for n in fast) and abs(counts[slow] - 6) <= 1, counts
