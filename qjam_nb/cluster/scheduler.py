@@ -5,10 +5,10 @@ Rules, in order:
 1. **Placement.** A slice cached on live workers runs on one of them: the one
    furthest below its share of the call, shares being in proportion to the
    workers' measured speeds (``costs``, a ``speeds.SpeedBook``). A holder
-   with more than ``TOLERANCE`` over its share (a restarted or added worker
-   took none, or speeds changed) gives the slices beyond its share to the
-   workers furthest below theirs, each if shipping it costs less than running
-   it on the holder; they are then cached there too ("rebalanced"). In a
+   over its share (a restarted or added worker took none, or speeds changed)
+   gives the slices beyond it to the workers furthest below theirs, each if
+   shipping it costs ``MARGIN`` times less than running it on the holder;
+   they are then cached there too ("rebalanced"). In a
    call with at least as many slices as workers, every worker's share is at
    least one slice: a slow worker stays measured.
 2. Slices cached nowhere go to whichever worker has the fewest tasks in
@@ -21,8 +21,9 @@ Rules, in order:
    takes the last queued slice of the worker that would finish its queue
    last, if it would finish that slice ``MARGIN`` times sooner itself,
    shipping counted (nothing if it caches the slice too); it caches it from
-   then on. A slice it would have to be shipped is taken only from a worker
-   ``SLOWER`` times slower (a straggler): between equal workers, placement
+   then on. A slice that must be shipped is taken only by a worker with
+   nothing in flight, one at a time, and only from a straggler (``SLOWER``
+   times slower, or late as in rule 5): between equal workers, placement
    evens the queues out at the next call, and nothing ships over noise.
 5. **Speculation.** In a call's tail (nothing queued, at most ``TAIL``
    slices a worker unfinished), a worker with nothing in flight runs
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import heapq
 import statistics
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -56,19 +57,17 @@ SLOWER = 2.0
 #: A slice running this many times longer than its worker's expected time is late (rule 5).
 OVERDUE = 2.0
 #: Seconds a slice must have run, at least, to be late (rules 4, 5): a busy machine stalls a process that long.
-LATE = 0.2
+LATE = 0.5
 #: Copies are made only in a call's tail: nothing queued, at most this many slices a worker left in flight.
 TAIL = 2
 #: A stolen slice or a copy must finish this many times sooner than where it is (rules 4, 5): moving
 #: it must pay clearly, so that a uniform cluster does not shuffle slices over noise.
 MARGIN = 1.25
 
+#: What a worker's expected slice time (from past calls) weighs, in slices, against its slices in this call.
+PRIOR = 4
 #: Seconds a shipped steal or a copy must save at least (rules 4, 5): less is the machine's noise.
 MIN_GAIN = 0.02
-#: A worker holding up to this fraction more than its share of a call keeps it (rule 1): unequal
-#: holdings of equal workers are noise to live with, not a reason to ship.
-TOLERANCE = 0.25
-
 #: How a slice came to a worker other than by rules 1-2 (``moves``).
 STOLEN, SPECULATIVE, REBALANCED = "stolen", "speculative", "rebalanced"
 
@@ -161,11 +160,9 @@ class Scheduler:
                 over.append((index, best))
         if not over:
             return
-        excess = {h: count[h] + n > share[h] * (1 + TOLERANCE) + 1 for h, n in Counter(h for _, h in over).items()}
         for index, holder in over:
             taker = max(workers, key=lambda w: (share[w] - count[w], -order[w]))
-            if (excess[holder] and taker != holder and count[taker] + 1 <= share[taker] + 0.5
-                    and self._moving_pays(taker, holder, index)):
+            if taker != holder and count[taker] + 1 <= share[taker] + 0.5 and self._moving_pays(taker, holder, index):
                 self.own[taker].append(index)
                 self.rebalanced[index] = holder
                 count[taker] += 1
@@ -178,7 +175,7 @@ class Scheduler:
     def _moving_pays(self, taker: str, holder: str, index: int) -> bool:
         """Shipping slice ``index`` to ``taker`` costs less than running it on ``holder``."""
         run = self._expected(holder, self._unit())
-        return run is not None and self._ship(taker, index) < run
+        return run is not None and self._ship(taker, index) * MARGIN < run
 
     def _place(self, index: int) -> None:
         """A slice to place again (its worker was lost, or its key was wrong): on the least busy live
@@ -280,22 +277,25 @@ class Scheduler:
 
     def _steal(self, w: str, now: float, unit: float | None) -> tuple[int, str, str] | None:
         e_w = self._pace(w, unit)
+        idle = not self.in_flight[w]
         best = None
         for v in self.alive:
             queue = self.own[v]
             if v == w or not queue:
                 continue
             tail = queue[-1]
+            held = self._holds(w, tail)
+            if not (held or idle):
+                continue  # a slice to ship goes to a worker that has run out of work, one at a time
             ahead = len(self.in_flight[v]) + len(queue)
             e_v = self._pace(v, unit)
-            held = self._holds(w, tail)
             if e_v is None or e_w is None:  # nothing timed yet: only a slice w caches, by count of tasks
                 if not held:
                     continue
                 finish_v, finish_w = float(ahead), len(self.in_flight[w]) + 1.0
             else:
                 late, head_left = self._lateness(v, now, e_v)
-                if not held and not late and e_v < SLOWER * e_w:
+                if not held and not late and not self._slower(v, w, unit):
                     continue  # equal workers' queues even out by placement, next call: no shipping over noise
                 finish_v = head_left + (ahead - 1) * e_v
                 finish_w = ((len(self.in_flight[w]) + 1) * e_w + self._ship(w, tail)) * MARGIN
@@ -322,7 +322,7 @@ class Scheduler:
             if e_v is None:
                 continue
             late, head_left = self._lateness(v, now, e_v)
-            if not late and e_v < SLOWER * e_w:
+            if not late and not self._slower(v, w, unit):
                 continue
             for position, index in enumerate(flight):
                 if index in self.copies:
@@ -340,14 +340,17 @@ class Scheduler:
 
     def _lateness(self, v: str, now: float, e_v: float) -> tuple[bool, float]:
         """Is ``v``'s oldest task in flight late (``OVERDUE`` times its expected time, a round trip
-        included, and ``LATE`` seconds at least), and how long until it ends: as long again as it has
-        run, if late."""
+        included, and ``LATE`` seconds at least, while others finished slices), and how long until it
+        ends: as long again as it has run, if late."""
         flight = self.in_flight[v]
         if not flight:
             return False, 0.0
-        elapsed = now - self._head_start(v, flight)
+        start = self._head_start(v, flight)
+        elapsed = now - start
         if elapsed > LATE and elapsed > OVERDUE * (e_v + self._ship(v, -1)):
-            return True, elapsed
+            # Others finished slices since it began: not the whole machine (or this process) standing still.
+            if any(t > start for o, t in self.last_done.items() if o != v and o in self.alive):
+                return True, elapsed
         return False, max(e_v - elapsed, 0.0)
 
     def _head_start(self, v: str, flight: dict[int, float]) -> float:
@@ -468,21 +471,30 @@ class Scheduler:
         return costs.unit if costs is not None else None
 
     def _expected(self, w: str, unit: float | None) -> float | None:
-        """Seconds a slice should take on ``w``: its own average in this call, else ``unit`` over its
-        speed; None if nothing is timed."""
+        """Seconds a slice should take on ``w``: ``unit`` over its speed, moved towards its own slices
+        in this call as they finish (``PRIOR``: one slow slice on a busy machine is not a straggler);
+        None if nothing is timed."""
         n, total = self.ran.get(w, (0, 0.0))
-        if n:
+        prior = None if unit is None else unit / self.costs.speed(w) if self.costs is not None else unit
+        if not n:
+            return prior
+        if prior is None:
             return total / n
-        if unit is None:
-            return None
-        return unit / self.costs.speed(w) if self.costs is not None else unit
+        return (total + PRIOR * prior) / (n + PRIOR)
 
     def _pace(self, w: str, unit: float | None) -> float | None:
         """Seconds between ``w``'s results while it has work: its slices' run time, or more where
         receiving them takes time too (a first call's slices, shipped as they go)."""
-        expected = self._expected(w, unit)
+        n, total = self.ran.get(w, (0, 0.0))
+        expected = total / n if n else self._expected(w, unit)  # (its own slices, unblended: how long it takes)
         pace = self.pace.get(w)
         return expected if pace is None or (expected is not None and expected > pace) else pace
+
+    def _slower(self, v: str, w: str, unit: float | None) -> bool:
+        """``v`` is ``SLOWER`` times slower than ``w``, by their expected times (``_expected``, where one
+        slow slice does not make a straggler)."""
+        e_v, e_w = self._expected(v, unit), self._expected(w, unit)
+        return e_v is not None and e_w is not None and e_v >= SLOWER * e_w
 
     def _holds(self, w: str, index: int) -> bool:
         key = self.keys[index]

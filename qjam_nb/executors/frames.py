@@ -52,7 +52,9 @@ class FramesExecutor:
         self.pool = WorkerPool(events, plan, ssh_options, blas_threads)
         self.liveness = Liveness(heartbeat)
         self.params_arena: sharedmem.Arena | None = None  # big params for local workers (see _call_frames)
-        self.owing: set[str] = set()  # workers that ended the last call with work in flight (``Liveness.start``)
+        # Workers that ended a call with work in flight and have not been heard from since: name -> their
+        # link's ``heard`` count then (``Liveness.start``, ``FramesCall._check_liveness``).
+        self.owing: dict[str, int] = {}
         sharedmem.sweep()  # what masters that were killed left in /dev/shm (see sharedmem)
 
     @property
@@ -367,7 +369,7 @@ class FramesCall:
         live = self.live
         for name, in_flight in list(self.in_flight.items()):
             worker = self.workers[name]
-            if not in_flight or worker.state != states.BUSY:
+            if not (in_flight or name in self.owing) or worker.state != states.BUSY:
                 continue
             link = worker.link
             if link.exit_status() is not None:
@@ -412,11 +414,15 @@ class FramesCall:
         if not self.cancelled:
             # Copies that lost the race (``SliceDropped``) may still be queued or running there: CANCEL
             # skips the queued ones; a running one ends by itself, its answer dropped as a past call's.
-            owing = self.executor.owing = set()
+            owing = self.executor.owing = {}
             for w in self.alive:
-                if self.in_flight[w.name] and w.state == states.BUSY:
+                if w.state != states.BUSY:
+                    continue
+                if self.in_flight[w.name]:
                     w.link.send(m.Cancel(), call=self.id)
-                    owing.add(w.name)
+                    owing[w.name] = w.link.heard
+                elif self.owing.get(w.name) == w.link.heard:  # still not a word from it
+                    owing[w.name] = w.link.heard
         self.flush()
         for handle in self.shared:  # taken (and deleted) by the workers, unless one died first
             sharedmem.discard(handle)

@@ -101,7 +101,7 @@ def test_workers_of_speeds_1_to_2_share_a_call_1_to_2(backend, make_cluster):
 
 
 def test_a_stopped_worker_is_healed_around_then_replaced(backend, make_cluster, record):
-    cluster = make_cluster(three_workers(backend), heartbeat=0.5)
+    cluster = make_cluster(three_workers(backend), heartbeat=1.0)  # liveness bound: 3 s
     expected = warm(cluster)
     stopped = cluster.workers[2]
     pid = stopped.hello["pid"]

@@ -202,10 +202,12 @@ def test_100k_slices_right_answer_and_nothing_left_behind():
             assert small_call(cluster, slice_size=2) == 36
         rows.append(Figures("before (warm)", cluster))
         cached_before = sum(n for n, _ in cluster.cache_info().values())
+        replicas = 0  # slices the healing schedule shipped to a second worker (a straggler's, stolen or copied)
         for i, label in enumerate(("1st call (ships)", "2nd call (cached)", "3rd call (cached)")):
             t0 = time.perf_counter()
             result = cluster.map(lambda p, xs: xs[0], None, data, slice_size=1, timeout=BIG_CALL_TIMEOUT)
             seconds.append(time.perf_counter() - t0)
+            replicas += cluster.last_call.totals()["replicated"]
             rows.append(Figures(f"after {label}", cluster))
             assert result == expected, f"call {i + 1} returned {result!r}, not {expected}"
         cached = sum(n for n, _ in cluster.cache_info().values()) - cached_before
@@ -227,7 +229,8 @@ def test_100k_slices_right_answer_and_nothing_left_behind():
         f"after shutdown: fds +-{FD_SLACK}, threads and child processes as before the cluster, "
         f"master RSS < +{AFTER_SHUTDOWN_RSS // MiB} MiB; {BIG_CALL_TIMEOUT:.0f} s per call (map timeout=)",
     )
-    assert cached == N_BIG, f"workers cache {cached} new slices, not {N_BIG}" + report
+    assert cached == N_BIG + replicas, f"workers cache {cached} new slices, not {N_BIG} + {replicas} replicas" + report
+    assert replicas <= 100, f"{replicas} slices replicated on a uniform cluster" + report
     assert_same_workers(before, third, report)
     assert_grew_at_most(before, first, BIG_FIRST_MASTER_RSS, BIG_FIRST_WORKER_RSS, report)
     assert_grew_at_most(first, second, BIG_SECOND_MASTER_RSS, BIG_AGAIN_WORKER_RSS, report)

@@ -236,7 +236,13 @@ def test_a_frame_that_stops_arriving_ends_the_link(make_cluster, record):
     box = run_with_watchdog(lambda: cluster.map(stall_mid_frame, None, list(range(8)), slice_size=1, timeout=15), 30)
     assert box.get("value") == sum(range(8)), box
     assert box["took"] < 10
-    deaths = [e.message for e in log.of(ev.ErrorEvent) if e.worker == cluster.workers[0].name]
+    # The schedule may heal around the stuck worker (copies of its slices) before liveness ends it: then
+    # the next call finds it out, as it still owes the last call its answers.
+    for _ in range(12):  # (its silence adds up over calls that heal in ~LATE s each: bound 3 * BEAT)
+        deaths = [e.message for e in log.of(ev.ErrorEvent) if e.worker == cluster.workers[0].name]
+        if deaths:
+            break
+        assert cluster.map(nap, 0.0, list(range(8)), slice_size=1) == sum(range(8))
     assert deaths and "frame" in deaths[0], deaths
     assert cluster.map(nap, 0.0, list(range(8)), slice_size=1) == sum(range(8))
 
