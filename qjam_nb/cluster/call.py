@@ -24,6 +24,8 @@ from .tracebacks import code_spans, restore
 
 #: Tasks a worker may have in flight when a call starts (``Scheduler.observe`` adapts it).
 WINDOW = 4
+#: Slices shorter than this (seconds) teach nothing of the workers' speeds.
+MEASURABLE = 0.001
 #: Deaths a slice may cause before it is not tried again.
 MAX_SLICE_DEATHS = 2
 
@@ -135,6 +137,8 @@ class CallDriver:
     def learn(self) -> None:
         """The call is over: what it measured of the workers' speeds and links goes to the speed book."""
         sched = self.sched
+        if sched.longest < MEASURABLE and not sched.lagging:
+            return  # slices this short time the machine's noise, not the workers
         self.speeds.learn(sched.measured(time.monotonic()))
         for worker, nbytes, overhead in sched.link_samples:
             self.speeds.link(worker).learn(nbytes, overhead)

@@ -8,9 +8,9 @@ Rules, in order:
    over its share (a restarted or added worker took none, or speeds changed)
    gives the slices beyond it to the workers furthest below theirs, each if
    shipping it costs ``MARGIN`` times less than running it on the holder;
-   they are then cached there too ("rebalanced"). In a
-   call with at least as many slices as workers, every worker's share is at
-   least one slice: a slow worker stays measured.
+   they are then cached there too ("rebalanced"). In a call with at least
+   as many slices as workers, every worker's share is at least one slice: a
+   slow worker stays measured.
 2. Slices cached nowhere go to whichever worker has the fewest tasks in
    flight, lowest index first, so first calls spread by speed as they go.
 3. A worker has at most ``window`` tasks in flight: enough to hide the round
@@ -22,15 +22,17 @@ Rules, in order:
    last, if it would finish that slice ``MARGIN`` times sooner itself,
    shipping counted (nothing if it caches the slice too); it caches it from
    then on. A slice that must be shipped is taken only by a worker with
-   nothing in flight, one at a time, and only from a straggler (``SLOWER``
-   times slower, or late as in rule 5): between equal workers, placement
+   nothing in flight, one at a time, and only from a straggler (as in rule
+   5): between equal workers, placement
    evens the queues out at the next call, and nothing ships over noise.
 5. **Speculation.** In a call's tail (nothing queued, at most ``TAIL``
    slices a worker unfinished), a worker with nothing in flight runs
-   a copy of a slice in flight on a worker ``SLOWER`` times slower than
-   itself, or late (``OVERDUE`` times its expected time, and ``LATE`` s), if
-   the copy would finish sooner by ``MARGIN``. One copy per slice; the first result wins and
-   the other copy is dropped (``dropped``): the fold still takes each slice once.
+   a copy of a slice in flight on a *straggler*: a worker ``SLOWER`` times
+   slower than itself by their expected times, or late (its running slice
+   has run ``OVERDUE`` times its expected time and ``LATE`` s, while others
+   finished slices), if the copy would finish sooner by ``MARGIN``. One copy
+   per slice; the first result wins and the other copy is dropped
+   (``dropped``): the fold still takes each slice once.
 6. A lost worker's unfinished slices are placed again (rule 1 or 2), unless a
    copy of one still runs elsewhere.
 
@@ -63,7 +65,6 @@ TAIL = 2
 #: A stolen slice or a copy must finish this many times sooner than where it is (rules 4, 5): moving
 #: it must pay clearly, so that a uniform cluster does not shuffle slices over noise.
 MARGIN = 1.25
-
 #: What a worker's expected slice time (from past calls) weighs, in slices, against its slices in this call.
 PRIOR = 4
 #: Seconds a shipped steal or a copy must save at least (rules 4, 5): less is the machine's noise.
@@ -116,8 +117,10 @@ class Scheduler:
         self.moves: list[tuple[str, int, str, str]] = []  # (worker, slice, how, from whom): for the caller to drain
         self.dropped: list[tuple[str, int]] = []  # (worker, slice): copies that lost, for the caller to drain
         self.rebalanced: dict[int, str] = {}  # slice -> the holder it was moved from, until handed out
-        self.ran: dict[str, list] = {w: [0, 0.0] for w in workers}  # slices finished here, their seconds
-        self.samples: dict[str, list[float]] = {w: [] for w in workers}  # each finished slice's seconds
+        self.ran: dict[str, list] = {}  # worker -> [slices finished there, their seconds]
+        self.samples: dict[str, list[float]] = {}  # worker -> each finished slice's seconds
+        self.longest = 0.0  # the longest a slice of this call took
+        self.began: float | None = None  # when the first tasks were handed out
         self.last_done: dict[str, float] = {}  # worker -> when its last slice finished
         self.lagging: dict[str, float] = {}  # worker -> longest it ran a slice whose copy won elsewhere
         self.pace: dict[str, float] = {}  # worker -> seconds between its results, receiving included
@@ -210,6 +213,8 @@ class Scheduler:
         noted in ``moves``."""
         out: list[tuple[str, int]] = []
         own, pool, in_flight, order, window = self.own, self.pool, self.in_flight, self.order, self.window
+        if self.began is None:
+            self.began = now
         while True:
             # The ready worker with the fewest tasks in flight, first in order on a tie (a loop, not
             # min() over a list: this runs once a slice).
@@ -221,7 +226,7 @@ class Scheduler:
                     if best_rank is None or rank < best_rank:
                         best, best_rank = w, rank
             if best is None:
-                if self.healing and not pool and self._take(now, out):
+                if self.healing and not pool and not self._nothing_to_gain(now) and self._take(now, out):
                     continue
                 self._first_pass = False
                 return out
@@ -234,6 +239,12 @@ class Scheduler:
             out.append((best, index))
             if self.rebalanced and index in self.rebalanced:
                 self.moves.append((best, index, REBALANCED, self.rebalanced.pop(index)))
+
+    def _nothing_to_gain(self, now: float) -> bool:
+        """No steal or copy can pay yet: nothing can be late this soon in the call, and what is left
+        to run is too short to save ``MIN_GAIN`` (a quick look, so that small calls pay nothing)."""
+        return (now - (self.began or now) <= LATE
+                and (len(self.keys) - self.done_count) * self.longest * SLOWER < MIN_GAIN)
 
     def _probe(self, worker: str, index: int) -> None:
         """``worker`` was idle when handed ``index``: its result will time the link (``link_samples``).
@@ -316,7 +327,7 @@ class Scheduler:
             flight = self.in_flight[v]
             if v == w or not flight:
                 continue
-            if not self.ran[v][0] and (self.costs is None or self.costs.unit is None):
+            if v not in self.ran and (self.costs is None or self.costs.unit is None):
                 continue  # a fresh worker's first slice (importing numpy, say) is late only against a past call
             e_v = self._pace(v, unit)
             if e_v is None:
@@ -367,6 +378,8 @@ class Scheduler:
         while a worker is idle and another has slices in flight (they may turn late)."""
         if not self.healing or self.pool:
             return None
+        if self._nothing_to_gain(now):  # until a slice could be late
+            return (self.began or now) + LATE
         idle = [w for w in self.alive if not self.in_flight[w] and not self.own[w]]
         if not idle or len(idle) == len(self.alive):
             return None
@@ -386,10 +399,15 @@ class Scheduler:
         handed = flight.pop(index)
         self.finished[index] = 1
         self.done_count += 1
-        ran = self.ran[worker]
-        ran[0] += 1
-        ran[1] += seconds
-        self.samples[worker].append(seconds)
+        ran = self.ran.get(worker)
+        if ran is None:
+            self.ran[worker], self.samples[worker] = [1, seconds], [seconds]
+        else:
+            ran[0] += 1
+            ran[1] += seconds
+            self.samples[worker].append(seconds)
+        if seconds > self.longest:
+            self.longest = seconds
         last = self.last_done.get(worker)
         if last is not None and handed < last:  # it waited there: results back to back give the pace
             pace = self.pace.get(worker)
@@ -515,7 +533,8 @@ class Scheduler:
         median, which a hiccup of the machine does not move). A slice that has run longer than that
         counts too: still in flight at the end, or run until a copy elsewhere won."""
         out = {}
-        for w, samples in self.samples.items():
+        for w in self.samples.keys() | self.in_flight.keys():
+            samples = self.samples.get(w, ())
             n = len(samples)
             flight = self.in_flight.get(w)
             held = now - self._head_start(w, flight) if flight and w in self.alive else 0.0
