@@ -8,6 +8,7 @@ Rules:
   measured on one function serves the next (an iterative algorithm calls the same one).
   A call moves it part of the way, by how many slices it measured (``BLEND``): one
   noisy call does not make a worker slow; within a call, stealing copes meanwhile.
+  A worker's first call (a new process importing, touching its memory) is not counted.
 * ``unit`` is the seconds a slice took at speed 1.0 in the last call that finished
   slices: the first guess of the next call, until its own slices are measured.
 * A worker that is never measured (new, or never given a slice) counts as the median
@@ -68,6 +69,7 @@ class SpeedBook:
         self.speeds: dict[str, float] = {}
         self.links: dict[str, LinkCost] = {}
         self.unit: float | None = None
+        self.calls: dict[str, int] = {}  # worker -> calls it was measured in
 
     def speed(self, worker: str) -> float:
         got = self.speeds.get(worker)
@@ -90,15 +92,20 @@ class SpeedBook:
         fastest = min(s for w, s in measured.items() if per_slice[w][0] > 0) if any(
             per_slice[w][0] for w in measured) else min(measured.values())
         for w, seconds in measured.items():
+            seen = self.calls[w] = self.calls.get(w, 0) + 1
+            if seen == 1 and per_slice[w][0]:
+                continue  # a new process's first call (imports, first touches of its memory): not its speed
             n = per_slice[w][0]
             new = max(fastest / seconds, MIN_SPEED)
             old = self.speeds.get(w, 1.0)
             weight = n / (n + BLEND) if n else 0.5
             self.speeds[w] = old + weight * (new - old)
+        self.unit = fastest
+        if not self.speeds:
+            return
         top = max(self.speeds.values())
         for w in self.speeds:
             self.speeds[w] = max(self.speeds[w] / top, MIN_SPEED)
-        self.unit = fastest
 
     def ship(self, worker: str, nbytes: int) -> float:
         """Seconds to get ``nbytes`` of slice to ``worker``."""
@@ -109,3 +116,4 @@ class SpeedBook:
         for w in workers:
             self.speeds.pop(w, None)
             self.links.pop(w, None)
+            self.calls.pop(w, None)

@@ -12,6 +12,14 @@ def learn_often(book: SpeedBook, per_slice: dict, times: int = 20) -> None:
         book.learn(per_slice)
 
 
+def test_a_workers_first_call_is_not_its_speed():
+    book = SpeedBook()
+    book.learn({"a": (10, 0.05), "b": (10, 0.5)})  # b's first slices: importing numpy, say
+    assert book.speed("b") == 1.0
+    book.learn({"a": (10, 0.05), "b": (10, 0.5)})
+    assert book.speed("b") < 0.7
+
+
 def test_speeds_are_relative_to_the_fastest_worker():
     book = SpeedBook()
     learn_often(book, {"a": (10, 0.05), "b": (10, 0.10), "c": (5, 0.5)})
@@ -23,6 +31,7 @@ def test_speeds_are_relative_to_the_fastest_worker():
 
 def test_one_call_moves_a_speed_part_of_the_way_by_its_slices():
     book = SpeedBook()
+    book.learn({"a": (4, 0.05), "b": (4, 0.05)})  # (the first call of each is not counted)
     book.learn({"a": (4, 0.05), "b": (4, 0.5)})  # one call, 4 slices each: b seemed 10x slower
     assert 0.6 < book.speed("b") < 0.8  # 1 + 4/12 * (0.1 - 1)
     book.learn({"a": (40, 0.05), "b": (40, 0.5)})  # a bigger call says the same: believed more
@@ -47,6 +56,7 @@ def test_a_worker_that_recovers_is_measured_fast_again():
 def test_a_worker_that_finished_nothing_weighs_half():
     book = SpeedBook()
     book.learn({"a": (10, 0.05), "b": (10, 0.05)})
+    book.learn({"a": (10, 0.05), "b": (10, 0.05)})
     book.learn({"a": (10, 0.05), "b": (0, 5.0)})  # stopped: held a slice 5 s
     assert book.speed("b") == pytest.approx(0.5 * 1.0 + 0.5 * 0.01, rel=0.02)
 
@@ -64,7 +74,7 @@ def test_link_cost_learns_latency_and_rate_from_samples():
 
 def test_forgetting_a_worker():
     book = SpeedBook()
-    book.learn({"a": (1, 0.05), "b": (1, 0.1)})
+    learn_often(book, {"a": (1, 0.05), "b": (1, 0.1)}, times=2)
     book.link("b")
     book.forget(["b"])
     assert "b" not in book.speeds and "b" not in book.links
