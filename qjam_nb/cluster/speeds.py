@@ -25,8 +25,9 @@ from collections.abc import Iterable, Mapping
 
 from ..formats import format_size
 
-#: How much of a speed measured in one call replaces the old one: ``n / (n + BLEND)`` for n slices, a
-#: first measurement blended with 1.0 alike. One call's slices can all be slow for a passing reason (a
+#: How much of a speed measured in one call replaces the old one: ``e / (e + BLEND)`` for e slices' worth
+#: of time watched (n slices each k times the fastest worker's count as n * k), a first measurement
+#: blended with 1.0 alike. One call's slices can all be slow for a passing reason (a
 #: busy machine, a worker's first numpy call), and placement ships cached slices by these speeds.
 BLEND = 8.0
 #: Weight of a new shipping sample in the running estimate.
@@ -98,7 +99,8 @@ class SpeedBook:
             n = per_slice[w][0]
             new = max(fastest / seconds, MIN_SPEED)
             old = self.speeds.get(w, 1.0)
-            weight = n / (n + BLEND) if n else 0.5
+            evidence = n * seconds / fastest  # (in the fastest worker's slices: a slow slice is long to watch)
+            weight = evidence / (evidence + BLEND) if n else 0.5
             self.speeds[w] = old + weight * (new - old)
         self.unit = fastest
         if not self.speeds:

@@ -32,10 +32,12 @@ def test_speeds_are_relative_to_the_fastest_worker():
 def test_one_call_moves_a_speed_part_of_the_way_by_its_slices():
     book = SpeedBook()
     book.learn({"a": (4, 0.05), "b": (4, 0.05)})  # (the first call of each is not counted)
-    book.learn({"a": (4, 0.05), "b": (4, 0.5)})  # one call, 4 slices each: b seemed 10x slower
-    assert 0.6 < book.speed("b") < 0.8  # 1 + 4/12 * (0.1 - 1)
-    book.learn({"a": (40, 0.05), "b": (40, 0.5)})  # a bigger call says the same: believed more
-    assert book.speed("b") < 0.3
+    book.learn({"a": (4, 0.05), "b": (4, 0.1)})  # one call, 4 slices each: b seemed 2x slower
+    assert book.speed("b") == pytest.approx(0.75, rel=0.01)  # 8 slices' worth watched: 1 + 8/16 * (0.5 - 1)
+    book = SpeedBook()
+    book.learn({"a": (4, 0.05), "b": (4, 0.05)})
+    book.learn({"a": (27, 0.05), "b": (2, 0.5)})  # b 10x slower: 2 slices, but 20 slices' worth of time
+    assert book.speed("b") < 0.4
 
 
 def test_an_unknown_worker_counts_as_the_median():
