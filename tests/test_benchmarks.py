@@ -50,13 +50,7 @@ def test_a_saved_run_prints_its_tables_again_and_a_bad_row_is_named(tmp_path):
     res.add("trivial", "qjam_nb local:2", "qjam", [0.2, 0.3])
     res.add("trivial", "execnet popen", "peer", [0.25, 0.26])
     res.add("params_ssh", "qjam_nb", "qjam", status="not available: no sshd")
-    meta = {"date": "2026-12-07 12:00:00", "repeat": 2, "quick": True, "cpus": 2, "versions": {"python": "3"},
-            "load_average_at_start": [0.1], "load_average_at_end": [0.2], "total_seconds": 1.0}
-    saved = tmp_path / "run.json"
-    saved.write_text(json.dumps({"meta": meta, "rows": res.rows, "extra": {}}))
-    out = subprocess.run([sys.executable, str(RUN), "--report", str(saved)], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
+    out = report_of(tmp_path, res, {"date": "2026-12-07 12:00:00", "repeat": 2, "quick": True})
     assert ROWS["trivial"][1] in out.stdout and "not available: no sshd" in out.stdout
     summary = re.sub(r" +", " ", out.stdout)
     assert "trivial | 0.25 ms/call | <= 1.5x execnet popen | 0.98x execnet popen (need <= 1.5x) | met" in summary
@@ -85,13 +79,19 @@ def test_the_heal_rows_are_judged_against_the_ideal_both_steady_and_first_call(t
         res.add(row, "qjam_nb local:3", "qjam", qjam)
         res.add(row, IDEAL, "ref", [ideal(cfg, 10)])
         res.add(row, "dask.distributed", "peer", [0.9, 1.0])
-    meta = {"date": "2026-12-08 01:00:00", "repeat": 2, "quick": False, "cpus": 2, "versions": {"python": "3"},
-            "load_average_at_start": [0.1], "load_average_at_end": [0.2], "total_seconds": 1.0}
+    out = report_of(tmp_path, res, {"date": "2026-12-08 01:00:00", "repeat": 2, "quick": False})
+    summary = re.sub(r" +", " ", out.stdout)
+    assert f"hetero_10x | 0.61 s/call | <= 1.2x ideal | 1.07x {IDEAL} (need <= 1.2x) | met" in summary
+    assert f"hetero_10x_first | 0.85 s/call | <= 1.2x ideal | 1.49x {IDEAL} (need <= 1.2x) | MISSED" in summary
+
+
+def report_of(tmp_path, res, meta: dict) -> subprocess.CompletedProcess:
+    """``run.py --report`` of ``res`` saved as a run.json with ``meta`` (and the rest of a run's meta)."""
+    meta = {"cpus": 2, "versions": {"python": "3"}, "load_average_at_start": [0.1], "load_average_at_end": [0.2],
+            "total_seconds": 1.0, **meta}
     saved = tmp_path / "run.json"
     saved.write_text(json.dumps({"meta": meta, "rows": res.rows, "extra": {}}))
     out = subprocess.run([sys.executable, str(RUN), "--report", str(saved)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    summary = re.sub(r" +", " ", out.stdout)
-    assert f"hetero_10x | 0.61 s/call | <= 1.2x ideal | 1.07x {IDEAL} (need <= 1.2x) | met" in summary
-    assert f"hetero_10x_first | 0.85 s/call | <= 1.2x ideal | 1.49x {IDEAL} (need <= 1.2x) | MISSED" in summary
+    return out
