@@ -69,6 +69,7 @@ MARGIN = 1.25
 PRIOR = 4
 #: Seconds a shipped steal or a copy must save at least (rules 4, 5): less is the machine's noise.
 MIN_GAIN = 0.02
+_NOTHING_RAN = (0, 0.0, ())
 #: How a slice came to a worker other than by rules 1-2 (``moves``).
 STOLEN, SPECULATIVE, REBALANCED = "stolen", "speculative", "rebalanced"
 
@@ -117,8 +118,8 @@ class Scheduler:
         self.moves: list[tuple[str, int, str, str]] = []  # (worker, slice, how, from whom): for the caller to drain
         self.dropped: list[tuple[str, int]] = []  # (worker, slice): copies that lost, for the caller to drain
         self.rebalanced: dict[int, str] = {}  # slice -> the holder it was moved from, until handed out
-        self.ran: dict[str, list] = {}  # worker -> [slices finished there, their seconds]
-        self.samples: dict[str, list[float]] = {}  # worker -> each finished slice's seconds
+        self.ran: dict[str, list] = {}  # worker -> [slices finished there, their seconds, each one's seconds]
+        self.medians: dict[str, tuple[int, float]] = {}  # worker -> (slices, their median seconds) when last taken
         self.longest = 0.0  # the longest a slice of this call took
         self.began: float | None = None  # when the first tasks were handed out
         self.last_done: dict[str, float] = {}  # worker -> when its last slice finished
@@ -401,11 +402,11 @@ class Scheduler:
         self.done_count += 1
         ran = self.ran.get(worker)
         if ran is None:
-            self.ran[worker], self.samples[worker] = [1, seconds], [seconds]
+            self.ran[worker] = [1, seconds, [seconds]]
         else:
             ran[0] += 1
             ran[1] += seconds
-            self.samples[worker].append(seconds)
+            ran[2].append(seconds)
         if seconds > self.longest:
             self.longest = seconds
         last = self.last_done.get(worker)
@@ -483,7 +484,7 @@ class Scheduler:
     def _unit(self) -> float | None:
         """Seconds a slice takes at speed 1: this call's, once slices finished; else the last call's."""
         costs = self.costs
-        units = [t / k * (costs.speed(v) if costs is not None else 1.0) for v, (k, t) in self.ran.items() if k]
+        units = [t / k * (costs.speed(v) if costs is not None else 1.0) for v, (k, t, _) in self.ran.items() if k]
         if units:
             return sum(units) / len(units)
         return costs.unit if costs is not None else None
@@ -492,7 +493,7 @@ class Scheduler:
         """Seconds a slice should take on ``w``: ``unit`` over its speed, moved towards its own slices
         in this call as they finish (``PRIOR``: one slow slice on a busy machine is not a straggler);
         None if nothing is timed."""
-        n, total = self.ran.get(w, (0, 0.0))
+        n, total, _ = self.ran.get(w, _NOTHING_RAN)
         prior = None if unit is None else unit / self.costs.speed(w) if self.costs is not None else unit
         if not n:
             return prior
@@ -500,18 +501,34 @@ class Scheduler:
             return total / n
         return (total + PRIOR * prior) / (n + PRIOR)
 
+    def _typical(self, w: str, unit: float | None) -> float | None:
+        """Like ``_expected``, but by the median of ``w``'s slices in this call: a few slices stretched
+        by the machine (a process descheduled mid-slice, a collection) move a mean of short slices
+        several times over, and would make a straggler of an equal worker."""
+        ran = self.ran.get(w)
+        prior = None if unit is None else unit / self.costs.speed(w) if self.costs is not None else unit
+        if ran is None:
+            return prior
+        n, samples = ran[0], ran[2]
+        taken = self.medians.get(w)
+        if taken is None or (taken[0] != n and (n < 64 or n > taken[0] * 1.25)):  # (a median of many, now and then)
+            taken = self.medians[w] = (n, statistics.median(samples))
+        if prior is None:
+            return taken[1]
+        return (taken[1] * n + PRIOR * prior) / (n + PRIOR)
+
     def _pace(self, w: str, unit: float | None) -> float | None:
         """Seconds between ``w``'s results while it has work: its slices' run time, or more where
         receiving them takes time too (a first call's slices, shipped as they go)."""
-        n, total = self.ran.get(w, (0, 0.0))
+        n, total, _ = self.ran.get(w, _NOTHING_RAN)
         expected = total / n if n else self._expected(w, unit)  # (its own slices, unblended: how long it takes)
         pace = self.pace.get(w)
         return expected if pace is None or (expected is not None and expected > pace) else pace
 
     def _slower(self, v: str, w: str, unit: float | None) -> bool:
-        """``v`` is ``SLOWER`` times slower than ``w``, by their expected times (``_expected``, where one
-        slow slice does not make a straggler)."""
-        e_v, e_w = self._expected(v, unit), self._expected(w, unit)
+        """``v`` is ``SLOWER`` times slower than ``w``, by their typical times (``_typical``, where a
+        few slow slices do not make a straggler)."""
+        e_v, e_w = self._typical(v, unit), self._typical(w, unit)
         return e_v is not None and e_w is not None and e_v >= SLOWER * e_w
 
     def _holds(self, w: str, index: int) -> bool:
@@ -533,8 +550,8 @@ class Scheduler:
         median, which a hiccup of the machine does not move). A slice that has run longer than that
         counts too: still in flight at the end, or run until a copy elsewhere won."""
         out = {}
-        for w in self.samples.keys() | self.in_flight.keys():
-            samples = self.samples.get(w, ())
+        for w in self.ran.keys() | self.in_flight.keys():
+            samples = self.ran[w][2] if w in self.ran else ()
             n = len(samples)
             flight = self.in_flight.get(w)
             held = now - self._head_start(w, flight) if flight and w in self.alive else 0.0

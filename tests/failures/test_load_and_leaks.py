@@ -34,6 +34,8 @@ import os
 import threading
 import time
 
+from healing import moved_without_a_stall
+
 from qjam_nb import Cluster
 
 MiB = 1 << 20
@@ -209,7 +211,9 @@ def test_100k_slices_right_answer_and_nothing_left_behind():
             seconds.append(time.perf_counter() - t0)
             replicas += cluster.last_call.totals()["replicated"]
             rows.append(Figures(f"after {label}", cluster))
+            unexplained = moved_without_a_stall(cluster.last_call)  # (on a quiet machine: nothing moves at all)
             assert result == expected, f"call {i + 1} returned {result!r}, not {expected}"
+            assert not unexplained, f"call {i + 1} moved slices away from workers that never stalled: {unexplained}"
         cached = sum(n for n, _ in cluster.cache_info().values()) - cached_before
     finally:
         cluster.shutdown()
@@ -230,7 +234,6 @@ def test_100k_slices_right_answer_and_nothing_left_behind():
         f"master RSS < +{AFTER_SHUTDOWN_RSS // MiB} MiB; {BIG_CALL_TIMEOUT:.0f} s per call (map timeout=)",
     )
     assert cached == N_BIG + replicas, f"workers cache {cached} new slices, not {N_BIG} + {replicas} replicas" + report
-    assert replicas <= 100, f"{replicas} slices replicated on a uniform cluster" + report
     assert_same_workers(before, third, report)
     assert_grew_at_most(before, first, BIG_FIRST_MASTER_RSS, BIG_FIRST_WORKER_RSS, report)
     assert_grew_at_most(first, second, BIG_SECOND_MASTER_RSS, BIG_AGAIN_WORKER_RSS, report)
