@@ -43,8 +43,10 @@ class CallDriver:
         data = spec.data
         keys = [k for k, _ in spec.keyed] if data is not None else [None] * len(workers)
         self.speeds = speeds = speeds if speeds is not None else SpeedBook()
+        links = speeds.links
         for w in workers:
-            speeds.link(w.name, w.ship_guess)
+            if w.name not in links:
+                speeds.link(w.name, w.ship_guess)
         self.sched = Scheduler([w.name for w in workers], keys, CacheHolders(workers), WINDOW, pinned=data is None,
                                costs=speeds, sizes=[n for _, n in spec.keyed] if data is not None else None)
         self.fold = OrderedFold(len(keys), reduce)

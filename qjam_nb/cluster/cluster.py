@@ -331,7 +331,8 @@ class Cluster:
     def _revived(self, workers: list[WorkerHandle]) -> list[str]:
         """Workers started again: new processes, measured afresh (a stopped or hung one was slow, not its host)."""
         names = [w.name for w in workers]
-        self.speeds.forget(names)
+        if names:
+            self.speeds.forget(names)
         return names
 
     def _worker(self, name: str) -> WorkerHandle:

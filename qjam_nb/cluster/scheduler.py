@@ -139,12 +139,14 @@ class Scheduler:
     def _place_all(self, workers: Sequence[str]) -> None:
         """Rule 1 for a call's cached slices (shares by speed), rule 2's pool for the rest."""
         costs = self.costs
-        speed = {w: costs.speed(w) if costs is not None else 1.0 for w in workers}
-        total = sum(speed.values())
         n = len(self.keys)
-        share = {w: n * s / total for w, s in speed.items()}
-        if n >= len(workers):
-            share = {w: s if s > 1.0 else 1.0 for w, s in share.items()}
+        speeds = [costs.speed(w) for w in workers] if costs is not None else [1.0] * len(workers)
+        total = sum(speeds)
+        least = 1.0 if n >= len(workers) else 0.0
+        share = {}
+        for w, s in zip(workers, speeds, strict=True):
+            s = n * s / total
+            share[w] = s if s > least else least
         count = dict.fromkeys(workers, 0)
         order = self.order
         over: list[tuple[int, str]] = []
@@ -227,7 +229,7 @@ class Scheduler:
                     if best_rank is None or rank < best_rank:
                         best, best_rank = w, rank
             if best is None:
-                if self.healing and not pool and not self._nothing_to_gain(now) and self._take(now, out):
+                if self.healing and not pool and self._something_to_gain(now) and self._take(now, out):
                     continue
                 self._first_pass = False
                 return out
@@ -241,11 +243,11 @@ class Scheduler:
             if self.rebalanced and index in self.rebalanced:
                 self.moves.append((best, index, REBALANCED, self.rebalanced.pop(index)))
 
-    def _nothing_to_gain(self, now: float) -> bool:
-        """No steal or copy can pay yet: nothing can be late this soon in the call, and what is left
-        to run is too short to save ``MIN_GAIN`` (a quick look, so that small calls pay nothing)."""
-        return (now - (self.began or now) <= LATE
-                and (len(self.keys) - self.done_count) * self.longest * SLOWER < MIN_GAIN)
+    def _something_to_gain(self, now: float) -> bool:
+        """A steal or a copy might pay: a slice could be late by now, or what is left to run is long
+        enough to save ``MIN_GAIN`` (a quick look, so that small calls pay nothing)."""
+        return (now - self.began > LATE
+                or (len(self.keys) - self.done_count) * self.longest * SLOWER >= MIN_GAIN)
 
     def _probe(self, worker: str, index: int) -> None:
         """``worker`` was idle when handed ``index``: its result will time the link (``link_samples``).
@@ -379,8 +381,10 @@ class Scheduler:
         while a worker is idle and another has slices in flight (they may turn late)."""
         if not self.healing or self.pool:
             return None
-        if self._nothing_to_gain(now):  # until a slice could be late
-            return (self.began or now) + LATE
+        if self.began is None:
+            return None
+        if not self._something_to_gain(now):  # until a slice could be late
+            return self.began + LATE
         idle = [w for w in self.alive if not self.in_flight[w] and not self.own[w]]
         if not idle or len(idle) == len(self.alive):
             return None
