@@ -28,7 +28,7 @@ Rules, in order:
 5. **Speculation.** In a call's tail (nothing queued, at most ``TAIL``
    slices a worker unfinished), a worker with nothing in flight runs
    a copy of a slice in flight on a *straggler*: a worker ``SLOWER`` times
-   slower than itself by their expected times, or late (its running slice
+   slower than itself by the median of their slices (``_typical``), or late (its running slice
    has run ``OVERDUE`` times its expected time and ``LATE`` s, while others
    finished slices), if the copy would finish sooner by ``MARGIN``. One copy
    per slice; the first result wins and the other copy is dropped
