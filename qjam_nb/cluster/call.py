@@ -18,14 +18,12 @@ from .. import events as ev
 from ..errors import CallTimeoutError, RemoteError, WorkerError
 from ..executors.base import CallRun, CallSpec, Executor, WorkerHandle
 from .reduce import OrderedFold
-from .scheduler import Scheduler
+from .scheduler import MEASURABLE, Scheduler
 from .speeds import SpeedBook
 from .tracebacks import code_spans, restore
 
 #: Tasks a worker may have in flight when a call starts (``Scheduler.observe`` adapts it).
 WINDOW = 4
-#: Slices shorter than this (seconds) teach nothing of the workers' speeds.
-MEASURABLE = 0.001
 #: Deaths a slice may cause before it is not tried again.
 MAX_SLICE_DEATHS = 2
 

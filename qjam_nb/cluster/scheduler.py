@@ -28,8 +28,9 @@ Rules, in order:
 5. **Speculation.** In a call's tail (nothing queued, at most ``TAIL``
    slices a worker unfinished), a worker with nothing in flight runs
    a copy of a slice in flight on a *straggler*: a worker ``SLOWER`` times
-   slower than itself by the median of their slices (``_typical``), or late (its running slice
-   has run ``OVERDUE`` times its expected time and ``LATE`` s, while others
+   slower than itself by the median of their slices (``_typical``) and
+   ``MEASURABLE`` s a slice slower, or late (its running slice has run
+   ``OVERDUE`` times its expected time and ``LATE`` s, while others
    finished slices), if the copy would finish sooner by ``MARGIN``. One copy
    per slice; the first result wins and the other copy is dropped
    (``dropped``): the fold still takes each slice once.
@@ -69,6 +70,9 @@ MARGIN = 1.25
 PRIOR = 4
 #: Seconds a shipped steal or a copy must save at least (rules 4, 5): less is the machine's noise.
 MIN_GAIN = 0.02
+#: Seconds a slice: below it, what workers take differs by the machine's noise, not by their speeds
+#: (a straggler is slower by this much a slice at least; calls of shorter slices teach the speed book nothing).
+MEASURABLE = 0.001
 _NOTHING_RAN = (0, 0.0, ())
 #: How a slice came to a worker other than by rules 1-2 (``moves``).
 STOLEN, SPECULATIVE, REBALANCED = "stolen", "speculative", "rebalanced"
@@ -246,7 +250,7 @@ class Scheduler:
     def _something_to_gain(self, now: float) -> bool:
         """A steal or a copy might pay: a slice could be late by now, or what is left to run is long
         enough to save ``MIN_GAIN`` (a quick look, so that small calls pay nothing)."""
-        return (now - self.began > LATE
+        return (now - self.began >= LATE
                 or (len(self.keys) - self.done_count) * self.longest * SLOWER >= MIN_GAIN)
 
     def _probe(self, worker: str, index: int) -> None:
@@ -531,9 +535,11 @@ class Scheduler:
 
     def _slower(self, v: str, w: str, unit: float | None) -> bool:
         """``v`` is ``SLOWER`` times slower than ``w``, by their typical times (``_typical``, where a
-        few slow slices do not make a straggler)."""
+        few slow slices do not make a straggler), and ``MEASURABLE`` seconds a slice slower: between
+        slices of microseconds, a ratio measures the machine (its caches, clock, scheduling), and
+        only a stall (``_lateness``) tells a straggler."""
         e_v, e_w = self._typical(v, unit), self._typical(w, unit)
-        return e_v is not None and e_w is not None and e_v >= SLOWER * e_w
+        return e_v is not None and e_w is not None and e_v >= SLOWER * e_w and e_v - e_w >= MEASURABLE
 
     def _holds(self, w: str, index: int) -> bool:
         key = self.keys[index]
