@@ -43,6 +43,7 @@ from typing import Any
 
 import cloudpickle
 import distributed
+import numpy
 
 from .. import events as ev
 from .. import states
@@ -377,12 +378,14 @@ class DaskCall:
         self.cancelled = False
         self.submitted = 0
         func, params = spec.func, spec.params
-        payload = (bytes(func), bytes(params.data.raw()), list(params.buffers))
+        # The params' out-of-band buffers (numpy's memory) as byte arrays over the same memory, which Dask
+        # ships without a copy (a PickleBuffer it would pickle in band).
+        payload = (bytes(func), bytes(params.data.raw()), [numpy.frombuffer(b.raw(), numpy.uint8) for b in params.buffers])
         addresses = [w.address for w in workers]
         # To one worker: the others' batches copy it from there (Dask's ``broadcast`` logs an event that
         # cannot travel to a client listening to its topic).
         self.payload = self.client.scatter({self.key: payload}, workers=addresses)[self.key]
-        self.bytes_sent += len(payload[0]) + len(payload[1]) + sum(b.raw().nbytes for b in payload[2])
+        self.bytes_sent += len(payload[0]) + len(payload[1]) + sum(b.nbytes for b in payload[2])
         for w in workers:
             executor._set_state(w, states.BUSY, f"call {spec.id}")
 

@@ -121,6 +121,7 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
             out.append(("error", index, error_dict(exc, "pickling the result")))
             log(topic, ("idle", call, who, None, 0.0))
             return out
-        out.append(("ok", index, pickled, buffers, seconds))
+        # (memoryviews: Dask ships them as they are; a PickleBuffer in a result it cannot ship)
+        out.append(("ok", index, pickled, [b.raw() for b in buffers], seconds))
     log(topic, ("idle", call, who, finished, seconds))
     return out
