@@ -380,7 +380,8 @@ class DaskCall:
         func, params = spec.func, spec.params
         # The params' out-of-band buffers (numpy's memory) as byte arrays over the same memory, which Dask
         # ships without a copy (a PickleBuffer it would pickle in band).
-        payload = (bytes(func), bytes(params.data.raw()), [numpy.frombuffer(b.raw(), numpy.uint8) for b in params.buffers])
+        buffers = [numpy.frombuffer(b.raw(), numpy.uint8) for b in params.buffers]
+        payload = (bytes(func), bytes(params.data.raw()), buffers)
         addresses = [w.address for w in workers]
         # To one worker: the others' batches copy it from there (Dask's ``broadcast`` logs an event that
         # cannot travel to a client listening to its topic).

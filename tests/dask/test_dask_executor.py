@@ -1,0 +1,210 @@
+"""The Dask executor (``qjam_nb/executors/dask.py``) on real Dask clusters on 127.0.0.1.
+
+The cluster-level modules (map, cache, replay, timeline) run on the ``dask``
+backend too; here is what only Dask has: slices held by the scheduler's
+workers under ``qjam-`` keys, the ``dask`` command pair with a scheduler file,
+an unreachable scheduler, the host entries, and a script without a
+``__main__`` guard.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import EventLog, dask_cluster, stop_dask_clusters
+
+from qjam_nb import Cluster
+from qjam_nb import events as ev
+from qjam_nb.cluster.hosts import dask_target
+from qjam_nb.errors import HostError, WorkerError
+
+distributed = pytest.importorskip("distributed", reason="the Dask executor needs distributed (pip install '.[dask]')")
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def local_dask():
+    """Two Dask worker processes on 127.0.0.1 (no dashboard), for this module."""
+    yield dask_cluster(2)
+    stop_dask_clusters()
+
+
+@pytest.fixture
+def client(local_dask):
+    with distributed.Client(local_dask) as c:
+        yield c
+
+
+def qjam_keys(client) -> dict[str, set]:
+    """Per worker address, the ``qjam-`` slice keys the scheduler says it holds."""
+    return {a: {k for k in keys if str(k).startswith("qjam-") and "call" not in str(k)}
+            for a, keys in client.has_what().items()}
+
+
+def test_the_second_call_over_a_200_mib_array_sends_no_slice_bytes(client):
+    X = np.arange(200 * MiB // 8, dtype=np.float64).reshape(-1, 1024)  # 25600 rows of 8 KiB
+    X.flags.writeable = False  # its keys are hashed once
+    log = EventLog()
+    with Cluster(dask=client, echo=False, observers=[log]) as cluster:
+        ex = cluster._executor
+        assert sorted(cluster.worker_names) == ["dask/0", "dask/1"]
+        first = cluster.map(lambda p, xs: xs.sum(axis=0), None, X, slice_size=1600)
+        sent = log.of(ev.SliceSent)
+        assert sum(e.nbytes for e in sent) == X.nbytes and len(sent) == 16
+        assert ex.scattered_bytes == X.nbytes
+        held = qjam_keys(client)
+        assert sum(len(keys) for keys in held.values()) == 16
+        # the face's cache record is the scheduler's
+        by_address = {w.address: w for w in cluster.workers}
+        for address, keys in held.items():
+            assert {"qjam-" + k.hex() for k in by_address[address].cache} == keys
+        assert sum(n for _, n in cluster.cache_info().values()) == X.nbytes
+
+        log.clear()
+        second = cluster.map(lambda p, xs: xs.sum(axis=0) * p, 2.0, X, slice_size=1600)
+        assert log.of(ev.SliceSent) == []
+        assert ex.scattered_bytes == X.nbytes
+        assert qjam_keys(client) == held
+        done = log.of(ev.CallFinished)[-1]
+        assert done.ok and done.slice_bytes_sent == 0 and done.slice_bytes_cached == X.nbytes
+        np.testing.assert_array_equal(second, 2.0 * first)
+        np.testing.assert_array_equal(first, X.sum(axis=0))
+    # the cluster let go of its slices (the client is the caller's, and stays)
+    deadline = time.monotonic() + 10
+    while sum(len(keys) for keys in qjam_keys(client).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(len(keys) for keys in qjam_keys(client).values()) == 0
+
+
+def test_a_mapfunc_error_names_the_dask_worker_and_slice_and_the_next_call_works(client):
+    def fragile(p, xs):
+        if 13 in xs:
+            raise ValueError("thirteen")
+        return sum(xs)
+
+    with Cluster(dask=client, echo=False) as cluster:
+        with pytest.raises(Exception) as caught:
+            cluster.map(fragile, None, list(range(40)), slice_size=4)
+        err = caught.value
+        assert type(err).__name__ == "RemoteError"
+        assert err.worker in cluster.worker_names and err.index == 3
+        assert "ValueError: thirteen" in str(err) and "running mapfunc" in str(err)
+        assert "raise ValueError" in err.remote_traceback
+        assert cluster.map(lambda p, xs: sum(xs), None, list(range(40)), slice_size=4) == sum(range(40))
+
+
+def test_a_cancelled_call_stops_the_other_workers_batches_between_slices(client):
+    def slow_or_failing(p, xs):
+        if xs[0] == 0:
+            raise RuntimeError("first slice fails")
+        time.sleep(0.05)
+        return 1
+
+    with Cluster(dask=client, echo=False) as cluster:
+        started = time.monotonic()
+        with pytest.raises(Exception, match="first slice fails"):
+            cluster.map(slow_or_failing, None, list(range(200)), slice_size=1)
+        assert time.monotonic() - started < 8  # not 200 slices of 50 ms: the rest were cancelled
+        assert all(w.state == "idle" for w in cluster.workers)
+        assert cluster.map(lambda p, xs: 1, None, list(range(6)), slice_size=1) == 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_scheduler_is_a_clear_error_naming_its_address():
+    port = free_port()  # closed again: nothing listens there
+    started = time.monotonic()
+    with pytest.raises(HostError) as caught:
+        Cluster([f"dask://127.0.0.1:{port}"], start_timeout=2, echo=False)
+    assert time.monotonic() - started < 20
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}" in message and "dask scheduler" in message and "within 2 s" in message
+
+
+def test_the_dask_command_pair_with_a_scheduler_file(tmp_path):
+    """``dask scheduler`` and ``dask worker`` as a user starts them, found through their scheduler file."""
+    file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    common = ["--scheduler-file", str(file), "--no-dashboard"]
+    dask = [sys.executable, "-m", "dask"]
+    procs = [subprocess.Popen([*dask, "scheduler", *common, "--host", "127.0.0.1", "--port", "0"],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists():
+            assert procs[0].poll() is None, procs[0].stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the scheduler wrote no file within 60 s"
+            time.sleep(0.1)
+        procs.append(subprocess.Popen(
+            [*dask, "worker", *common, "--host", "127.0.0.1", "--nthreads", "1", "--name", "w0"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        with Cluster([f"dask:{file}"], echo=False, start_timeout=60) as cluster:
+            assert cluster.worker_names == ["dask/w0"]
+            assert cluster.workers[0].host == "127.0.0.1"
+            assert cluster.map(lambda p, xs: sum(xs) * p, 3, list(range(10)), slice_size=3) == 135
+            assert cluster.map(lambda p, xs: sum(xs) * p, 1, list(range(10)), slice_size=3) == 45
+            assert cluster.last_call.slice_bytes_sent == 0
+    finally:
+        for proc in reversed(procs):  # each in a session of its own: its group is this test's (with the nanny's child)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in reversed(procs):
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def test_dask_host_entries():
+    assert dask_target(["dask://127.0.0.1:8786"]) == ("address", "tcp://127.0.0.1:8786")
+    assert dask_target("dask://node1:8786") == ("address", "tcp://node1:8786")
+    assert dask_target(["dask:/tmp/scheduler.json"]) == ("file", "/tmp/scheduler.json")
+    assert dask_target(["dask:local:3"]) == ("local", 3)
+    assert dask_target(["dask:local"], workers_per_host=2) == ("local", 2)
+    assert dask_target(["local:2", "node1"]) is None and dask_target(None) is None
+    for bad, says in [
+        (["dask://127.0.0.1"], "dask://HOST:PORT"),
+        (["dask://127.0.0.1:99999"], "dask://HOST:PORT"),
+        (["dask:local:0"], "dask:local:N"),
+        (["dask:"], "dask:PATH"),
+        (["dask:local:2", "local:2"], "alone"),
+    ]:
+        with pytest.raises(WorkerError, match=says):
+            dask_target(bad)
+    with pytest.raises(TypeError, match="either hosts or dask=client"):
+        Cluster(["local:1"], dask=object())
+    with pytest.raises(TypeError, match="distributed.Client"):
+        Cluster(dask=object())
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
+    """Dask starts LocalCluster workers by spawn, which imports the script again: a clear HostError."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        from qjam_nb import Cluster
+        with Cluster(["dask:local:1"], echo=False, start_timeout=30) as cluster:
+            print("RESULT", cluster.map(lambda p, xs: 1))
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode != 0
+    assert "HostError" in out.stderr and 'if __name__ == "__main__":' in out.stderr, out.stderr[-3000:]
+    assert str(script) in out.stderr
