@@ -217,8 +217,9 @@ class DaskExecutor:
 
     # -- between calls -------------------------------------------------------------
     def revive(self, timeout: float, now: bool = False) -> list[DaskWorker]:
-        """Dead workers whose Dask name is back (a nanny restarted it), and workers that joined since."""
-        self.drain()
+        """Dead workers whose Dask name is back (a nanny restarted it), and (when some are dead, or
+        ``now``) workers that joined since."""
+        self._take_inbox()
         if not any(w.state == states.DEAD and not w.refused for w in self.workers) and not now:
             return []
         info = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -242,6 +243,11 @@ class DaskExecutor:
         return [w for w in back if w.state == states.IDLE]
 
     def drain(self) -> None:
+        self._take_inbox()
+        self._sync_caches()
+
+    def _take_inbox(self) -> None:
+        """Deaths heard between calls; what past calls' batches still said is dropped."""
         while True:
             try:
                 kind, msg = self.inbox.get_nowait()
@@ -251,7 +257,6 @@ class DaskExecutor:
                 w = self._by_address(msg.get("worker"))
                 if w is not None and w.state in (states.IDLE, states.BUSY):
                     self.lose_worker(w, "its Dask worker left the scheduler")
-        self._sync_caches()
 
     def _sync_caches(self) -> None:
         """Each worker's cache record, as the scheduler says (its memory manager may drop replicas)."""

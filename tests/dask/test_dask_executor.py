@@ -208,3 +208,45 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     assert out.returncode != 0
     assert "HostError" in out.stderr and 'if __name__ == "__main__":' in out.stderr, out.stderr[-3000:]
     assert str(script) in out.stderr
+
+
+def test_a_dask_worker_killed_mid_call_hands_its_slices_to_the_other_and_comes_back(client):
+    """SIGKILL one Dask worker process (ours: the module's LocalCluster started it) as the first slice
+    ends: its slices are lost and done by the other, its cache forgotten; its nanny restarts it, and
+    it is back under its name for the next call."""
+    with Cluster(dask=client, echo=False) as cluster:
+        data = list(range(60))
+        cluster.map(lambda p, xs: sum(xs), None, data, slice_size=2)  # slices cached on both
+        victim = cluster.workers[0]
+        pid = victim.hello["pid"]
+        log = EventLog()
+        killed: list[int] = []
+
+        def kill_on_first_done(event) -> None:
+            log(event)
+            if isinstance(event, ev.SliceDone) and not killed:
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+
+        unsubscribe = cluster.events.subscribe(kill_on_first_done)
+
+        def slow(p, xs):
+            time.sleep(0.03)
+            return sum(xs)
+
+        try:
+            assert cluster.map(slow, None, data, slice_size=2) == sum(data)
+        finally:
+            unsubscribe()
+        lost = log.of(ev.SliceLost)
+        assert lost and {e.worker for e in lost} == {victim.name}
+        assert victim.state == "dead" and victim.cache == {}
+        assert any(e.worker == victim.name and e.state == "dead" for e in log.of(ev.WorkerStateChanged))
+        done = {e.index: e.worker for e in log.of(ev.SliceDone)}
+        assert sorted(done) == list(range(30))
+        # its nanny starts it again: the next call has it back, under its name, with a new process
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(client.scheduler_info()["workers"]) < 2:
+            time.sleep(0.1)
+        assert cluster.map(lambda p, xs: sum(xs), None, data, slice_size=2) == sum(data)
+        assert killed == [pid] and victim.state == "idle" and victim.hello["pid"] != pid
