@@ -84,6 +84,10 @@ class DaskWorker(WorkerHandle):
         self.running: tuple[int, int] | None = None  # (call, slice) its batch said it began and has not ended
 
 
+class WorkerLost(Exception):
+    """A worker could not be reached while its tasks left (``DaskCall._submit``)."""
+
+
 @dataclass(eq=False)
 class Batch:
     worker: DaskWorker
@@ -410,11 +414,16 @@ class DaskCall:
             self.pending[name].append(index)
 
     def flush(self) -> None:
-        for name, indexes in self.pending.items():
-            if indexes and len(self.batches[name]) < BATCHES_IN_FLIGHT and not self.cancelled:
-                todo = [i for i in indexes if i not in self.finished]
+        # Until nothing more can leave: a worker lost while its batch left hands its tasks to others.
+        while not self.cancelled:
+            ready = [name for name, indexes in self.pending.items()
+                     if indexes and len(self.batches[name]) < BATCHES_IN_FLIGHT]
+            if not ready:
+                break
+            for name in ready:
+                todo = [i for i in self.pending[name] if i not in self.finished]
                 self.pending[name] = []
-                if todo:
+                if todo and self.workers[name].state == states.BUSY:
                     self._submit(self.workers[name], todo)
         if self.cache_news:
             for w in self.cache_news.values():
@@ -449,11 +458,19 @@ class DaskCall:
             ex.events.emit(ev.SliceSent(self.id, index, worker.name, key, size))
             self.cache_news[worker.name] = worker
         if scatter:
-            futures.update(self.client.scatter(scatter, workers=[worker.address]))
+            try:
+                futures.update(self.client.scatter(scatter, workers=[worker.address]))
+            except OSError as exc:  # it died (the scheduler's word of it may still be on its way)
+                raise WorkerLost(f"its Dask worker could not be reached ({type(exc).__name__}: {exc})") from exc
         return [(i, futures[dask_key(spec.keyed[i][0])]) for i in indexes]
 
     def _submit(self, worker: DaskWorker, indexes: list[int], retried: bool = False) -> None:
-        items = self._items(worker, indexes)
+        try:
+            items = self._items(worker, indexes)
+        except WorkerLost as lost:
+            self.pending[worker.name] = indexes  # in flight for the face: lost with the rest
+            self._lost(worker, str(lost))
+            return
         self.submitted += 1
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
         future = self.client.submit(

@@ -105,9 +105,14 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
         log(topic, ("slice", call, who, index, finished, seconds))
         if delay:
             time.sleep(delay)
+        if data is None:
+            data = []
+        elif hasattr(data, "flags") and hasattr(data, "view"):  # a numpy array: read-only, as our workers' are
+            data = data.view()
+            data.flags.writeable = False
         start = time.perf_counter()
         try:
-            value = func(params, [] if data is None else data)
+            value = func(params, data)
         except BaseException as exc:
             out.append(("error", index, error_dict(exc, "running mapfunc", skip=1)))
             log(topic, ("idle", call, who, None, 0.0))
