@@ -36,6 +36,7 @@ from __future__ import annotations
 import pickle
 import queue
 import time
+import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,6 +87,21 @@ class DaskWorker(WorkerHandle):
 
 class WorkerLost(Exception):
     """A worker could not be reached while its tasks left (``DaskCall._submit``)."""
+
+
+class SliceRefused(Exception):
+    """A worker could not take a slice scattered to it: its index and the error, as a batch says one."""
+
+    def __init__(self, index: int, error: dict) -> None:
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+def refused(exc: BaseException, where: str) -> dict:
+    """Dask's word that a worker failed (it re-raises the worker's exception, or wraps it) as our error dict."""
+    inner = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], BaseException) else exc
+    return {"type": type(inner).__name__, "message": str(inner),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), "where": where}
 
 
 @dataclass(eq=False)
@@ -462,6 +478,12 @@ class DaskCall:
                 futures.update(self.client.scatter(scatter, workers=[worker.address]))
             except OSError as exc:  # it died (the scheduler's word of it may still be on its way)
                 raise WorkerLost(f"its Dask worker could not be reached ({type(exc).__name__}: {exc})") from exc
+            except Exception as exc:  # it could not unpickle a slice (a class only the notebook can import)
+                first = next(i for i in indexes if dask_key(spec.keyed[i][0]) in scatter)
+                for i in indexes:
+                    if dask_key(spec.keyed[i][0]) in scatter:
+                        worker.forget(spec.keyed[i][0])
+                raise SliceRefused(first, refused(exc, "unpickling the slice sent there")) from exc
         return [(i, futures[dask_key(spec.keyed[i][0])]) for i in indexes]
 
     def _submit(self, worker: DaskWorker, indexes: list[int], retried: bool = False) -> None:
@@ -470,6 +492,9 @@ class DaskCall:
         except WorkerLost as lost:
             self.pending[worker.name] = indexes  # in flight for the face: lost with the rest
             self._lost(worker, str(lost))
+            return
+        except SliceRefused as refusal:
+            self.reports.failed(worker.name, refusal.index, refusal.error)
             return
         self.submitted += 1
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
