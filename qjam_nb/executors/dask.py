@@ -69,9 +69,17 @@ MAX_SLICE_BYTES = 1 << 40
 PREFIX = "dask/"
 
 
+#: Slice key -> how many times this process let go of its Dask key. A key let go of is not scattered
+#: again under the same name: the client's release of it may reach the scheduler after the new scatter,
+#: which would then be forgotten.
+_let_go: dict[bytes, int] = {}
+
+
 def dask_key(key: bytes) -> str:
-    """The Dask key a slice is scattered under: ``qjam-`` and its content hash in hex."""
-    return "qjam-" + key.hex()
+    """The Dask key a slice is scattered under: ``qjam-`` and its content hash in hex (then ``-N`` once
+    this process let go of it N times)."""
+    n = _let_go.get(key)
+    return "qjam-" + key.hex() if not n else f"qjam-{key.hex()}-{n}"
 
 
 class DaskWorker(WorkerHandle):
@@ -132,7 +140,7 @@ class DaskExecutor:
         self.topic = f"qjam-{self.token}"
         self.inbox: queue.Queue = queue.Queue()
         self.workers: list[DaskWorker] = []
-        self.futures: dict[str, Any] = {}  # Dask key -> the Future that keeps the slice on its workers
+        self.futures: dict[bytes, Any] = {}  # slice key -> the Future that keeps it on its Dask workers
         self.scattered_bytes = 0  # slice bytes scattered from this process, ever
         self.versions = master_versions()
         self.current_call = 0
@@ -286,9 +294,10 @@ class DaskExecutor:
             has = self.client.has_what()
         except Exception:
             return
+        futures = self.futures
         for w in self.alive():
             held = set(has.get(w.address, ()))
-            gone = [k for k in w.cache if dask_key(k) not in held]
+            gone = [k for k in w.cache if k not in futures or futures[k].key not in held]
             for k in gone:
                 w.forget(k)
             if gone:
@@ -297,9 +306,14 @@ class DaskExecutor:
 
     def _release_unheld(self) -> None:
         """Let go of slices no live worker caches (Dask forgets them)."""
-        held = {dask_key(k) for w in self.alive() for k in w.cache}
+        held = {k for w in self.alive() for k in w.cache}
         for k in [k for k in self.futures if k not in held]:
-            del self.futures[k]
+            self.let_go(k)
+
+    def let_go(self, key: bytes) -> None:
+        """Release slice ``key``'s future (Dask forgets the slice once no client wants it)."""
+        if self.futures.pop(key, None) is not None:
+            _let_go[key] = _let_go.get(key, 0) + 1
 
     def alive(self) -> list[DaskWorker]:
         return [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
@@ -350,7 +364,8 @@ class DaskExecutor:
                     client.unsubscribe_topic(topic)
                 except Exception:
                     pass
-        self.futures.clear()
+        for key in list(self.futures):
+            self.let_go(key)
         if client is not None and self.own_client:
             client.close()
         if self.local_cluster is not None:
@@ -456,15 +471,14 @@ class DaskCall:
         scatter: dict[str, Any] = {}
         for index in indexes:
             key, size = spec.keyed[index]
-            dk = dask_key(key)
-            fut = futures.get(dk)
+            fut = futures.get(key)
             if fut is not None and fut.status != "finished":  # its only holder died: scatter it again
-                del futures[dk]
+                ex.let_go(key)
                 fut = None
             if key in worker.cache and fut is not None:
                 continue
-            if fut is None and dk not in scatter:
-                scatter[dk] = spec.data.slice(index)
+            if fut is None and key not in scatter:
+                scatter[key] = spec.data.slice(index)
                 ex.scattered_bytes += size
                 self.bytes_sent += size
             # else: Dask copies it from the worker that holds it
@@ -474,17 +488,28 @@ class DaskCall:
             ex.events.emit(ev.SliceSent(self.id, index, worker.name, key, size))
             self.cache_news[worker.name] = worker
         if scatter:
+            names = {dask_key(key): key for key in scatter}
             try:
-                futures.update(self.client.scatter(scatter, workers=[worker.address]))
+                scattered = self.client.scatter({name: scatter[key] for name, key in names.items()},
+                                                workers=[worker.address])
             except OSError as exc:  # it died (the scheduler's word of it may still be on its way)
                 raise WorkerLost(f"its Dask worker could not be reached ({type(exc).__name__}: {exc})") from exc
             except Exception as exc:  # it could not unpickle a slice (a class only the notebook can import)
-                first = next(i for i in indexes if dask_key(spec.keyed[i][0]) in scatter)
-                for i in indexes:
-                    if dask_key(spec.keyed[i][0]) in scatter:
-                        worker.forget(spec.keyed[i][0])
+                if not self._present(worker):  # or it left (Dask names the address it no longer knows)
+                    raise WorkerLost(f"its Dask worker left ({type(exc).__name__}: {exc})") from exc
+                first = next(i for i in indexes if spec.keyed[i][0] in scatter)
+                for key in scatter:
+                    worker.forget(key)
                 raise SliceRefused(first, refused(exc, "unpickling the slice sent there")) from exc
-        return [(i, futures[dask_key(spec.keyed[i][0])]) for i in indexes]
+            futures.update((names[name], fut) for name, fut in scattered.items())
+        return [(i, futures[spec.keyed[i][0]]) for i in indexes]
+
+    def _present(self, worker: DaskWorker) -> bool:
+        """Does the scheduler still know ``worker``'s address?"""
+        try:
+            return worker.address in self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:
+            return False
 
     def _submit(self, worker: DaskWorker, indexes: list[int], retried: bool = False) -> None:
         try:
@@ -518,7 +543,7 @@ class DaskCall:
                 for worker, key in sent:
                     worker.forget(key)
                     self.cache_news[worker.name] = worker
-                self.executor.futures.pop(dask_key(self.spec.keyed[index][0]), None)
+                self.executor.let_go(self.spec.keyed[index][0])
         self.spec.keyed = keyed
 
     # -- reading ---------------------------------------------------------------------------
@@ -602,17 +627,28 @@ class DaskCall:
     def _batch_failed(self, batch: Batch, exc: BaseException) -> None:
         """A batch that Dask could not run: its slices' data was lost (scattered again, once), or worse."""
         worker = batch.worker
-        lost = self.spec.data is not None and any(
-            getattr(self.executor.futures.get(dask_key(self.spec.keyed[i][0])), "status", None) != "finished"
-            for i in batch.indexes)
+        ex = self.executor
+        lost = []
+        if self.spec.data is not None:
+            keys = {self.spec.keyed[i][0] for i in batch.indexes}
+            futures = [ex.futures[k] for k in keys if k in ex.futures]
+            try:
+                holders = self.client.who_has(futures)
+            except Exception:
+                holders = {}
+            lost = [k for k in keys if k not in ex.futures or not holders.get(ex.futures[k].key)]
         if lost and not batch.retried:
-            for i in batch.indexes:
-                worker.forget(self.spec.keyed[i][0])
+            for key in lost:  # gone from every worker: scattered again
+                for w in self.workers.values():
+                    if key in w.cache:
+                        w.forget(key)
+                        self.cache_news[w.name] = w
+                ex.let_go(key)
             self._submit(worker, [i for i in batch.indexes if i not in self.finished], retried=True)
             return
         raise WorkerError(
             f"Dask could not run slices {batch.indexes} on worker {worker.name} ({type(exc).__name__}: {exc}); "
-            f"the call was stopped. See the {self.executor.where}'s and that worker's logs")
+            f"the call was stopped. See the {ex.where}'s and that worker's logs")
 
     def _stale(self, worker: DaskWorker, index: int) -> bool:
         left = self.stale.get((worker.name, index))

@@ -67,7 +67,8 @@ def test_the_second_call_over_a_200_mib_array_sends_no_slice_bytes(client):
         # the face's cache record is the scheduler's
         by_address = {w.address: w for w in cluster.workers}
         for address, keys in held.items():
-            assert {"qjam-" + k.hex() for k in by_address[address].cache} == keys
+            assert {ex.futures[k].key for k in by_address[address].cache} == keys
+        assert all(k.startswith("qjam-") for keys in held.values() for k in keys)
         assert sum(n for _, n in cluster.cache_info().values()) == X.nbytes
 
         log.clear()
@@ -250,3 +251,26 @@ def test_a_dask_worker_killed_mid_call_hands_its_slices_to_the_other_and_comes_b
             time.sleep(0.1)
         assert cluster.map(lambda p, xs: sum(xs), None, data, slice_size=2) == sum(data)
         assert killed == [pid] and victim.state == "idle" and victim.hello["pid"] != pid
+
+
+def test_a_slice_still_running_past_the_cancel_grace_has_its_worker_restarted(client):
+    """A timeout stops the call; the worker stuck in a 60 s slice is restarted (its nanny), and is back
+    under its name, caching nothing, for the next call."""
+    from qjam_nb.errors import CallTimeoutError
+
+    def stuck_on_zero(p, xs):
+        if xs[0] == 0:
+            time.sleep(60)
+        return 1
+
+    with Cluster(dask=client, echo=False) as cluster:
+        cluster.map(lambda p, xs: 1, None, list(range(8)), slice_size=1)
+        pids = {w.name: w.hello["pid"] for w in cluster.workers}
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            cluster.map(stuck_on_zero, None, list(range(8)), slice_size=1, timeout=1)
+        assert time.monotonic() - started < 30
+        restarted = [w for w in cluster.workers if w.hello["pid"] != pids[w.name]]
+        assert len(restarted) == 1 and restarted[0].state == "idle" and restarted[0].cache == {}
+        assert "cancelled" in cluster._executor.obituaries() or restarted[0].reason == "restarted"
+        assert cluster.map(lambda p, xs: 1, None, list(range(8)), slice_size=1) == 8
