@@ -60,10 +60,11 @@ def test_the_second_call_over_a_200_mib_array_sends_no_slice_bytes(client):
         assert sorted(cluster.worker_names) == ["dask/0", "dask/1"]
         first = cluster.map(lambda p, xs: xs.sum(axis=0), None, X, slice_size=1600)
         sent = log.of(ev.SliceSent)
-        assert sum(e.nbytes for e in sent) == X.nbytes and len(sent) == 16
-        assert ex.scattered_bytes == X.nbytes
+        # every slice leaves the notebook once (a slice the schedule healed onto a second worker is
+        # copied there by Dask, from the worker that holds it)
+        assert sorted({e.index for e in sent}) == list(range(16)) and ex.scattered_bytes == X.nbytes, sent
         held = qjam_keys(client)
-        assert sum(len(keys) for keys in held.values()) == 16
+        assert set().union(*held.values()) == {f.key for f in ex.futures.values()} and len(ex.futures) == 16
         # the face's cache record is the scheduler's
         by_address = {w.address: w for w in cluster.workers}
         for address, keys in held.items():
@@ -73,7 +74,7 @@ def test_the_second_call_over_a_200_mib_array_sends_no_slice_bytes(client):
 
         log.clear()
         second = cluster.map(lambda p, xs: xs.sum(axis=0) * p, 2.0, X, slice_size=1600)
-        assert log.of(ev.SliceSent) == []
+        assert log.of(ev.SliceSent) == [], log.of(ev.SliceTaken)
         assert ex.scattered_bytes == X.nbytes
         assert qjam_keys(client) == held
         done = log.of(ev.CallFinished)[-1]
