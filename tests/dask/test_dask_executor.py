@@ -275,3 +275,16 @@ def test_a_slice_still_running_past_the_cancel_grace_has_its_worker_restarted(cl
         assert len(restarted) == 1 and restarted[0].state == "idle" and restarted[0].cache == {}
         assert "cancelled" in cluster._executor.obituaries() or restarted[0].reason == "restarted"
         assert cluster.map(lambda p, xs: 1, None, list(range(8)), slice_size=1) == 8
+
+
+def test_qjam_hosts_takes_a_dask_entry(ip, local_dask):
+    """``%qjam_hosts dask://HOST:PORT`` parses as ``Cluster`` does, and ``%%qjam_map`` runs there."""
+    address = local_dask.scheduler_address.replace("tcp://", "dask://")
+    assert ip.run_cell(f"%qjam_hosts {address}").success
+    ip.user_ns["numbers"] = list(range(30))
+    result = ip.run_cell("%%qjam_map -d numbers --slice-size 4 -o total\n"
+                         "def mapfunc(p, xs):\n    return sum(xs)\n")
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == sum(range(30))
+    assert ip.run_cell("%qjam_hosts dask://127.0.0.1").error_in_exec is not None  # no port: a clear error
+    ip.run_cell("%qjam_shutdown")
