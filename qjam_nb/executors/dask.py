@@ -17,8 +17,8 @@ Its rules, beside the seam's (``executors.base``):
   (``daskbatch.run_batch``), pinned there (``allow_other_workers=False``),
   at most ``BATCHES_IN_FLIGHT`` batches a worker: more wait here, and leave
   at the next ``flush`` (less what finished elsewhere meanwhile).
-* Progress comes from the batches' worker-side events (``log_event`` on this
-  executor's topic), deaths from the scheduler's (``remove-worker``, under
+* Progress and what mapfunc prints come from the batches' worker-side events
+  (``log_event`` on this executor's topic), deaths from the scheduler's (``remove-worker``, under
   each worker's address);
   both, and the batches' completions, reach the call's thread through one
   ``queue.Queue`` (``inbox``), the only thread that emits events and reports.
@@ -588,6 +588,8 @@ class DaskCall:
             self.reports.started(worker.name, index)
         elif msg[0] == "idle":
             worker.running = None
+        elif msg[0] == "output":
+            self.executor.events.emit(ev.StreamOutput(worker.name, msg[4], msg[5], self.id, msg[3]))
 
     def _on_done(self, batch: Batch) -> None:
         worker = batch.worker

@@ -17,12 +17,17 @@ Rules of this module:
   so a value that cannot be pickled is reported as such, naming its slice.
 * A mapfunc error ends the batch: its error is the last entry, shaped as our
   own workers' (type, message, traceback, where).
+* What mapfunc prints, on a worker of one thread, is caught per slice and
+  sent as ``("output", call, who, index, stream, text)`` (up to
+  ``OUTPUT_LIMIT`` characters a slice and stream).
 * The cancel flag (``cancel``) is a set on the worker object, checked before
   each slice: a cancelled call's batches end at the next slice boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import pickle
 import platform
 import time
@@ -34,6 +39,8 @@ import cloudpickle
 MEMO, CANCELLED = "_qjam_call", "_qjam_cancelled"
 #: How many cancelled calls a worker remembers.
 KEEP_CANCELLED = 16
+#: Characters of one slice's output on one stream sent back (the scheduler keeps the last events).
+OUTPUT_LIMIT = 16 << 10
 
 
 def versions() -> dict:
@@ -80,6 +87,18 @@ def _load(worker: object, call_key: str, payload: tuple) -> tuple:
     return func, params
 
 
+def _forward(log: object, topic: str, call: int, who: str, index: int, printed: tuple | None) -> None:
+    """What slice ``index`` printed, as ``("output", call, who, index, stream, text)`` events."""
+    if printed is None:
+        return
+    for stream, buffer in zip(("stdout", "stderr"), printed, strict=True):
+        text = buffer.getvalue()
+        if len(text) > OUTPUT_LIMIT:
+            text = text[:OUTPUT_LIMIT] + f"\n[{len(text) - OUTPUT_LIMIT} more characters not shown]\n"
+        if text:
+            log(topic, ("output", call, who, index, stream, text))
+
+
 def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, topic: str,
               delay: float | None) -> list:
     """Run mapfunc over ``items`` ((slice index, slice or None), in order) on this worker (``who``, as the
@@ -97,6 +116,9 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
     except BaseException as exc:
         return [("error", items[0][0], error_dict(exc, "loading mapfunc and params"))]
     state = worker.__dict__
+    # What mapfunc prints comes back as events, where this worker runs one task at a time (redirecting
+    # sys.stdout would catch its other threads' tasks' output too).
+    capture = getattr(getattr(worker, "state", None), "nthreads", None) == 1
     finished, seconds = None, 0.0
     for index, data in items:
         if call_key in state.get(CANCELLED, ()):
@@ -111,13 +133,20 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
             data = data.view()
             data.flags.writeable = False
         start = time.perf_counter()
+        printed = (io.StringIO(), io.StringIO()) if capture else None
         try:
-            value = func(params, data)
+            if printed is None:
+                value = func(params, data)
+            else:
+                with contextlib.redirect_stdout(printed[0]), contextlib.redirect_stderr(printed[1]):
+                    value = func(params, data)
         except BaseException as exc:
+            _forward(log, topic, call, who, index, printed)
             out.append(("error", index, error_dict(exc, "running mapfunc", skip=1)))
             log(topic, ("idle", call, who, None, 0.0))
             return out
         seconds = time.perf_counter() - start
+        _forward(log, topic, call, who, index, printed)
         finished = index
         buffers: list = []
         try:

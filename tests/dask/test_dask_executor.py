@@ -288,3 +288,20 @@ def test_qjam_hosts_takes_a_dask_entry(ip, local_dask):
     assert ip.user_ns["total"] == sum(range(30))
     assert ip.run_cell("%qjam_hosts dask://127.0.0.1").error_in_exec is not None  # no port: a clear error
     ip.run_cell("%qjam_shutdown")
+
+
+def test_what_mapfunc_prints_comes_back_tagged_with_its_worker_and_slice(client):
+    def chatty(p, xs):
+        print(f"slice of {xs[0]}")
+        if xs[0] == 6:
+            print("six on stderr", file=sys.stderr)
+        return len(xs)
+
+    log = EventLog()
+    with Cluster(dask=client, echo=False, observers=[log]) as cluster:
+        assert cluster.map(chatty, None, list(range(12)), slice_size=3) == 12
+        assigned = {e.index: e.worker for e in log.of(ev.SliceDone)}
+        out = log.of(ev.StreamOutput)
+        assert sorted((e.index, e.stream, e.text) for e in out) == sorted(
+            [(i, "stdout", f"slice of {3 * i}\n") for i in range(4)] + [(2, "stderr", "six on stderr\n")])
+        assert all(e.worker == assigned[e.index] and e.call == log.of(ev.CallStarted)[0].call for e in out)
