@@ -172,6 +172,8 @@ class DaskExecutor:
         refused = [w for w in self.workers if w.refused]
         if refused:
             raise VersionMismatchError("; ".join(w.reason for w in refused))
+        if not self.alive():
+            raise WorkerError(f"no worker of the {self.where} could be started: {self.obituaries()}")
 
     def _connect(self, timeout: float) -> Any:
         kind, value = self.target
@@ -425,7 +427,12 @@ class DaskCall:
         addresses = [w.address for w in workers]
         # To one worker: the others' batches copy it from there (Dask's ``broadcast`` logs an event that
         # cannot travel to a client listening to its topic).
-        self.payload = self.client.scatter({self.key: payload}, workers=addresses)[self.key]
+        try:
+            self.payload = self.client.scatter({self.key: payload}, workers=addresses)[self.key]
+        except OSError as exc:
+            raise WorkerError(f"call {spec.id}'s mapfunc and params could not reach the workers of the "
+                              f"{executor.where} ({type(exc).__name__}: {exc}). Call again: workers that left "
+                              "are dropped first") from exc
         self.bytes_sent += len(payload[0]) + len(payload[1]) + sum(b.nbytes for b in payload[2])
         for w in workers:
             executor._set_state(w, states.BUSY, f"call {spec.id}")
