@@ -28,7 +28,7 @@ Its rules, beside the seam's (``executors.base``):
 * Workers are named ``dask/<the Dask worker's name>``; a restarted worker
   keeps its Dask name (a new address), and comes back under the same name.
 
-Nothing of qjam_nb is installed on the Dask workers: ``daskbatch`` travels by value.
+Nothing of qjam_nb is installed on the Dask workers: ``daskbatch`` travels by value (``TRAVEL``).
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ import pickle
 import queue
 import time
 import traceback
+import types
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import distributed
 import numpy
 
@@ -53,7 +54,20 @@ from . import daskbatch
 from .base import CallReports, CallSpec, WorkerHandle
 from .handshake import master_versions, mismatch
 
-cloudpickle.register_pickle_by_value(daskbatch)
+
+def _travelling() -> types.ModuleType:
+    """``daskbatch``'s code, run again in a module that is in no ``sys.modules``: cloudpickle ships its
+    functions by value (as it does ``__main__``'s), so nothing of qjam_nb is needed on the Dask
+    workers. (``cloudpickle.register_pickle_by_value(daskbatch)`` would too, but a module registered
+    so makes ``cluster.shipping`` pickle every mapfunc afresh, for every cluster of this process.)"""
+    module = types.ModuleType("qjam_nb_daskbatch")
+    path = daskbatch.__file__
+    exec(compile(Path(path).read_text(), path, "exec"), module.__dict__)
+    return module
+
+
+#: What runs on the Dask workers (``daskbatch``), as it travels.
+TRAVEL = _travelling()
 
 #: Batch tasks a worker may have submitted at once; more tasks wait here until one finishes.
 BATCHES_IN_FLIGHT = 2
@@ -211,7 +225,7 @@ class DaskExecutor:
         if not workers:
             return
         try:
-            hellos = self.client.run(daskbatch.versions, workers=[w.address for w in workers], on_error="return")
+            hellos = self.client.run(TRAVEL.versions, workers=[w.address for w in workers], on_error="return")
         except Exception as exc:
             hellos = {w.address: exc for w in workers}
         for w in workers:
@@ -531,7 +545,7 @@ class DaskCall:
         self.submitted += 1
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
         future = self.client.submit(
-            daskbatch.run_batch, self.key, self.id, worker.name, self.payload, items, self.executor.topic, delay,
+            TRAVEL.run_batch, self.key, self.id, worker.name, self.payload, items, self.executor.topic, delay,
             key=f"{self.key}-batch-{self.submitted}", workers=[worker.address], allow_other_workers=False,
             pure=False)
         batch = Batch(worker, future, indexes, retried)
@@ -697,7 +711,7 @@ class DaskCall:
         if not busy:
             return
         try:
-            self.client.run(daskbatch.cancel, self.key, workers=[w.address for w in busy], wait=False)
+            self.client.run(TRAVEL.cancel, self.key, workers=[w.address for w in busy], wait=False)
         except Exception:
             pass
         deadline = time.monotonic() + grace

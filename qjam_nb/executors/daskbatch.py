@@ -3,9 +3,10 @@ the cancel flag.
 
 Rules of this module:
 
-* It travels by value: ``executors.dask`` registers it with
-  ``cloudpickle.register_pickle_by_value``, so nothing of qjam_nb needs to be
-  installed on the Dask workers. It imports only the standard library and
+* It travels by value: ``executors.dask`` runs its code again in a module
+  that is in no ``sys.modules`` (``TRAVEL``), whose functions cloudpickle
+  ships by value, so nothing of qjam_nb needs to be installed on the Dask
+  workers. It imports only the standard library and
   cloudpickle at the top; ``distributed`` (there on every Dask worker) is
   imported inside the functions that run there.
 * A batch runs the slices the face assigned one worker in one pass, in order,

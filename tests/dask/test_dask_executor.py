@@ -305,3 +305,29 @@ def test_what_mapfunc_prints_comes_back_tagged_with_its_worker_and_slice(client)
         assert sorted((e.index, e.stream, e.text) for e in out) == sorted(
             [(i, "stdout", f"slice of {3 * i}\n") for i in range(4)] + [(2, "stderr", "six on stderr\n")])
         assert all(e.worker == assigned[e.index] and e.call == log.of(ev.CallStarted)[0].call for e in out)
+
+
+def test_what_runs_on_the_dask_workers_travels_by_value_and_needs_no_qjam_nb_there():
+    """Loaded in an interpreter that cannot import qjam_nb (the venv may have it installed: blocked)."""
+    import cloudpickle
+
+    from qjam_nb.executors.dask import TRAVEL
+
+    blob = cloudpickle.dumps((TRAVEL.versions, TRAVEL.run_batch, TRAVEL.cancel))
+    code = textwrap.dedent("""
+        import pickle, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "qjam_nb":
+                    raise ImportError("qjam_nb is not here: " + name)
+        sys.meta_path.insert(0, Block())
+        versions, run_batch, cancel = pickle.loads(sys.stdin.buffer.read())
+        print(sorted(versions()), run_batch.__name__, cancel.__name__)
+        print(sorted(m for m in sys.modules if m.startswith("qjam")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().splitlines() == ["['cloudpickle', 'numpy', 'pid', 'python'] run_batch cancel", "[]"]
+    from qjam_nb.executors import dask as executor
+
+    assert "daskbatch" not in str(cloudpickle.list_registry_pickle_by_value()) and executor.TRAVEL is TRAVEL
