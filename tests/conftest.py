@@ -27,6 +27,9 @@ BACKENDS = ("local", "ssh")
 #: of this process, no process at all) too, for what does not depend on processes (map, cache, reduce
 #: order, errors, events, the timeline).
 ALL_BACKENDS = ("local", "ssh", "memory")
+#: ...and on a Dask cluster (the Dask executor): ``LocalCluster``s on 127.0.0.1 started once per module,
+#: one per worker count its tests ask for (``hosts_for``).
+WITH_DASK = (*ALL_BACKENDS, "dask")
 
 
 @dataclass
@@ -83,10 +86,15 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="module")
 def backend(request) -> str:
-    """``"local"``, ``"ssh"`` or ``"memory"``: where this module's clusters run."""
+    """``"local"``, ``"ssh"``, ``"memory"`` or ``"dask"``: where this module's clusters run."""
     if request.param == "ssh":
         request.getfixturevalue("ssh_world")
-    return request.param
+    if request.param == "dask":
+        pytest.importorskip("distributed", reason="the dask backend needs distributed (pip install '.[dask]')")
+        yield request.param
+        stop_dask_clusters()
+        return
+    yield request.param
 
 
 def skip_in_memory(backend: str, why: str) -> None:
@@ -95,10 +103,41 @@ def skip_in_memory(backend: str, why: str) -> None:
         pytest.skip(f"memory backend: {why}")
 
 
+def skip_on_dask(backend: str, why: str) -> None:
+    """Skip a test of our own worker processes (their pids, streams, frames) on the dask backend."""
+    if backend == "dask":
+        pytest.skip(f"dask backend: {why}")
+
+
+#: worker count -> the LocalCluster the dask backend's tests of this module share.
+_dask_clusters: dict = {}
+
+
+def dask_cluster(n: int):
+    """A ``LocalCluster`` of ``n`` worker processes on 127.0.0.1 (no dashboard), started once per module."""
+    cluster = _dask_clusters.get(n)
+    if cluster is None:
+        from distributed import LocalCluster
+
+        cluster = _dask_clusters[n] = LocalCluster(processes=True, n_workers=n, threads_per_worker=1,
+                                                   host="127.0.0.1", dashboard_address=None)
+    return cluster
+
+
+def stop_dask_clusters() -> None:
+    for cluster in _dask_clusters.values():
+        cluster.close()
+    _dask_clusters.clear()
+
+
 def hosts_for(backend: str, hosts) -> list[str]:
-    """``local:N`` as written in a test, or its ssh twin ``sshhost:N``, or its in-memory twin ``memory:N``."""
+    """``local:N`` as written in a test, or its ssh twin ``sshhost:N``, or its in-memory twin ``memory:N``;
+    on the dask backend, ``dask://`` the scheduler of a shared ``LocalCluster`` with as many workers."""
     if backend == "local":
         return list(hosts)
+    if backend == "dask":
+        n = sum(int(h.partition(":")[2] or 1) for h in hosts if h.startswith("local"))
+        return [dask_cluster(n).scheduler_address.replace("tcp://", "dask://")]
     twin = "sshhost" if backend == "ssh" else backend
     return [(twin + h[len("local"):]) if h.startswith("local") else h for h in hosts]
 

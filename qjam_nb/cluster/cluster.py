@@ -38,7 +38,7 @@ from ..transport.registry import SshOptions
 from .call import CallDriver, begin
 from .chaos import Chaos
 from .echo import StreamEcho
-from .hosts import parse_hosts
+from .hosts import dask_target, parse_hosts
 from .ownership import Ownership, one_at_a_time
 from .progress import TqdmProgress
 from .replay import ReplayLog
@@ -91,6 +91,7 @@ class Cluster:
         start_timeout: float = START_TIMEOUT,
         heartbeat: float = HEARTBEAT,
         blas_threads: int | bool | None = None,
+        dask: Any = None,
     ) -> None:
         """``echo`` prints worker output here, tagged; ``progress`` shows a text bar
         for calls that take over half a second (default: when stderr is a terminal);
@@ -111,7 +112,12 @@ class Cluster:
         affinity and cgroup CPU quota allow, unless its environment sets one of them (a local
         worker's is this process's; an ssh worker's is its host's: this one's is not forwarded),
         which is then kept; N: N threads each; False: the environment is left alone. What each
-        worker got is in ``%qjam_status`` and the widget."""
+        worker got is in ``%qjam_status`` and the widget.
+
+        ``dask=client`` (a ``distributed.Client``), or a host entry ``dask://HOST:PORT``,
+        ``dask:PATH`` (a scheduler file) or ``dask:local:N`` alone, runs the calls on the
+        workers of a Dask cluster instead (``executors.dask``; ``distributed`` must be
+        installed: ``pip install qjam_nb[dask]``)."""
         if not (blas_threads is None or blas_threads is False
                 or (type(blas_threads) is int and blas_threads >= 1)):
             raise ValueError(f"blas_threads must be None (each worker's share of its host's cores), a whole "
@@ -135,10 +141,15 @@ class Cluster:
         self._replays = ReplayLog()
         self.speeds = SpeedBook()  # each worker's measured speed and link cost, for placing slices
         self._closed = False
-        self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
         self.ssh_options = ssh_settings(ssh, start_timeout, user=user, port=port, identity=identity, python=python,
                                         accept_new_host=accept_new_host)
-        self._executor = FramesExecutor(self.events, self.hosts, self.ssh_options, blas_threads, float(heartbeat))
+        dask_cluster = _dask_target(hosts, workers_per_host, dask)
+        if dask_cluster is not None:
+            self.hosts = []
+            self._executor = _dask_executor(self.events, dask_cluster, float(heartbeat))
+        else:
+            self.hosts = parse_hosts(DEFAULT_HOSTS if hosts is None else hosts, workers_per_host)
+            self._executor = FramesExecutor(self.events, self.hosts, self.ssh_options, blas_threads, float(heartbeat))
         _live_clusters.add(self)
         try:
             self._executor.start(start_timeout)
@@ -337,6 +348,27 @@ class Cluster:
 
     def _worker(self, name: str) -> WorkerHandle:
         return next(w for w in self.workers if w.name == name)
+
+
+def _dask_target(hosts: Any, workers_per_host: int, client: Any) -> tuple[str, Any] | None:
+    """The Dask cluster asked for (``dask=`` or a ``dask:`` host entry), or None."""
+    if client is None:
+        return dask_target(hosts, workers_per_host)
+    if hosts is not None:
+        raise TypeError("give either hosts or dask=client, not both: the Dask client's workers are the cluster's")
+    if not callable(getattr(client, "scheduler_info", None)) or not callable(getattr(client, "submit", None)):
+        raise TypeError(f"dask= takes a distributed.Client, not {type(client).__name__}")
+    return "client", client
+
+
+def _dask_executor(events: ev.EventBus, target: tuple[str, Any], heartbeat: float) -> Any:
+    """The Dask executor; ``distributed`` is imported only now, when a Dask cluster is asked for."""
+    try:
+        from ..executors.dask import DaskExecutor
+    except ImportError as exc:
+        raise HostError(f"dask:{target[1]}" if target[0] != "client" else "dask", "importing distributed",
+                        f"{exc}. Install Dask's distributed here: pip install 'qjam_nb[dask]'") from exc
+    return DaskExecutor(events, target, heartbeat)
 
 
 def _as_dataset(dataset: Any, slice_size: int | None) -> DataSet | None:

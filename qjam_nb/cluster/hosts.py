@@ -6,6 +6,11 @@ it overrides ``Cluster(port=)`` and ``~/.ssh/config``'s ``Port``, so one host ma
 appear twice with two ports (two sshds, two hosts). Its worker count, if any,
 comes after the port: ``ssh://node3:2222:4``. Opening them is the transport
 registry's (``transport.registry.open_hosts``).
+
+A Dask cluster is named by one entry of its own, alone in the list
+(``dask_target``): ``dask://HOST:PORT`` (a scheduler), ``dask:PATH`` (its
+``--scheduler-file``) or ``dask:local:N`` (a ``LocalCluster`` of N processes
+here); its workers are the scheduler's.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from collections.abc import Sequence
 from ..errors import WorkerError
 from ..transport.registry import LOCAL
 
-__all__ = ["LOCAL", "parse_hosts"]
+__all__ = ["LOCAL", "dask_target", "parse_hosts"]
 
 HOST_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]@]+$")
+DASK = "dask:"
+DASK_URI = re.compile(r"^dask://(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d+)$")
 SSH_URI = re.compile(r"^ssh://(?P<alias>[A-Za-z0-9_.\-@]+)(?::(?P<port>\d+))?(?::(?P<count>\d+))?$")
 
 
@@ -61,3 +68,37 @@ def _parse_uri(spec: str, workers_per_host: int) -> tuple[str, int]:
         )
     n = int(m["count"]) if m["count"] else workers_per_host
     return (f"ssh://{m['alias']}:{int(m['port'])}" if m["port"] else m["alias"]), n
+
+
+def dask_target(hosts: Sequence[str] | str | None, workers_per_host: int = 1) -> tuple[str, object] | None:
+    """The Dask cluster a host list names, as ``executors.dask.DaskExecutor`` takes it, or None if it
+    names none: ``("address", "tcp://host:port")``, ``("file", path)`` or ``("local", N)``."""
+    if hosts is None:
+        return None
+    if isinstance(hosts, str):
+        hosts = hosts.split()
+    entries = [str(h) for h in hosts]
+    dask = [h for h in entries if h.startswith(DASK)]
+    if not dask:
+        return None
+    if len(entries) > 1:
+        raise WorkerError(f"bad host list {entries!r}: a Dask entry ({dask[0]!r}) names a whole cluster; give it "
+                          "alone (its workers are the scheduler's), in a Cluster of its own")
+    spec = dask[0]
+    if spec.startswith("dask://"):
+        m = DASK_URI.match(spec)
+        if not m or not 1 <= int(m["port"]) <= 65535:
+            raise WorkerError(f"bad host entry {spec!r}: write dask://HOST:PORT, the Dask scheduler's address "
+                              "(e.g. dask://127.0.0.1:8786)")
+        return "address", f"tcp://{m['host']}:{int(m['port'])}"
+    rest = spec[len(DASK):]
+    if rest == "local" or rest.startswith("local:"):
+        count = rest[len("local:"):] if rest != "local" else str(workers_per_host)
+        if not count.isdigit() or int(count) < 1:
+            raise WorkerError(f"bad host entry {spec!r}: write dask:local:N, N (at least 1) Dask worker processes "
+                              "started here")
+        return "local", int(count)
+    if not rest:
+        raise WorkerError(f"bad host entry {spec!r}: write dask://HOST:PORT (a scheduler), dask:PATH (its scheduler "
+                          "file) or dask:local:N (N worker processes here)")
+    return "file", rest

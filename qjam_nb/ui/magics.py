@@ -69,7 +69,8 @@ class QjamMagics(Magics):
     # -- magics ----------------------------------------------------------------
     @line_magic
     @magic_arguments()
-    @argument("hosts", nargs="*", help="'local', 'local:N' (N workers here), or hosts you can ssh to (HOST or HOST:N)")
+    @argument("hosts", nargs="*", help="'local', 'local:N' (N workers here), or hosts you can ssh to (HOST or HOST:N); "
+              "or one Dask cluster: dask://HOST:PORT, dask:SCHEDULER_FILE or dask:local:N")
     @argument("-n", "--workers-per-host", type=int, default=1, help="workers on each host given without ':N'")
     @argument("--user", default=None, help="remote user name (default: QJAM_USER, ~/.ssh/config, your name)")
     @argument("--port", type=int, default=None, help="ssh port (default: ~/.ssh/config, else 22)")

@@ -7,11 +7,11 @@ import gc
 import numpy as np
 import pytest
 from arrays import page_aligned
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import CacheChanged, CallFinished, DataSet, SliceAssigned, SliceSent
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 ROWS, COLS = 3200, 8192  # float64: 200 MiB
 

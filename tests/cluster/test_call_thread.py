@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import SliceDone
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 
 def adding_one():

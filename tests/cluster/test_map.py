@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import (
     CallFinished,
@@ -30,7 +30,7 @@ from qjam_nb import (
     SliceSent,
 )
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 
 def ordered_fold(values: list) -> object:

@@ -6,13 +6,13 @@ import traceback
 
 import numpy as np
 import pytest
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import RemoteError, ReplayError
 from qjam_nb.cluster import replay as replay_module
 from qjam_nb.cluster.replay import ReplayLog
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 
 def tanh_sums(theta, xs):

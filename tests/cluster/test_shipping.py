@@ -8,11 +8,11 @@ import threading
 
 import cloudpickle
 import pytest
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import CallStarted, MapFuncError, QjamError, ShippingError, SliceSent
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 GLOBAL_LOCK = threading.Lock()
 

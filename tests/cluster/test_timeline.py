@@ -7,7 +7,7 @@ import signal
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import ALL_BACKENDS, skip_in_memory
+from conftest import WITH_DASK, skip_in_memory
 
 from qjam_nb import (
     CallFinished,
@@ -23,7 +23,7 @@ from qjam_nb import (
 from qjam_nb.cluster.timeline import CallRecorder, cache_map, cache_map_text, format_ranges
 from qjam_nb.events import EventBus, SliceDropped, SliceTaken
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 DATA = list(range(120))
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import io
 
-from conftest import ALL_BACKENDS
+from conftest import WITH_DASK
 
 from qjam_nb import events as ev
 from qjam_nb.cluster.echo import StreamEcho
 from qjam_nb.cluster.progress import TqdmProgress
 from qjam_nb.cluster.status import StatusModel
 
-BACKENDS = ALL_BACKENDS  # the in-memory backend too (tests/conftest.py)
+BACKENDS = WITH_DASK  # the in-memory and Dask backends too (tests/conftest.py)
 
 
 def test_tqdm_bar_counts_the_slices_of_a_real_call(make_cluster):
