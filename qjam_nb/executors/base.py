@@ -56,6 +56,7 @@ class WorkerHandle:
         self.hello: dict = {}
         self.cache: dict[bytes, int] = {}  # slice key -> its size in bytes; change it through remember/forget
         self.cached_bytes = 0
+        self.starts = 0  # times its process was started (by its executor: a restart counts)
         # The executor's guess of what shipping a slice here costs, (latency s, bytes/s), until measured
         # (``cluster.speeds``).
         self.ship_guess: tuple[float, float] = (0.002, 50e6)

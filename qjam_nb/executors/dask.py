@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import pickle
 import queue
+import threading
 import time
 import traceback
 import types
@@ -105,6 +106,7 @@ class DaskWorker(WorkerHandle):
         self.address = address
         self.refused = False
         self.running: tuple[int, int] | None = None  # (call, slice) its batch said it began and has not ended
+        self.restarting: str | None = None  # the address it had when a restart was asked for, until it is back
 
 
 class WorkerLost(Exception):
@@ -160,6 +162,7 @@ class DaskExecutor:
         self.current_call = 0
         self.where = ""  # the scheduler, for messages
         self.watched: set[str] = set()  # worker addresses whose topic we listen to
+        self.calling = False  # a call is under way (begun, not closed)
 
     # -- starting ------------------------------------------------------------------
     def start(self, timeout: float) -> None:
@@ -242,6 +245,7 @@ class DaskExecutor:
                     "match, or install matching versions there",
                     "Start the Dask workers with a Python whose versions match, or install matching versions there"))
             else:
+                w.starts += 1  # (a first start, or its nanny started it again)
                 self._set_state(w, states.IDLE, ready)
 
     def _watch(self, w: DaskWorker) -> None:
@@ -266,13 +270,14 @@ class DaskExecutor:
         self._take_inbox()
         if not any(w.state == states.DEAD and not w.refused for w in self.workers) and not now:
             return []
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = self._workers_back(timeout)
         by_name = {str(w.get("name", a)): a for a, w in info.items()}
         known = {str(w.dask_name) for w in self.workers}
         back = []
         for w in self.workers:
-            if w.state == states.DEAD and not w.refused and str(w.dask_name) in by_name:
-                w.address = by_name[str(w.dask_name)]
+            address = by_name.get(str(w.dask_name))
+            if w.state == states.DEAD and not w.refused and address is not None and address != w.restarting:
+                w.address, w.restarting = address, None
                 self._watch(w)
                 self._set_state(w, states.STARTING, "restarting")
                 back.append(w)
@@ -285,6 +290,22 @@ class DaskExecutor:
                 back.append(w)
         self._handshake(back, "restarted")
         return [w for w in back if w.state == states.IDLE]
+
+    def _workers_back(self, timeout: float) -> dict:
+        """The scheduler's workers; between calls, if none of ours is alive but some are restarting, once
+        one of those is back (a nanny takes seconds), or ``timeout`` passed: the next call needs a worker.
+        (A call being stopped does not wait: control goes back to the user at once.)"""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            restarting = [w for w in self.workers if w.restarting is not None and not w.refused]
+            if not restarting or self.calling or self.alive() or time.monotonic() > deadline:
+                return info
+            addresses = {str(v.get("name", a)): a for a, v in info.items()}
+            if any(addresses.get(str(w.dask_name)) not in (None, w.restarting) for w in restarting):
+                return info
+            time.sleep(0.05)
+            self._take_inbox()
 
     def drain(self) -> None:
         self._take_inbox()
@@ -301,6 +322,12 @@ class DaskExecutor:
                 w = self._by_address(msg.get("worker"))
                 if w is not None and w.state in (states.IDLE, states.BUSY):
                     self.lose_worker(w, "its Dask worker left the scheduler")
+            elif kind == "restart-failed":
+                addresses, why = msg
+                for w in self.workers:
+                    if w.restarting in addresses:
+                        w.restarting = None
+                        w.reason = why
 
     def _sync_caches(self) -> None:
         """Each worker's cache record, as the scheduler says (its memory manager may drop replicas)."""
@@ -342,6 +369,7 @@ class DaskExecutor:
         self.current_call = call
 
     def begin(self, spec: CallSpec, workers: list[DaskWorker], reports: CallReports) -> DaskCall:
+        self.calling = True
         return DaskCall(self, spec, workers, reports)
 
     def lose(self, worker: str, how: str, reason: str) -> None:
@@ -356,11 +384,20 @@ class DaskExecutor:
         self.lose_worker(w, reason)
 
     def _restart(self, workers: list[DaskWorker]) -> None:
-        try:
-            self.client.restart_workers([w.address for w in workers], raise_for_error=False)
-        except Exception as exc:  # no nanny, or the scheduler is gone: marked dead all the same
-            for w in workers:
-                w.reason = f"could not be restarted ({type(exc).__name__}: {exc})"
+        """Ask the workers' nannies to start them again, without waiting: a nanny takes seconds to
+        start a Dask worker, and the caller (an interrupt, chaos) must have control back at once. The
+        worker is back when its Dask name shows at another address (``revive``)."""
+        client, addresses = self.client, [w.address for w in workers]
+        for w in workers:
+            w.restarting = w.address
+
+        def restart() -> None:  # (its own thread: it only waits for Dask's answer, and says it through the inbox)
+            try:
+                client.restart_workers(addresses, raise_for_error=False)
+            except Exception as exc:  # no nanny, or the scheduler is gone: they stay dead
+                self.inbox.put(("restart-failed", (addresses, f"could not be restarted ({type(exc).__name__}: {exc})")))
+
+        threading.Thread(target=restart, name="qjam-dask-restart", daemon=True).start()
 
     def lose_worker(self, w: DaskWorker, reason: str) -> None:
         """Mark ``w`` dead and forget what it cached."""
@@ -746,6 +783,7 @@ class DaskCall:
                     w, f"did not stop within {grace:g} s of being cancelled; its Dask worker was restarted")
 
     def close(self) -> None:
+        self.executor.calling = False
         for batches in self.batches.values():
             for batch in batches:
                 batch.future.release()

@@ -48,7 +48,6 @@ class FramesWorker(WorkerHandle):
         self.running: tuple[int, int] | None = None  # (call, slice) it reported STARTED (after 3 ms) and not finished
         self.cancelled = 0  # the last call it answered CANCELLED for
         self.refused = False  # refused by the handshake: not started again
-        self.starts = 0
         self.results = sharedmem.LentResults()  # its big results, in its arena (local workers)
         self.retire_arena = False  # something still uses its arena: its next TASK says to make a new one
 

@@ -16,7 +16,10 @@ import threading
 import time
 
 import pytest
+from conftest import hosts_for
 from nbrun import error_of, new_notebook, text_of
+
+BACKENDS = ("local", "ssh", "dask")  # on dask: the script's cluster is a client of a LocalCluster of the test's
 
 SCRIPT = textwrap.dedent("""
     import json, signal, sys, time
@@ -43,8 +46,13 @@ SCRIPT = textwrap.dedent("""
         reasons = [w.reason for w in cluster.workers]  # what the report says when they are not idle
         t1 = time.monotonic()
         total = cluster.map(lambda p, xs: sum(xs), None, list(range(6)), slice_size=1)
+        next_took = time.monotonic() - t1
+        while time.monotonic() - t1 < 20 and any(w.state != "idle" for w in cluster.workers):
+            time.sleep(0.2)  # (a Dask worker's nanny takes seconds to start it again)
+            cluster.restart()
         print(json.dumps({"back_after": back, "states": states, "reasons": reasons, "next": total,
-                          "next_took": time.monotonic() - t1,
+                          "next_took": next_took, "whole_after": time.monotonic() - t1,
+                          "after": [w.state for w in cluster.workers],
                           "starts": [w.starts for w in cluster.workers]}), flush=True)
     cluster.shutdown()
 """)
@@ -52,7 +60,10 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("mode", ["cooperative", "stubborn"])
 def test_ctrl_c_in_a_script_stops_the_call_on_every_worker(backend, mode):
-    hosts = "local:2" if backend == "local" else "sshhost:2"
+    if backend == "dask" and mode == "stubborn":
+        pytest.skip("on Dask every mapfunc runs in a worker's thread, which no signal reaches: the cooperative "
+                    "case is already the stubborn one (and signal.signal fails there)")
+    hosts = " ".join(hosts_for(backend, ["local:2"]))
     script = subprocess.Popen([sys.executable, "-c", SCRIPT, hosts, mode], stdout=subprocess.PIPE, text=True)
     try:
         assert script.stdout.readline().strip() == "ready"
@@ -60,13 +71,20 @@ def test_ctrl_c_in_a_script_stops_the_call_on_every_worker(backend, mode):
         sent = time.monotonic()
         script.send_signal(signal.SIGINT)
         report = json.loads(script.stdout.readline())
-        assert time.monotonic() - sent < 5
+        assert time.monotonic() - sent < (30 if backend == "dask" else 5)
         assert report.get("error") is None
         assert report["back_after"] - 1.0 < 2.0, report  # control back within 2 s of the SIGINT
-        assert report["states"] == ["idle", "idle"], report  # idle, or restarted and idle
-        assert report["next"] == 15 and report["next_took"] < 5, report
-        if mode == "stubborn":
-            assert report["starts"] == [2, 2]  # deaf workers were killed and started again
+        if backend == "dask":
+            # Restarted by their nannies, which takes seconds: the next call waits for one of them.
+            assert report["next"] == 15 and report["next_took"] < 15, report
+        else:
+            assert report["states"] == ["idle", "idle"], report  # idle, or restarted and idle
+            assert report["next"] == 15 and report["next_took"] < 5, report
+        assert report["after"] == ["idle", "idle"], report
+        if mode == "stubborn" or backend == "dask":
+            # Deaf workers were killed and started again; on Dask every one is (a Dask worker runs mapfunc
+            # in a thread, which nothing interrupts: past the grace its process is restarted).
+            assert report["starts"] == [2, 2], report
         else:
             assert report["starts"] == [1, 1]  # interrupted mapfuncs: the same workers carry on
         assert script.wait(30) == 0
