@@ -24,7 +24,7 @@ class WorkerRow:
     assigned: int = 0
     cached_slices: int = 0
     cached_bytes: int = 0
-    threads: str = ""  # its BLAS threads, and why (``pool.describe_threads``)
+    threads: str = ""  # its BLAS threads, and why (``handshake.describe_threads``)
 
 
 @dataclass

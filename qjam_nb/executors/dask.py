@@ -53,7 +53,7 @@ from .. import states
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from . import daskbatch
 from .base import CallReports, CallSpec, WorkerHandle
-from .handshake import master_versions, mismatch
+from .handshake import describe_threads, master_versions, mismatch
 
 
 def _travelling() -> types.ModuleType:
@@ -246,6 +246,7 @@ class DaskExecutor:
                     "Start the Dask workers with a Python whose versions match, or install matching versions there"))
             else:
                 w.starts += 1  # (a first start, or its nanny started it again)
+                self.events.emit(ev.WorkerThreads(w.name, describe_threads(hello.get("blas"))))
                 self._set_state(w, states.IDLE, ready)
 
     def _watch(self, w: DaskWorker) -> None:
@@ -292,17 +293,17 @@ class DaskExecutor:
         return [w for w in back if w.state == states.IDLE]
 
     def _workers_back(self, timeout: float) -> dict:
-        """The scheduler's workers; between calls, if none of ours is alive but some are restarting, once
-        one of those is back (a nanny takes seconds), or ``timeout`` passed: the next call needs a worker.
-        (A call being stopped does not wait: control goes back to the user at once.)"""
+        """The scheduler's workers; between calls, once the workers restarting are back (a nanny takes
+        seconds to start one), or ``timeout`` passed: the next call has the whole cluster, as with our
+        own workers. (A call being stopped does not wait: control goes back to the user at once.)"""
         deadline = time.monotonic() + timeout
         while True:
             info = self.client.scheduler_info(n_workers=-1)["workers"]
             restarting = [w for w in self.workers if w.restarting is not None and not w.refused]
-            if not restarting or self.calling or self.alive() or time.monotonic() > deadline:
+            if not restarting or self.calling or time.monotonic() > deadline:
                 return info
             addresses = {str(v.get("name", a)): a for a, v in info.items()}
-            if any(addresses.get(str(w.dask_name)) not in (None, w.restarting) for w in restarting):
+            if all(addresses.get(str(w.dask_name)) not in (None, w.restarting) for w in restarting):
                 return info
             time.sleep(0.05)
             self._take_inbox()
@@ -667,6 +668,8 @@ class DaskCall:
         if worker.running and worker.running[1] in batch.indexes:
             worker.running = None
         for answer in answers:
+            if worker.state != states.BUSY:
+                break  # lost on the way (chaos fired at a result of this batch): the face placed the rest anew
             index = answer[1]
             self.answered.add((worker.name, index))
             if self.stale and self._stale(worker, index):

@@ -54,8 +54,13 @@ def versions() -> dict:
         numpy_version = None
     import os
 
+    # BLAS threads are the Dask worker's own (its nanny sets OMP_NUM_THREADS and friends, 1 by default):
+    # said as a frames worker's hello says them, for the widget.
+    threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    blas = {"threads": int(threads) if threads and threads.isdigit() else None,
+            "source": "environment" if threads else "off", "cores": os.cpu_count()}
     return {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__, "numpy": numpy_version,
-            "pid": os.getpid()}
+            "pid": os.getpid(), "blas": blas}
 
 
 async def cancel(call_key: str, dask_worker: object) -> None:
@@ -126,6 +131,7 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
             out.append(("cancelled", index))
             continue
         log(topic, ("slice", call, who, index, finished, seconds))
+        start = time.perf_counter()  # (a chaos straggler's delay counts in its slice's time, as on our workers)
         if delay:
             time.sleep(delay)
         if data is None:
@@ -133,7 +139,6 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
         elif hasattr(data, "flags") and hasattr(data, "view"):  # a numpy array: read-only, as our workers' are
             data = data.view()
             data.flags.writeable = False
-        start = time.perf_counter()
         printed = (io.StringIO(), io.StringIO()) if capture else None
         try:
             if printed is None:

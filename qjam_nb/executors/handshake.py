@@ -43,3 +43,19 @@ def mismatch(worker: str, hello: dict, master: dict | None = None) -> str | None
         + ". Point --python (python=, or QJAM_REMOTE_PYTHON) at an interpreter on that host whose versions "
         "match, or install matching versions there"
     )
+
+
+def describe_threads(blas: dict | None) -> str:
+    """What a worker's HELLO says of its BLAS threads, in a few words: "1 (2 cores // 2 workers)"."""
+    if not blas:
+        return "?"
+    n = blas.get("threads")
+    why = {
+        "share": f"{blas.get('cores')} cores // {blas.get('workers')} workers",
+        "environment": "set in its environment",
+        "option": "blas_threads",
+        "off": "left alone",
+    }.get(blas.get("source"), "")
+    if n is None:
+        return f"default ({why}; {blas.get('cores')} cores)" if why else "default"
+    return f"{n} ({why})" if why else str(n)

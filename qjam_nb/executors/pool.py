@@ -30,7 +30,7 @@ from ..worker import messages as m
 from ..worker import sharedmem, threads
 from ..worker.protocol import Frame, ProtocolError
 from .base import WorkerHandle
-from .handshake import master_versions, mismatch
+from .handshake import describe_threads, master_versions, mismatch
 
 BACKOFF_MAX = 60.0
 #: Guesses of what shipping a slice costs, (latency s, bytes/s), until the scheduler measures it
@@ -400,19 +400,3 @@ def exit_reason(status: int | None) -> str:
 def _unpickling_failed(worker: FramesWorker, what: str, cause: object) -> ShippingError:
     return ShippingError(f"{what} from worker {worker.name} could not be unpickled here: {cause}. "
                          "Return values built from modules the notebook can import too.")
-
-
-def describe_threads(blas: dict | None) -> str:
-    """What a worker's HELLO says of its BLAS threads, in a few words: "1 (2 cores // 2 workers)"."""
-    if not blas:
-        return "?"
-    n = blas.get("threads")
-    why = {
-        "share": f"{blas.get('cores')} cores // {blas.get('workers')} workers",
-        "environment": "set in its environment",
-        "option": "blas_threads",
-        "off": "left alone",
-    }.get(blas.get("source"), "")
-    if n is None:
-        return f"default ({why}; {blas.get('cores')} cores)" if why else "default"
-    return f"{n} ({why})" if why else str(n)

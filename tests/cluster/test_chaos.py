@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import skip_on_dask
 
-from qjam_nb import CallStarted, SliceDone, SliceLost, WorkerStateChanged
+from qjam_nb import CallStarted, SliceDone, SliceLost, WorkerError, WorkerStateChanged
 
+BACKENDS = ("local", "ssh", "dask")
 DATA = list(range(60))
 
 
@@ -53,7 +55,8 @@ def test_kill_armed_for_ten_slices_moves_the_victims_slices_and_it_comes_back(ma
     assert victim in {e.worker for e in log.of(SliceDone)}
 
 
-def test_drop_now_marks_the_worker_dead_and_the_next_call_restarts_it(make_cluster, record):
+def test_drop_now_marks_the_worker_dead_and_the_next_call_restarts_it(make_cluster, record, backend):
+    skip_on_dask(backend, "a Dask worker's connection is Dask's: chaos can only kill it (a test checks the refusal)")
     cluster = make_cluster(["local:2"])
     log = record(cluster)
     old = cluster.workers[0].link
@@ -66,7 +69,8 @@ def test_drop_now_marks_the_worker_dead_and_the_next_call_restarts_it(make_clust
     assert cluster.workers[0].link is not old
 
 
-def test_drop_armed_for_the_start_of_a_call_gives_every_slice_to_the_other(make_cluster, record):
+def test_drop_armed_for_the_start_of_a_call_gives_every_slice_to_the_other(make_cluster, record, backend):
+    skip_on_dask(backend, "a Dask worker's connection is Dask's: chaos can only kill it (a test checks the refusal)")
     cluster = make_cluster(["local:2"])
     log = record(cluster)
     cluster.chaos.drop(1, after_slices=0)
@@ -130,3 +134,12 @@ def test_chaos_says_what_is_wrong_with_its_arguments(make_cluster, backend):
     with pytest.raises(ValueError, match=r"cannot drop local/0: it is dead \(killed by chaos \(SIGKILL\)\); dead "):
         chaos.drop(0)
     assert cluster.map(lambda p, xs: sum(xs), None, [1, 2, 3], slice_size=1) == 6  # and it is back
+
+
+def test_dask_refuses_to_drop_a_worker_and_says_what_it_can_do(make_cluster, backend):
+    if backend != "dask":
+        pytest.skip("our own workers can be dropped (the tests above)")
+    cluster = make_cluster(["local:2"])
+    with pytest.raises(WorkerError, match="can only 'kill'"):
+        cluster.chaos.drop(cluster.worker_names[0])
+    assert cluster.map(slow_sum, None, DATA, slice_size=4) == sum(DATA)

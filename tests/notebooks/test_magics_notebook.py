@@ -53,8 +53,9 @@ CELLS = {
 CELLS["many"] = CELLS["many"].split("\n", 1)[1]
 
 
-HOSTS = {"local": "%qjam_hosts local:2", "ssh": "%qjam_hosts sshhost -n 2"}
-WORKER = r"(local|sshhost)/[01]"
+BACKENDS = ("local", "ssh", "dask")
+HOSTS = {"local": "%qjam_hosts local:2", "ssh": "%qjam_hosts sshhost -n 2", "dask": "%qjam_hosts dask:local:2"}
+WORKER = r"(local|sshhost|dask)/[01]"
 
 
 @pytest.fixture(scope="module")

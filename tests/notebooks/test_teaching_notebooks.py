@@ -222,3 +222,13 @@ def test_on_two_ssh_hosts_by_changing_the_hosts_line(ssh_world, kernel_name, nam
     ran = execute(name, kernel_name, hosts="sshhost sshhost2")
     assert ran.facts["workers"] == ["sshhost/0", "sshhost2/0"]
     check(ran.facts)
+
+
+@pytest.mark.parametrize(("name", "check"), [("01_map_reduce_basics.ipynb", check_01),
+                                             ("05_when_things_fail.ipynb", check_05)], ids=["01", "05"])
+def test_on_a_dask_cluster_by_changing_the_hosts_line(kernel_name, name, check):
+    """The same one-line change to a Dask cluster: ``dask:local:2`` starts a LocalCluster in the kernel."""
+    pytest.importorskip("distributed", reason="needs qjam_nb's [dask] extra")
+    ran = execute(name, kernel_name, hosts="dask:local:2")
+    assert ran.facts["workers"] == ["dask/0", "dask/1"]
+    check(ran.facts)
