@@ -272,7 +272,6 @@ def test_a_slice_still_running_past_the_cancel_grace_has_its_worker_restarted(cl
         with pytest.raises(CallTimeoutError):
             cluster.map(stuck_on_zero, None, list(range(8)), slice_size=1, timeout=1)
         assert time.monotonic() - started < 1 + 2 * CANCEL_GRACE + 2  # not the nanny's restart
-        assert cluster.map(lambda p, xs: 1, None, list(range(8)), slice_size=1) == 8  # meanwhile, on the other
         while time.monotonic() - started < 30 and any(w.state != "idle" for w in cluster.workers):
             time.sleep(0.2)
             cluster.restart()
@@ -332,7 +331,7 @@ def test_what_runs_on_the_dask_workers_travels_by_value_and_needs_no_qjam_nb_the
     """)
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert out.stdout.decode().splitlines() == ["['cloudpickle', 'numpy', 'pid', 'python'] run_batch cancel", "[]"]
+    assert out.stdout.decode().splitlines() == ["['blas', 'cloudpickle', 'numpy', 'pid', 'python'] run_batch cancel", "[]"]
     from qjam_nb.executors import dask as executor
 
     assert "daskbatch" not in str(cloudpickle.list_registry_pickle_by_value()) and executor.TRAVEL is TRAVEL
