@@ -43,7 +43,7 @@ class QjamMagics(Magics):
         else:
             print(self.cluster.status.text())
 
-    def _start(self, hosts: list[str], **options: Any) -> Cluster:
+    def _start(self, hosts: list[str] | None, **options: Any) -> Cluster:
         self.shutdown()
         self.cluster = Cluster(hosts, progress=False, **options)
         if not self.in_kernel:
@@ -72,6 +72,9 @@ class QjamMagics(Magics):
     @argument("hosts", nargs="*", help="'local', 'local:N' (N workers here), or hosts you can ssh to (HOST or HOST:N); "
               "or one Dask cluster: dask://HOST:PORT, dask:SCHEDULER_FILE or dask:local:N")
     @argument("-n", "--workers-per-host", type=int, default=1, help="workers on each host given without ':N'")
+    @argument("--dask", nargs="+", default=None, metavar="CLIENT",
+              help="run on the workers of a distributed.Client: an expression in the notebook (client, "
+              "Client(slurm_cluster), ...), instead of hosts")
     @argument("--user", default=None, help="remote user name (default: QJAM_USER, ~/.ssh/config, your name)")
     @argument("--port", type=int, default=None, help="ssh port (default: ~/.ssh/config, else 22)")
     @argument("--identity", default=None, help="private key file to log in with (besides agent and ~/.ssh keys)")
@@ -97,6 +100,8 @@ class QjamMagics(Magics):
             %qjam_hosts node1 node2 -n 4   # four workers on each of two hosts, over ssh
             %qjam_hosts --user bob --port 2222 --identity ~/.ssh/id_ed25519 --python /opt/py/bin/python3 node3
             %qjam_hosts local:2 --blas-threads off  # numpy's threads as the environment says (see below)
+            %qjam_hosts dask:local:2       # a Dask LocalCluster here (dask://HOST:PORT: a running scheduler)
+            %qjam_hosts --dask client      # the workers of a distributed.Client of the notebook
             %qjam_hosts                    # show the running cluster again
             cluster = %qjam_hosts local:2  # keep the Cluster, for cluster.map(...) in loops
 
@@ -114,7 +119,11 @@ class QjamMagics(Magics):
         Starting a new cluster stops the previous one (and drops its cache).
         """
         args = parse_argstring(self.qjam_hosts, line)
-        if args.hosts:
+        if args.dask is not None:
+            if args.hosts:
+                raise UsageError("give hosts or --dask CLIENT, not both: the Dask client's workers are the cluster's")
+            self._start(None, dask=self._eval(args.dask, "--dask"))
+        elif args.hosts:
             if args.workers_per_host < 1:
                 raise UsageError(f"-n must be at least 1, not {args.workers_per_host}")
             self._start(

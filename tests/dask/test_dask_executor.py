@@ -294,6 +294,20 @@ def test_qjam_hosts_takes_a_dask_entry(ip, local_dask):
     ip.run_cell("%qjam_shutdown")
 
 
+def test_qjam_hosts_takes_a_client_of_the_notebook(ip, client):
+    """``%qjam_hosts --dask EXPR``: a ``distributed.Client`` the notebook holds (a SLURMCluster's, say)."""
+    ip.user_ns["my_client"] = client
+    assert ip.run_cell("%qjam_hosts --dask my_client").success
+    ip.user_ns["numbers"] = list(range(30))
+    result = ip.run_cell("%%qjam_map -d numbers --slice-size 4 -o total\n"
+                         "def mapfunc(p, xs):\n    return sum(xs)\n")
+    assert result.success, result.error_in_exec
+    assert ip.user_ns["total"] == sum(range(30))
+    assert ip.run_cell("%qjam_hosts local:2 --dask my_client").error_in_exec is not None  # not both
+    ip.run_cell("%qjam_shutdown")
+    assert client.scheduler_info()["workers"]  # the notebook's client and its cluster are left running
+
+
 def test_what_mapfunc_prints_comes_back_tagged_with_its_worker_and_slice(client):
     def chatty(p, xs):
         print(f"slice of {xs[0]}")
@@ -331,7 +345,8 @@ def test_what_runs_on_the_dask_workers_travels_by_value_and_needs_no_qjam_nb_the
     """)
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert out.stdout.decode().splitlines() == ["['blas', 'cloudpickle', 'numpy', 'pid', 'python'] run_batch cancel", "[]"]
+    hello = "['blas', 'cloudpickle', 'numpy', 'pid', 'python']"
+    assert out.stdout.decode().splitlines() == [f"{hello} run_batch cancel", "[]"]
     from qjam_nb.executors import dask as executor
 
     assert "daskbatch" not in str(cloudpickle.list_registry_pickle_by_value()) and executor.TRAVEL is TRAVEL
