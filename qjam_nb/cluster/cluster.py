@@ -207,6 +207,11 @@ class Cluster:
         return self._executor.workers
 
     @property
+    def dashboard(self) -> str | None:
+        """Where the executor's own view of the workers is, if it has one (a Dask cluster's dashboard)."""
+        return getattr(self._executor, "dashboard", None)
+
+    @property
     def worker_names(self) -> list[str]:
         return [w.name for w in self.workers]
 

@@ -163,12 +163,14 @@ class DaskExecutor:
         self.where = ""  # the scheduler, for messages
         self.watched: set[str] = set()  # worker addresses whose topic we listen to
         self.calling = False  # a call is under way (begun, not closed)
+        self.dashboard: str | None = None  # the Dask dashboard's address, when the scheduler serves one
 
     # -- starting ------------------------------------------------------------------
     def start(self, timeout: float) -> None:
         started = time.perf_counter()
         self.client = self._connect(timeout)
         self.where = f"Dask scheduler {self.client.scheduler.address}"
+        self.dashboard = dashboard_of(self.client)
         self.client.subscribe_topic(self.topic, lambda event: self.inbox.put(("event", event[1])))
         try:
             self.client.wait_for_workers(1, timeout=timeout)
@@ -800,6 +802,16 @@ class DaskCall:
             w.running = None
             if w.state == states.BUSY:
                 self.executor._set_state(w, states.IDLE, "")
+
+
+def dashboard_of(client: Any) -> str | None:
+    """The dashboard's link, if the scheduler serves one (``dashboard_address=None``: none)."""
+    try:
+        if "dashboard" not in client.scheduler_info().get("services", {}):
+            return None
+        return client.dashboard_link
+    except Exception:
+        return None
 
 
 def local_cluster_advice(exc: BaseException) -> str:

@@ -120,7 +120,12 @@ class ClusterWidget(_View):
         self.chaos_panel = widgets.Accordion(
             children=[self.chaos], titles=("chaos, for teaching: kill, slow down or disconnect a worker",))
         self.chaos_panel.selected_index = None
-        self.box = widgets.VBox([self.table, self.call.box, self.timeline_panel, self.chaos_panel])
+        parts = [self.table, self.call.box, self.timeline_panel, self.chaos_panel]
+        if cluster.dashboard:  # a Dask cluster: its own dashboard shows what Dask sees of the same workers
+            link = html.escape(cluster.dashboard, quote=True)
+            parts.insert(0, widgets.HTML(f'<a href="{link}" target="_blank" rel="noopener">Dask dashboard</a>: '
+                                         "the Dask cluster's own view of these workers"))
+        self.box = widgets.VBox(parts)
         self.box.add_class("qjam-cluster")
         super().__init__(cluster, min_interval, clock)
         self.redraw()

@@ -350,3 +350,23 @@ def test_what_runs_on_the_dask_workers_travels_by_value_and_needs_no_qjam_nb_the
     from qjam_nb.executors import dask as executor
 
     assert "daskbatch" not in str(cloudpickle.list_registry_pickle_by_value()) and executor.TRAVEL is TRAVEL
+
+
+def test_the_widget_links_the_dask_dashboard(client):
+    """The scheduler's web server (its dashboard, with bokeh installed): the widget links it, and it answers."""
+    import urllib.parse
+    import urllib.request
+
+    from qjam_nb.ui.widget import ClusterWidget
+
+    with Cluster(dask=client, echo=False) as cluster:
+        view = ClusterWidget(cluster)
+        try:
+            link = cluster.dashboard
+            assert link and urllib.parse.urlsplit(link).hostname == "127.0.0.1", link
+            assert f'href="{link}"' in view.box.children[0].value
+        finally:
+            view.close()
+    health = urllib.parse.urljoin(link, "/health")
+    with urllib.request.urlopen(health, timeout=10) as answer:
+        assert answer.status == 200 and answer.read() == b"ok"
