@@ -220,7 +220,9 @@ def test_a_dask_worker_killed_mid_call_hands_its_slices_to_the_other_and_comes_b
         data = list(range(60))
         cluster.map(lambda p, xs: sum(xs), None, data, slice_size=2)  # slices cached on both
         victim = cluster.workers[0]
-        pid = victim.hello["pid"]
+        held = {r.index for r in cluster.last_call.done_slices() if r.worker == victim.name}
+        pid = client.run(os.getpid)[victim.address]  # the process Dask runs that worker in
+        assert held and pid == victim.hello["pid"]
         log = EventLog()
         killed: list[int] = []
 
@@ -246,6 +248,9 @@ def test_a_dask_worker_killed_mid_call_hands_its_slices_to_the_other_and_comes_b
         assert any(e.worker == victim.name and e.state == "dead" for e in log.of(ev.WorkerStateChanged))
         done = {e.index: e.worker for e in log.of(ev.SliceDone)}
         assert sorted(done) == list(range(30))
+        # What it held and did not finish before it died went to the other worker, shipped (scattered again).
+        moved = {i for i in held if done[i] != victim.name}
+        assert moved and moved <= {e.index for e in log.of(ev.SliceSent) if e.worker != victim.name}
         # its nanny starts it again: the next call has it back, under its name, with a new process
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(client.scheduler_info()["workers"]) < 2:
