@@ -526,7 +526,7 @@ class DaskCall:
         """(index, the slice's future, or None without a dataset), shipping what ``worker`` lacks."""
         spec = self.spec
         if spec.data is None:
-            return [(i, None) for i in indexes]
+            return [(i, None, None) for i in indexes]
         ex = self.executor
         futures = ex.futures
         scatter: dict[str, Any] = {}
@@ -563,7 +563,7 @@ class DaskCall:
                     worker.forget(key)
                 raise SliceRefused(first, refused(exc, "unpickling the slice sent there")) from exc
             futures.update((names[name], fut) for name, fut in scattered.items())
-        return [(i, futures[spec.keyed[i][0]]) for i in indexes]
+        return [(i, futures[spec.keyed[i][0]], futures[spec.keyed[i][0]].key) for i in indexes]
 
     def _present(self, worker: DaskWorker) -> bool:
         """Does the scheduler still know ``worker``'s address?"""

@@ -93,6 +93,34 @@ def _load(worker: object, call_key: str, payload: tuple) -> tuple:
     return func, params
 
 
+#: Bytes an array's start is aligned to on our own workers, and so here: numpy sums an array off that
+#: boundary in another order, with other last bits.
+ALIGN = 64
+
+
+def _aligned(worker: object, key: str | None, data: object) -> object:
+    """``data``, or a copy of it that starts on an ``ALIGN`` boundary. Dask hands a task a scattered
+    array wherever it sat in its message (2 bytes past a boundary, say); the copy replaces it in the
+    worker's store, so it is made once per slice and worker, and the memory is not doubled."""
+    ctypes = getattr(data, "ctypes", None)
+    if ctypes is None or ctypes.data % ALIGN == 0 or not data.flags.c_contiguous:
+        return data
+    import numpy
+
+    room = numpy.empty(data.nbytes + ALIGN, numpy.uint8)
+    skip = -room.ctypes.data % ALIGN
+    copy = room[skip:skip + data.nbytes].view(data.dtype).reshape(data.shape)
+    copy[...] = data
+    store = getattr(worker, "data", None)
+    if key is not None and store is not None:
+        try:
+            if key in store:
+                store[key] = copy
+        except Exception:  # (a store that refuses: the copy serves this slice only)
+            pass
+    return copy
+
+
 def _forward(log: object, topic: str, call: int, who: str, index: int, printed: tuple | None) -> None:
     """What slice ``index`` printed, as ``("output", call, who, index, stream, text)`` events."""
     if printed is None:
@@ -107,8 +135,8 @@ def _forward(log: object, topic: str, call: int, who: str, index: int, printed: 
 
 def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, topic: str,
               delay: float | None) -> list:
-    """Run mapfunc over ``items`` ((slice index, slice or None), in order) on this worker (``who``, as the
-    executor names it).
+    """Run mapfunc over ``items`` ((slice index, slice or None, its Dask key or None), in order) on this
+    worker (``who``, as the executor names it).
 
     Returns ``[("ok", index, pickled, buffers, seconds) | ("error", index, error) | ("cancelled", index)]``.
     """
@@ -126,7 +154,7 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
     # sys.stdout would catch its other threads' tasks' output too).
     capture = getattr(getattr(worker, "state", None), "nthreads", None) == 1
     finished, seconds = None, 0.0
-    for index, data in items:
+    for index, data, key in items:
         if call_key in state.get(CANCELLED, ()):
             out.append(("cancelled", index))
             continue
@@ -137,7 +165,7 @@ def run_batch(call_key: str, call: int, who: str, payload: tuple, items: list, t
         if data is None:
             data = []
         elif hasattr(data, "flags") and hasattr(data, "view"):  # a numpy array: read-only, as our workers' are
-            data = data.view()
+            data = _aligned(worker, key, data).view()
             data.flags.writeable = False
         printed = (io.StringIO(), io.StringIO()) if capture else None
         try:

@@ -9,6 +9,7 @@ an unreachable scheduler, the host entries, and a script without a
 
 from __future__ import annotations
 
+import operator
 import os
 import signal
 import socket
@@ -375,3 +376,22 @@ def test_the_widget_links_the_dask_dashboard(client):
     health = urllib.parse.urljoin(link, "/health")
     with urllib.request.urlopen(health, timeout=10) as answer:
         assert answer.status == 200 and answer.read() == b"ok"
+
+
+def test_float_sums_are_bit_identical_to_our_own_workers(client):
+    """numpy sums an array off a 64-byte boundary in another order (other last bits); Dask hands a worker
+    scattered arrays wherever they sit in its message. Each slice's sum on Dask equals, bit for bit, the
+    same slice's sum on our local workers and here, first call and cached."""
+    import numpy as np
+
+    rows = np.random.default_rng(7).standard_normal((400, 1001))  # slices of 400 KB: out of band in Dask's messages
+    sums_of = lambda p, xs: [float(np.sum(xs))]  # noqa: E731
+    here = [float(np.sum(rows[i:i + 10])) for i in range(0, 400, 10)]
+    with Cluster(["local:2"], echo=False) as ours:
+        local = ours.map(sums_of, None, rows, operator.add, slice_size=10)  # (lists: the sums in slice order)
+    with Cluster(dask=client, echo=False) as cluster:
+        first = cluster.map(sums_of, None, rows, operator.add, slice_size=10)
+        cached = cluster.map(sums_of, None, rows, operator.add, slice_size=10)
+    assert local == here
+    assert [i for i, (a, b) in enumerate(zip(first, here, strict=True)) if a != b] == []
+    assert [i for i, (a, b) in enumerate(zip(cached, here, strict=True)) if a != b] == []
