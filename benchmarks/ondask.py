@@ -180,15 +180,17 @@ class DaskRows:
                     if not any(c["system"] == name for c in self.res.rows[row]):
                         self.res.add(row, name, kind, status=f"failed: {type(exc).__name__}: {exc}"[:200])
         gc.collect()
-        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        # (multiprocessing's resource tracker, started by Dask's spawned workers, lives as long as this process)
+        left = [p for p in psutil.Process().children(recursive=True)
+                if p.pid not in before and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
         deadline = time.monotonic() + 10  # LocalCluster's nannies may take a moment to reap their workers
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
             left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        self.res.extra["dask_left_processes"] = [p.pid for p in left]
+        self.res.extra["dask_left_processes"] = [(p.pid, " ".join(p.cmdline())[:200]) for p in left]
         if left:
             log(f"   WARNING: {len(left)} child processes of the dask group are still running: "
-                f"{[p.pid for p in left]}")
+                f"{self.res.extra['dask_left_processes']}")
 
     def start(self, stack: contextlib.ExitStack) -> list:
         from dask.distributed import Client, LocalCluster
