@@ -34,6 +34,7 @@ import logging
 import statistics
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -198,6 +199,9 @@ class DaskRows:
         from qjam_nb import Cluster
 
         t0 = time.perf_counter()
+        # Its scheduler's HTTP server (on 127.0.0.1) takes another port when another cluster holds 8787: not news.
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="Port 8787 is already in use", category=UserWarning)
         cluster = stack.enter_context(LocalCluster(
             processes=True, n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None,
             silence_logs=logging.ERROR))
