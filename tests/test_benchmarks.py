@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cloudpickle
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
@@ -128,3 +129,24 @@ def test_the_dask_rows_are_judged_against_plain_dask_on_the_same_cluster(tmp_pat
     assert f"dask_tiny_cached | 300 us/slice | faster than plain Dask (same cluster) | 1.50x slower than " \
            f"{DASK_PLAIN} | MISSED" in summary
     assert "5.00x faster than plain Dask" in out.stdout
+
+
+def test_the_dask_group_runs_small_checks_every_answer_and_leaves_no_process(tmp_path):
+    """The dask rows end to end at toy sizes (a LocalCluster of 2 on 127.0.0.1): every system's cell
+    measured, answers checked, everything it started stopped (``ondask`` counts its children)."""
+    pytest.importorskip("distributed", reason="the dask rows need distributed (pip install '.[dask]')")
+    from benchmarks.ondask import OWN, PLAIN, ROWS, DaskRows
+    from benchmarks.rows import Config
+    from benchmarks.samples import Results
+
+    cfg = Config(1, True)
+    cfg.data_bytes, cfg.dask_tiny, cfg.batch_seconds, cfg.heavy_repeat = 1 << 20, 40, 0.01, 1
+    res = Results(cfg)
+    DaskRows(cfg, res, {}).run()
+    for row in ROWS:
+        cells = {c["system"]: c for c in res.rows[row]}
+        assert set(cells) == {"qjam_nb on Dask", PLAIN, OWN}, res.rows[row]
+        assert all("median" in c for c in cells.values()), res.rows[row]
+        assert "than plain Dask" in cells[OWN]["note"]
+    assert "shipped 0 slice bytes" in next(c for c in res.rows["dask_second"] if c["kind"] == "qjam")["note"]
+    assert res.extra["dask_left_processes"] == []
