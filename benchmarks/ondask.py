@@ -184,14 +184,12 @@ class DaskRows:
                     if not any(c["system"] == name for c in self.res.rows[row]):
                         self.res.add(row, name, kind, status=f"failed: {type(exc).__name__}: {exc}"[:200])
         gc.collect()
-        # (multiprocessing's resource tracker, started by Dask's spawned workers, lives as long as this process)
-        left = [p for p in psutil.Process().children(recursive=True)
-                if p.pid not in before and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
+        left = started_since(before)
         deadline = time.monotonic() + 10  # LocalCluster's nannies may take a moment to reap their workers
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
-            left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        self.res.extra["dask_left_processes"] = [(p.pid, " ".join(p.cmdline())[:200]) for p in left]
+            left = started_since(before)
+        self.res.extra["dask_left_processes"] = left
         if left:
             log(f"   WARNING: {len(left)} child processes of the dask group are still running: "
                 f"{self.res.extra['dask_left_processes']}")
@@ -330,6 +328,27 @@ class DaskRows:
                 if bad:  # (qjam_nb's own workers: always bit-identical, or the group stops)
                     note += ("; " if note else "") + f"{bad} of {n} answers not bit-identical (within 1e-12)"
                 self.res.add(row, name, kind, samples[row][name], note)
+
+
+def started_since(before: set[int]) -> list[tuple[int, str]]:
+    """This process's children still running that were not there ``before``: (pid, command line).
+    Not multiprocessing's resource tracker, which Dask's spawned workers start and which lives as long
+    as this process."""
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        if p.pid in before:
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "multiprocessing.resource_tracker" not in cmd:
+            out.append((p.pid, cmd[:200]))
+    return out
 
 
 def rotate(systems: list, rep: int) -> list:
