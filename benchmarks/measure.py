@@ -570,6 +570,12 @@ class Bench:
 
         Heal(self.cfg, self.res, self.installed).run()
 
+    def dask_block(self) -> None:
+        """qjam_nb on a Dask LocalCluster, plain Dask on the same one, qjam_nb's own local:2 (``ondask.py``)."""
+        from .ondask import DaskRows
+
+        DaskRows(self.cfg, self.res, self.installed).run()
+
     def qjam2010_block(self) -> None:
         log("-- qjam 2010's Master.run: its autoencoder on local:2 (benchmarks/qjam2010_autoencoder.py)")
         rows = [f"qjam2010_{n}" for n in (1000, 10000, 100000)]

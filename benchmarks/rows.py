@@ -12,7 +12,7 @@ MiB = 1 << 20
 MB = 1e6
 COLS = 1024  # dataset rows of 1024 float64 (8 KiB)
 ALIAS = "bench"
-GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper", "qjam2010", "heal")
+GROUPS = ("trivial", "params", "dataset", "cold", "scale", "paper", "qjam2010", "heal", "dask")
 GROUP_ALIASES = {"first": "dataset", "second": "dataset", "hetero": "heal"}
 
 
@@ -35,6 +35,7 @@ class Config:
         self.hetero_work = 0.01 if quick else 0.02  # seconds of time.sleep per slice at full speed
         self.hetero_rows = 8 if quick else 32  # rows of COLS float64 a slice: 64 KiB / 256 KiB
         self.hetero_steady = 2 if quick else 3  # calls after the first, their median is the steady state
+        self.dask_tiny = 1_000 if quick else 10_000  # one-item slices in the dask rows
 
 
 # row id -> (group, title, unit, higher is better)
@@ -73,6 +74,18 @@ for _f in HETERO_FACTORS:
         "heal", f"heal, {_f}x: the same, the first call after the slow-down (it heals within the call)", "s/call",
         False)
 IDEAL = "ideal: sum of work / sum of speeds"
+# dask (issue 24): qjam_nb on a Dask LocalCluster, plain Dask on the same one, qjam_nb's own local:2 (ondask.py)
+ROWS.update({
+    "dask_trivial": ("dask", "dask: trivial x+1 over 2 cached one-item slices, result back", "ms/call", False),
+    "dask_params": ("dask", "dask: 1 MiB params to 2 cached one-number slices, 1 MiB back from each", "ms/iter",
+                    False),
+    "dask_first": ("dask", "dask: first call, 200 MiB float64 in 8 slices, shipped and summed", "MB/s", True),
+    "dask_second": ("dask", "dask: the same call again, slices cached (plain Dask: on its scattered futures)", "ms",
+                    False),
+    "dask_tiny": ("dask", "dask: 10,000 one-item slices, first call (shipped)", "us/slice", False),
+    "dask_tiny_cached": ("dask", "dask: the same 10,000 slices again (cached)", "us/slice", False),
+})
+DASK_PLAIN = f"{DASK}, scatter once + map"
 
 
 PEERS_ALL = [MP, PPE, IPP, DASK, XN, JOBLIB]
@@ -102,4 +115,7 @@ TARGETS: list[tuple[str, str, tuple]] = [
     ("qjam2010_100000", "2 workers beat one process (>= 1.0x)", ("speedup", [], 1.0)),
     *[(f"hetero_{f}x{when}", "<= 1.2x ideal", ("ratio", [IDEAL], 1.2))
       for f in HETERO_FACTORS if f >= 5 for when in ("", "_first")],
+    # issue 24: on cached data, qjam_nb on a Dask cluster beats plain Dask on the same cluster
+    *[(row, "faster than plain Dask (same cluster)", ("ratio", [DASK_PLAIN], 1.0))
+      for row in ("dask_trivial", "dask_params", "dask_second", "dask_tiny_cached")],
 ]

@@ -25,7 +25,9 @@ Rows (``--only`` takes these names, comma-separated): ``trivial``,
 ``params``, ``dataset`` (first and second call), ``cold``, ``scale``,
 ``paper`` (``benchmarks/sparse_autoencoder.py``'s ``measure``), ``qjam2010``
 (qjam 2010's ``Master.run`` of its autoencoder, ``benchmarks/qjam2010_autoencoder.py``), ``heal``
-(one of 3 workers slowed 2x, 5x, 10x on cached data: qjam_nb against the ideal and dask, ``benchmarks/heal.py``).
+(one of 3 workers slowed 2x, 5x, 10x on cached data: qjam_nb against the ideal and dask, ``benchmarks/heal.py``),
+``dask`` (qjam_nb on a Dask ``LocalCluster`` against plain Dask on the same one and qjam_nb's own
+``local:2``, ``benchmarks/ondask.py``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from benchmarks.peers.base import (  # noqa: E402, F401  (named __main__.*: see 
     list_sum,
     one,
     plus_one,
+    theta_plus,
     total,
 )
 from benchmarks.report import evaluate, plot, print_tables, versions  # noqa: E402
@@ -128,6 +131,8 @@ def run(cfg: Config, groups: set[str], out_dir: Path) -> Results:
             bench.qjam2010_block()
         if "heal" in groups:
             bench.heal_block()
+        if "dask" in groups:
+            bench.dask_block()
     return res
 
 

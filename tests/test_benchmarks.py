@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cloudpickle
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "benchmarks" / "run.py"
@@ -95,3 +96,57 @@ def report_of(tmp_path, res, meta: dict) -> subprocess.CompletedProcess:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     return out
+
+
+def test_the_dask_rows_are_judged_against_plain_dask_on_the_same_cluster(tmp_path):
+    from benchmarks import run
+    from benchmarks.peers import base
+    from benchmarks.rows import DASK_PLAIN, GROUPS, ROWS, TARGETS, Config
+    from benchmarks.samples import Results
+
+    assert "dask" in GROUPS and run.parse_only("dask") == {"dask"}
+    rows = [row for row, spec in ROWS.items() if spec[0] == "dask"]
+    assert rows == ["dask_trivial", "dask_params", "dask_first", "dask_second", "dask_tiny", "dask_tiny_cached"]
+    judged = {row for row, _, spec in TARGETS if spec[0] == "ratio" and spec[1] == [DASK_PLAIN]}
+    assert judged == {"dask_trivial", "dask_params", "dask_second", "dask_tiny_cached"}  # the cached-data rows
+    # plain Dask's workloads travel by value to its workers, as the other peers' do
+    blob = cloudpickle.dumps(base.theta_plus)
+    code = ("import pickle, sys; import numpy as np; f = pickle.load(sys.stdin.buffer); "
+            "print(f(np.array([3.0]), np.ones(2)))")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and out.stdout.decode().split() == ["[4.", "4.]"], out.stderr.decode()
+
+    res = Results(Config(2, False))
+    res.add("dask_second", "qjam_nb on Dask", "qjam", [4.0, 6.0])
+    res.add("dask_second", DASK_PLAIN, "peer", [10.0, 10.0])
+    res.add("dask_second", "qjam_nb local:2", "qjam+", [2.0, 2.0], "5.00x faster than plain Dask")
+    res.add("dask_tiny_cached", "qjam_nb on Dask", "qjam", [300.0, 300.0])
+    res.add("dask_tiny_cached", DASK_PLAIN, "peer", [200.0, 200.0])
+    out = report_of(tmp_path, res, {"date": "2026-12-08 05:00:00", "repeat": 2, "quick": False})
+    summary = re.sub(r" +", " ", out.stdout)
+    assert f"dask_second | 5.00 ms | faster than plain Dask (same cluster) | 2.00x faster than {DASK_PLAIN} | met" \
+        in summary
+    assert f"dask_tiny_cached | 300 us/slice | faster than plain Dask (same cluster) | 1.50x slower than " \
+           f"{DASK_PLAIN} | MISSED" in summary
+    assert "5.00x faster than plain Dask" in out.stdout
+
+
+def test_the_dask_group_runs_small_checks_every_answer_and_leaves_no_process(tmp_path):
+    """The dask rows end to end at toy sizes (a LocalCluster of 2 on 127.0.0.1): every system's cell
+    measured, answers checked, everything it started stopped (``ondask`` counts its children)."""
+    pytest.importorskip("distributed", reason="the dask rows need distributed (pip install '.[dask]')")
+    from benchmarks.ondask import OWN, PLAIN, ROWS, DaskRows
+    from benchmarks.rows import Config
+    from benchmarks.samples import Results
+
+    cfg = Config(1, True)
+    cfg.data_bytes, cfg.dask_tiny, cfg.batch_seconds, cfg.heavy_repeat = 1 << 20, 40, 0.01, 1
+    res = Results(cfg)
+    DaskRows(cfg, res, {}).run()
+    for row in ROWS:
+        cells = {c["system"]: c for c in res.rows[row]}
+        assert set(cells) == {"qjam_nb on Dask", PLAIN, OWN}, res.rows[row]
+        assert all("median" in c for c in cells.values()), res.rows[row]
+        assert "than plain Dask" in cells[OWN]["note"]
+    assert "shipped 0 slice bytes" in next(c for c in res.rows["dask_second"] if c["kind"] == "qjam")["note"]
+    assert res.extra["dask_left_processes"] == []

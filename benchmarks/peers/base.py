@@ -43,6 +43,11 @@ def one(_: Any = None) -> int:
     return 1
 
 
+def theta_plus(xs: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """The dask rows' params call on plain Dask: ``theta`` plus the (one-number) slice's sum."""
+    return theta + float(xs.sum())
+
+
 def hetero_slice(xs: np.ndarray, seconds: float, slow_worker: str, factor: float) -> tuple[float, str]:
     """The heal row's task on dask: ``seconds`` of sleep (``factor`` times that on the worker named
     ``slow_worker``), then the slice's sum, and the name of the worker that ran it."""
@@ -130,5 +135,5 @@ def forking() -> Any:
 # import ``benchmarks`` (ipyparallel's engines, dask's and loky's workers). Registering this module with
 # ``cloudpickle.register_pickle_by_value`` instead would turn off qjam_nb's reuse of its mapfunc pickles
 # (``shipping._fingerprint`` steps aside while any module is registered): +~25 us a trivial call.
-for _workload in (inc_slice, plus_one, total, list_sum, one, hetero_slice):
+for _workload in (inc_slice, plus_one, total, list_sum, one, theta_plus, hetero_slice):
     _workload.__module__ = "__main__"

@@ -17,6 +17,7 @@ Q_PLUS1 = lambda theta, xs: theta + 1.0  # noqa: E731
 Q_SUM = lambda p, xs: float(xs.sum())  # noqa: E731
 Q_FIRST = lambda p, xs: xs[0]  # noqa: E731
 Q_ONE = lambda p, xs: 1  # noqa: E731
+Q_THETA_PLUS = lambda theta, xs: theta + float(xs.sum())  # noqa: E731  (the dask rows' params call)
 Q_SLEEP_SUM = lambda seconds, xs: (time.sleep(seconds), float(xs.sum()))[1]  # noqa: E731  (the heal rows)
 
 
