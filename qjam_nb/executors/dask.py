@@ -138,6 +138,7 @@ class Batch:
     future: Any  # distributed.Future
     indexes: list
     retried: bool = False
+    answers: list | None = None  # fetched with other batches' (``DaskCall._fetch``)
 
 
 class DaskExecutor:
@@ -630,19 +631,33 @@ class DaskCall:
     # -- reading ---------------------------------------------------------------------------
     def wait(self, deadline: float | None) -> bool:
         inbox = self.executor.inbox
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            items = [inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return False
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                item = inbox.get(timeout=timeout)
+                items.append(inbox.get_nowait())
             except queue.Empty:
-                return False
+                break
+        self._fetch([msg for kind, msg in items if kind == "done"])
+        for item in items:
             self._handle(item)
-            while True:
-                try:
-                    item = inbox.get_nowait()
-                except queue.Empty:
-                    return True
-                self._handle(item)
+        return True
+
+    def _fetch(self, done: list[Batch]) -> None:
+        """The answers of the batches that ended together, in one round trip (``Future.result`` makes one
+        each)."""
+        wanted = [b for b in done if b in self.batches.get(b.worker.name, ()) and b.future.status == "finished"]
+        if len(wanted) < 2:
+            return
+        try:
+            answers = self.client.gather([b.future for b in wanted])
+        except Exception:
+            return  # each asks on its own (``_on_done``), and says what went wrong
+        for batch, got in zip(wanted, answers, strict=True):
+            batch.answers = got
 
     def _handle(self, item: tuple) -> None:
         kind, msg = item
@@ -681,7 +696,7 @@ class DaskCall:
         if self.cancelled or worker.state != states.BUSY:
             return
         try:
-            answers = batch.future.result()
+            answers = batch.answers if batch.answers is not None else batch.future.result()
         except Exception as exc:
             self._batch_failed(batch, exc)
             return
