@@ -192,15 +192,20 @@ def test_05_a_killed_worker_moves_its_slices_and_the_answer_stays_right(executed
     check_05(executed("05_when_things_fail.ipynb").facts)
 
 
-def check_05(f: dict) -> None:
+def check_05(f: dict, dask: bool = False) -> None:
+    """``dask``: on a Dask cluster a worker's slices go out a batch at a time, so chaos (which fires at a
+    result) may find the victim with nothing in flight, and a straggler's slices are often all in its
+    batches already: the others then copy them rather than steal them."""
     assert f["killed"]["answer"] == f["expected"]
-    assert f["killed"]["moved"], "no slice moved: the kill did not happen mid-call"
-    assert f["killed"]["lost"] >= 1
+    if not dask or f["killed"]["lost"]:
+        assert f["killed"]["moved"], "no slice moved: the kill did not happen mid-call"
+        assert f["killed"]["lost"] >= 1
     assert f["after_restart"]["answer"] == f["expected"] and f["after_restart"]["workers"] == 2
     assert f["straggler"]["answer"] == f["expected"]
     # On cached data, the fast worker stole the straggler's queued slices (shipped, so cached there too).
     slow = f["straggler"]["victim"]
-    assert f["straggler"]["stolen"] >= 1 and f["straggler"]["replicated"] >= 1
+    taken = f["straggler"]["stolen"] + (f["straggler"]["speculative"] if dask else 0)
+    assert taken >= 1 and f["straggler"]["replicated"] >= 1, f["straggler"]
     assert f["straggler"]["per_worker"][slow] < min(n for w, n in f["straggler"]["per_worker"].items() if w != slow)
     assert f["timeout"]["raised"] == "CallTimeoutError"
     assert f["timeout"]["next_call_ok"] is True
@@ -231,4 +236,7 @@ def test_on_a_dask_cluster_by_changing_the_hosts_line(kernel_name, name, check):
     pytest.importorskip("distributed", reason="needs qjam_nb's [dask] extra")
     ran = execute(name, kernel_name, hosts="dask:local:2")
     assert ran.facts["workers"] == ["dask/0", "dask/1"]
-    check(ran.facts)
+    if check is check_05:
+        check(ran.facts, dask=True)
+    else:
+        check(ran.facts)
