@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import events as ev
 from .. import states
 from ..codec import Pickled
 from ..dataset import DataSet
@@ -75,6 +76,22 @@ class WorkerHandle:
             self.cached_bytes = 0
         else:
             self.cached_bytes -= self.cache.pop(key, 0)
+
+
+def set_state(events: ev.EventBus, worker: WorkerHandle, new: str, reason: str) -> None:
+    """Move ``worker`` along ``states``' table and say so (``WorkerStateChanged``); the same state again
+    says nothing. Every executor changes a worker's state through this."""
+    old = worker.state
+    if old == new:
+        return
+    worker.state = states.transition(old, new)
+    worker.reason = reason
+    events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
+
+
+def cache_changed(events: ev.EventBus, worker: WorkerHandle) -> None:
+    """Say what ``worker`` caches now (``CacheChanged``)."""
+    events.emit(ev.CacheChanged(worker.name, len(worker.cache), worker.cached_bytes))
 
 
 class CallReports(Protocol):

@@ -52,7 +52,7 @@ from .. import events as ev
 from .. import states
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from . import daskbatch
-from .base import CallReports, CallSpec, WorkerHandle
+from .base import CallReports, CallSpec, WorkerHandle, cache_changed, set_state
 from .handshake import describe_threads, master_versions, mismatch
 
 
@@ -453,15 +453,10 @@ class DaskExecutor:
         return next(w for w in self.workers if w.name == name)
 
     def _set_state(self, w: DaskWorker, new: str, reason: str) -> None:
-        old = w.state
-        if old == new:
-            return
-        w.state = states.transition(old, new)
-        w.reason = reason
-        self.events.emit(ev.WorkerStateChanged(w.name, new, old, reason))
+        set_state(self.events, w, new, reason)
 
     def cache_changed(self, w: DaskWorker) -> None:
-        self.events.emit(ev.CacheChanged(w.name, len(w.cache), w.cached_bytes))
+        cache_changed(self.events, w)
 
 
 class DaskCall:

@@ -29,7 +29,7 @@ from ..transport.registry import SshOptions, Transport, open_hosts, reopen_host
 from ..worker import messages as m
 from ..worker import sharedmem, threads
 from ..worker.protocol import Frame, ProtocolError
-from .base import WorkerHandle
+from .base import WorkerHandle, cache_changed, set_state
 from .handshake import describe_threads, master_versions, mismatch
 
 BACKOFF_MAX = 60.0
@@ -356,15 +356,10 @@ class WorkerPool:
         return [w for w in self.workers if w.state in (states.IDLE, states.BUSY)]
 
     def set_state(self, worker: FramesWorker, new: str, reason: str) -> None:
-        old = worker.state
-        if old == new:
-            return
-        worker.state = states.transition(old, new)
-        worker.reason = reason
-        self.events.emit(ev.WorkerStateChanged(worker.name, new, old, reason))
+        set_state(self.events, worker, new, reason)
 
     def cache_changed(self, worker: FramesWorker) -> None:
-        self.events.emit(ev.CacheChanged(worker.name, len(worker.cache), worker.cached_bytes))
+        cache_changed(self.events, worker)
 
     def last_words(self, worker: FramesWorker, lines: int = 5) -> str:
         tail = list(worker.link.stderr_tail)[-lines:] if worker.link is not None else []
