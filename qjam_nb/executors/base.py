@@ -143,6 +143,36 @@ class CallRun(Protocol):
         """The call is over: let go of what it held, and mark its busy workers idle."""
 
 
+class CallRunBase:
+    """What every executor's ``CallRun`` keeps alike: the call, its workers by name, the byte counts,
+    and the answers to drop of tasks sent under a wrongly guessed key (``disown``)."""
+
+    def __init__(self, spec: CallSpec, workers: Sequence[WorkerHandle], reports: CallReports) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.reports = reports
+        self.workers = {w.name: w for w in workers}
+        self.bytes_sent = 0
+        self.slice_bytes_sent = 0
+        self.slice_bytes_cached = 0
+        self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
+
+    def disown(self, worker: str, index: int) -> None:
+        self.stale[(worker, index)] = self.stale.get((worker, index), 0) + 1
+        self.slice_bytes_cached -= self.spec.keyed[index][1]
+
+    def _stale(self, worker: WorkerHandle, index: int) -> bool:
+        """An answer to a task sent under a wrongly guessed key (of old data, so of no use): dropped."""
+        left = self.stale.get((worker.name, index))
+        if left is None:
+            return False
+        if left > 1:
+            self.stale[(worker.name, index)] = left - 1
+        else:
+            del self.stale[(worker.name, index)]
+        return True
+
+
 class Executor(Protocol):
     """Starts and stops a cluster's workers, and carries out its calls."""
 

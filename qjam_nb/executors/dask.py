@@ -52,7 +52,7 @@ from .. import events as ev
 from .. import states
 from ..errors import HostError, ShippingError, VersionMismatchError, WorkerError
 from . import daskbatch
-from .base import CallReports, CallSpec, WorkerHandle, cache_changed, set_state
+from .base import CallReports, CallRunBase, CallSpec, WorkerHandle, cache_changed, set_state
 from .handshake import describe_threads, master_versions, mismatch
 
 
@@ -459,26 +459,19 @@ class DaskExecutor:
         cache_changed(self.events, w)
 
 
-class DaskCall:
+class DaskCall(CallRunBase):
     """One call on the Dask executor: ``executors.base.CallRun``."""
 
     def __init__(self, executor: DaskExecutor, spec: CallSpec, workers: list[DaskWorker],
                  reports: CallReports) -> None:
+        super().__init__(spec, workers, reports)
         self.executor = executor
         self.client = executor.client
-        self.spec = spec
-        self.id = spec.id
-        self.reports = reports
-        self.workers = {w.name: w for w in workers}
         self.key = f"qjam-call-{executor.token}-{spec.id}"
-        self.bytes_sent = 0
-        self.slice_bytes_sent = 0
-        self.slice_bytes_cached = 0
         self.pending: dict[str, list[int]] = {w.name: [] for w in workers}  # assigned, not yet submitted
         self.batches: dict[str, list[Batch]] = {w.name: [] for w in workers}  # submitted, not answered
         self.answered: set[tuple[str, int]] = set()  # (worker, slice) whose answer came
         self.finished: set[int] = set()  # slices with a result (from any worker)
-        self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
         self.shipped: dict[int, list[tuple[DaskWorker, bytes]]] = {}  # slice -> where it went under which key
         self.cache_news: dict[str, DaskWorker] = {}
         self.cancelled = False
@@ -608,10 +601,6 @@ class DaskCall:
         self.batches[worker.name].append(batch)
         inbox = self.executor.inbox
         future.add_done_callback(lambda _: inbox.put(("done", batch)))
-
-    def disown(self, worker: str, index: int) -> None:
-        self.stale[(worker, index)] = self.stale.get((worker, index), 0) + 1
-        self.slice_bytes_cached -= self.spec.keyed[index][1]
 
     def rekeyed(self, keyed: list) -> None:
         """The true keys: a slice shipped under a wrong guess holds its new content under its old key there."""
@@ -744,16 +733,6 @@ class DaskCall:
         raise WorkerError(
             f"Dask could not run slices {batch.indexes} on worker {worker.name} ({type(exc).__name__}: {exc}); "
             f"the call was stopped. See the {ex.where}'s and that worker's logs")
-
-    def _stale(self, worker: DaskWorker, index: int) -> bool:
-        left = self.stale.get((worker.name, index))
-        if left is None:
-            return False
-        if left > 1:
-            self.stale[(worker.name, index)] = left - 1
-        else:
-            del self.stale[(worker.name, index)]
-        return True
 
     def _lost(self, worker: DaskWorker, why: str) -> None:
         running = worker.running

@@ -33,7 +33,7 @@ from ..transport.registry import SshOptions
 from ..worker import messages as m
 from ..worker import protocol, sharedmem
 from ..worker.protocol import Frame
-from .base import CallReports, CallSpec
+from .base import CallReports, CallRunBase, CallSpec
 from .liveness import Liveness
 from .pool import FramesWorker, WorkerPool
 
@@ -99,24 +99,17 @@ class FramesExecutor:
             self.params_arena.close()
 
 
-class FramesCall:
+class FramesCall(CallRunBase):
     """One call on the frames executor: ``executors.base.CallRun``."""
 
     def __init__(self, executor: FramesExecutor, spec: CallSpec, workers: list[FramesWorker],
                  reports: CallReports) -> None:
+        super().__init__(spec, workers, reports)
         self.executor = executor
         self.pool = executor.pool
-        self.spec = spec
-        self.id = spec.id
-        self.reports = reports
-        self.workers = {w.name: w for w in workers}
         self.alive = list(workers)
-        self.bytes_sent = 0
-        self.slice_bytes_sent = 0
-        self.slice_bytes_cached = 0
         self.shared: list[dict] = []  # slices handed over in shared memory
         self.cache_news: dict[str, FramesWorker] = {}  # workers sent slices since the last CacheChanged
-        self.stale: dict[tuple[str, int], int] = {}  # (worker, slice) -> answers to drop (guessed wrong)
         self.in_flight: dict[str, set[int]] = {w.name: set() for w in workers}  # sent, not answered
         self.held = False
         self.cancelled = False
@@ -267,10 +260,6 @@ class FramesCall:
             self.pool.cache_changed(worker)
         self.cache_news.clear()
 
-    def disown(self, worker: str, index: int) -> None:
-        self.stale[(worker, index)] = self.stale.get((worker, index), 0) + 1
-        self.slice_bytes_cached -= self.spec.keyed[index][1]
-
     def rekeyed(self, keyed: list) -> None:
         self.spec.keyed = keyed
 
@@ -346,17 +335,6 @@ class FramesCall:
             return
         worker.forget(self.pool.decode(worker, frame, "a NEED").key)
         self._ship_and_task(worker, frame.index)
-
-    def _stale(self, worker: FramesWorker, index: int) -> bool:
-        """An answer to a task sent under a wrongly guessed key (of old data, so of no use): dropped."""
-        left = self.stale.get((worker.name, index))
-        if left is None:
-            return False
-        if left > 1:
-            self.stale[(worker.name, index)] = left - 1
-        else:
-            del self.stale[(worker.name, index)]
-        return True
 
     def _check_liveness(self) -> None:
         """Lose the workers with work in flight that died unseen or went silent (``liveness``).
